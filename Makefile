@@ -1,0 +1,47 @@
+# kubetune developer entry points. Every target sets itself up on a fresh machine.
+#   make quickstart   — a full LoRA fine-tune of examples/quickstart on this machine (CPU, minutes)
+#   make test         — lint, type-check, CRD drift check, unit + integration tests (what CI runs)
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+VENV := .venv
+PY := $(VENV)/bin/python
+STORE ?= .kubetune/store
+PYTEST_ARGS ?=
+
+.PHONY: setup quickstart test lint typecheck crds crds-check unit integration kube clean
+
+setup:
+	@bash scripts/bootstrap.sh
+
+quickstart: setup
+	$(VENV)/bin/kubetune demo prepare --store-dir $(STORE)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/kubetune run examples/quickstart/finetunejob.yaml --store-dir $(STORE)
+
+lint: setup
+	$(VENV)/bin/ruff check operator trainer_image tests bench
+	$(VENV)/bin/ruff format --check operator trainer_image tests bench
+
+typecheck: setup
+	$(VENV)/bin/mypy -p kubetune_api -p kubetune_operator -p kubetune_trainer
+
+crds: setup
+	$(PY) -m kubetune_api.crdgen
+
+crds-check: setup
+	$(PY) -m kubetune_api.crdgen --check
+
+# The real kube-apiserver/controller-manager/etcd for the integration tier (built once, cached).
+kube:
+	@if [ -x tests/cluster/build-kube.sh ]; then tests/cluster/build-kube.sh; fi
+
+unit: setup
+	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
+
+integration: setup kube
+	$(VENV)/bin/pytest tests/integration -m integration $(PYTEST_ARGS)
+
+test: setup lint typecheck crds-check kube
+	$(VENV)/bin/pytest tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf .kubetune .pytest_cache .mypy_cache .ruff_cache

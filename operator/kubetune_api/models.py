@@ -1,0 +1,715 @@
+"""The FineTuneJob and ModelVersion API (group ``kubetune.io``, version ``v1alpha1``).
+
+These pydantic models are the single source of truth: the CRDs in ``crds/`` are generated from
+them (``python -m kubetune_api.crdgen``), field descriptions become ``kubectl explain`` text, and
+the cross-field rules in :mod:`kubetune_api.rules` run both here (pydantic) and in the API server
+(CEL ``x-kubernetes-validations``).
+
+Defaults follow the common SFT recipe (LoRA r=16, alpha=32, dropout 0.1, cosine schedule with
+3% warm-up, 3 epochs, max sequence length 512, batch 8 with gradient accumulation 2). Where we
+deliberately differ, the field's description says so (for example the learning rate, which
+depends on the method: 2e-4 for LoRA/QLoRA, 2e-5 for full fine-tuning).
+
+YAML uses camelCase (``maxSeqLength``); Python attributes are snake_case (``max_seq_length``).
+Unknown fields are errors, never silently dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+from kubetune_api import names
+from kubetune_api.metrics import METRIC_NAMES, MetricName
+
+# --- vocabularies -----------------------------------------------------------------------------
+
+MethodType = Literal["lora", "qlora", "full"]
+DataFormat = Literal["auto", "instruction", "prompt-completion", "chat"]
+TemplateName = Literal["auto", "inst", "chatml", "alpaca", "tokenizer"]
+SchedulerName = Literal["cosine", "linear", "constant"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Strategy = Literal["none", "ddp", "deepspeed-zero2", "deepspeed-zero3"]
+QuantFormat = Literal["int8", "int4", "onnx-int8", "nf4"]
+PromoteWhen = Literal["gatesPassed", "always"]
+AddressingStyle = Literal["auto", "path", "virtual"]
+Phase = Literal["Pending", "Queued", "Suspended", "Running", "Succeeded", "Failed"]
+Stage = Literal[
+    "Initializing", "Fetching", "PreparingData", "Training", "Evaluating", "Quantizing", "Publishing"
+]
+STAGES: tuple[str, ...] = get_args(Stage)
+
+
+class ApiModel(BaseModel):
+    """Base for every API object: camelCase in YAML, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_assignment=False,
+    )
+
+    def to_api(self) -> dict[str, Any]:
+        """The object as the Kubernetes API would show it (camelCase, no nulls)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# --- spec: model ------------------------------------------------------------------------------
+
+
+class BaseModelRef(ApiModel):
+    """The base model to fine-tune."""
+
+    uri: str = Field(
+        description=(
+            "Where the base model lives: s3://bucket/prefix, file:///abs/path, "
+            "hf://org/name@revision (only where the Hugging Face Hub is reachable), or "
+            "modelversion://<model>/<vN|alias> to continue from a version kubetune published."
+        ),
+        pattern=names.SOURCE_URI_PATTERN,
+        max_length=1024,
+    )
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Run Python code shipped with the model (auto_map). Off unless you trust the source.",
+    )
+    allow_pickle: bool = Field(
+        default=False,
+        description=(
+            "Allow pickle-based weight files (*.bin, *.pt). Off: only safetensors load, because "
+            "unpickling runs arbitrary code."
+        ),
+    )
+
+
+class ModelSpec(ApiModel):
+    """What is trained, and under which name its versions are published."""
+
+    name: str = Field(
+        description=(
+            "Model name: the registry folder <output.uri>/<name>/ and the ModelVersion prefix. "
+            "Lowercase letters and digits separated by single '.', '_' or '-'."
+        ),
+        pattern=names.NAME_PATTERN,
+        min_length=1,
+        max_length=names.NAME_MAX_LENGTH,
+    )
+    base: BaseModelRef = Field(description="The base model.")
+
+
+# --- spec: data -------------------------------------------------------------------------------
+
+
+class DataSource(ApiModel):
+    """One data file or folder of files (JSONL, JSON, Parquet, CSV)."""
+
+    uri: str = Field(
+        description="s3://bucket/key, s3://bucket/prefix/ (every data file under it) or file:///abs/path.",
+        pattern=names.DATA_URI_PATTERN,
+        max_length=1024,
+    )
+
+
+class NamedDataSource(DataSource):
+    """An extra evaluation set, reported under its name."""
+
+    name: str = Field(
+        description="Name used in the report.",
+        pattern=names.NAME_PATTERN,
+        max_length=names.NAME_MAX_LENGTH,
+    )
+
+
+class FieldMapping(ApiModel):
+    """Column names in the data files, when they differ from the conventional ones."""
+
+    instruction: str = Field(default="instruction", description="Instruction column.", max_length=128)
+    input: str = Field(default="input", description="Optional input/context column.", max_length=128)
+    output: str = Field(default="output", description="Answer column of instruction records.", max_length=128)
+    prompt: str = Field(
+        default="prompt", description="Prompt column of prompt/completion records.", max_length=128
+    )
+    completion: str = Field(
+        default="completion", description="Completion column of prompt/completion records.", max_length=128
+    )
+    messages: str = Field(default="messages", description="Chat messages column.", max_length=128)
+
+
+class CleaningSpec(ApiModel):
+    """Text cleaning applied before validation and de-duplication."""
+
+    strip_control_chars: bool = Field(
+        default=True, description="Remove control characters except newline and tab."
+    )
+    normalize_whitespace: bool = Field(
+        default=True, description="Collapse runs of spaces and strip leading/trailing whitespace."
+    )
+    normalize_quotes: bool = Field(
+        default=True, description="Map full-width and curly quotes to ASCII quotes."
+    )
+    deduplicate: bool = Field(default=True, description="Drop exact duplicate records (after cleaning).")
+    min_answer_chars: int = Field(
+        default=1, ge=0, le=100_000, description="Answers shorter than this are invalid."
+    )
+    max_record_chars: int = Field(
+        default=20_000,
+        ge=1,
+        le=10_000_000,
+        description="Records longer than this (in characters) are invalid.",
+    )
+
+
+class DataSpec(ApiModel):
+    """Training and evaluation data."""
+
+    train: DataSource = Field(description="Training data.")
+    eval: DataSource | None = Field(
+        default=None, description="Evaluation data. Give either this or evalSplit, not both."
+    )
+    eval_split: float | None = Field(
+        default=None,
+        gt=0,
+        le=0.5,
+        description="Share of the training data held out for evaluation (seeded). 0.1 when neither eval nor evalSplit is set.",
+    )
+    format: DataFormat = Field(
+        default="auto",
+        description="Record form: instruction/input/output, prompt/completion or chat messages; auto detects it.",
+    )
+    template: TemplateName = Field(
+        default="auto",
+        description=(
+            "Prompt template: inst ([INST] q [/INST] a </s>), chatml, alpaca, or the tokenizer's chat "
+            "template; auto uses the tokenizer's template when it has one, else ChatML."
+        ),
+    )
+    fields: FieldMapping = Field(default_factory=FieldMapping, description="Column names in the data files.")
+    system_prompt: str | None = Field(
+        default=None, max_length=10_000, description="System prompt added to every example."
+    )
+    cleaning: CleaningSpec = Field(default_factory=CleaningSpec, description="Text cleaning.")
+    max_invalid_records: int = Field(
+        default=0,
+        ge=0,
+        le=100_000_000,
+        description="Invalid records tolerated (skipped and reported); one more fails the run before training.",
+    )
+
+
+# --- spec: method -----------------------------------------------------------------------------
+
+
+class LoraSpec(ApiModel):
+    """LoRA adapter settings (peft)."""
+
+    r: int = Field(default=16, ge=1, le=1024, description="Adapter rank.")
+    alpha: int = Field(default=32, ge=1, le=4096, description="Scaling numerator (scale = alpha / r).")
+    dropout: float = Field(default=0.1, ge=0, le=0.9, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        max_length=64,
+        description="Modules to adapt: names such as q_proj, v_proj, or 'all-linear'.",
+    )
+
+
+class MethodSpec(ApiModel):
+    """How the model is tuned."""
+
+    type: MethodType = Field(
+        default="lora", description="lora (adapter), qlora (adapter on a 4-bit base; needs a GPU) or full."
+    )
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter settings for lora and qlora.")
+
+
+# --- spec: training ---------------------------------------------------------------------------
+
+
+class EarlyStoppingSpec(ApiModel):
+    """Stop when eval loss stops improving."""
+
+    patience: int = Field(
+        default=3, ge=1, le=1000, description="Evaluations without improvement before stopping."
+    )
+    min_delta: float = Field(
+        default=0.0, ge=0, description="Smallest decrease of eval loss that counts as improvement."
+    )
+
+
+class CheckpointSpec(ApiModel):
+    """Checkpoints in object storage, for resuming after a restart."""
+
+    every_steps: int | None = Field(
+        default=200, ge=1, le=10_000_000, description="Checkpoint every N optimizer steps."
+    )
+    every_minutes: float | None = Field(
+        default=30,
+        gt=0,
+        le=10_080,
+        description="Also checkpoint when this many minutes passed since the last one.",
+    )
+    keep: int = Field(
+        default=2, ge=1, le=100, description="Complete checkpoints kept; older ones are deleted."
+    )
+
+
+class TrainingSpec(ApiModel):
+    """Optimisation hyperparameters."""
+
+    epochs: float = Field(default=3, gt=0, le=1000, description="Passes over the training data.")
+    max_steps: int | None = Field(
+        default=None, ge=1, le=100_000_000, description="Optimizer steps; when set it overrides epochs."
+    )
+    batch_size: int = Field(default=8, ge=1, le=4096, description="Examples per device per micro-batch.")
+    gradient_accumulation_steps: int = Field(
+        default=2, ge=1, le=1024, description="Micro-batches per optimizer step."
+    )
+    learning_rate: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description=(
+            "Peak learning rate. Default depends on the method: 2e-4 for lora/qlora (adapters need a "
+            "higher rate than the 2e-5 common for full fine-tuning), 2e-5 for full."
+        ),
+    )
+    scheduler: SchedulerName = Field(default="cosine", description="Learning-rate schedule after warm-up.")
+    warmup_ratio: float = Field(
+        default=0.03, ge=0, le=0.5, description="Share of steps spent warming up linearly."
+    )
+    weight_decay: float = Field(default=0.0, ge=0, le=1, description="AdamW weight decay.")
+    max_grad_norm: float = Field(default=1.0, gt=0, le=1000, description="Gradient clipping norm.")
+    max_seq_length: int = Field(
+        default=512, ge=16, le=131_072, description="Tokens per example (longer ones are truncated)."
+    )
+    packing: bool = Field(
+        default=True,
+        description=(
+            "Pack several examples into one row without padding. Exact: attention never crosses "
+            "examples (positions restart per example)."
+        ),
+    )
+    precision: Precision = Field(
+        default="auto", description="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."
+    )
+    gradient_checkpointing: bool = Field(default=False, description="Trade compute for activation memory.")
+    seed: int = Field(
+        default=42, ge=0, le=2**31 - 1, description="Seed for data order, split, init and sampling."
+    )
+    eval_every_steps: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000_000,
+        description="Evaluate eval loss every N steps (and at the end of each epoch).",
+    )
+    log_every_steps: int = Field(
+        default=10, ge=1, le=100_000, description="Progress line and metrics row every N steps."
+    )
+    early_stopping: EarlyStoppingSpec | None = Field(
+        default=None, description="Stop when eval loss stops improving."
+    )
+    checkpoint: CheckpointSpec = Field(
+        default_factory=CheckpointSpec, description="Checkpoint cadence and retention."
+    )
+
+
+# --- spec: distributed, resources -------------------------------------------------------------
+
+
+class DistributedSpec(ApiModel):
+    """How many pods and GPUs train together."""
+
+    nodes: int = Field(default=1, ge=1, le=256, description="Pods (one per node) in the Indexed Job.")
+    gpus_per_node: int = Field(
+        default=1, ge=0, le=16, description="GPUs per pod, and torchrun processes per pod; 0 trains on CPU."
+    )
+    strategy: Strategy = Field(
+        default="none",
+        description="none (one process), ddp, or DeepSpeed ZeRO stage 2/3 (generated from this spec).",
+    )
+
+
+class Toleration(ApiModel):
+    """A Kubernetes toleration."""
+
+    key: str | None = Field(default=None, description="Taint key.", max_length=316)
+    operator: Literal["Exists", "Equal"] | None = Field(default=None, description="Exists or Equal.")
+    value: str | None = Field(default=None, description="Taint value.", max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect."
+    )
+    toleration_seconds: int | None = Field(
+        default=None, description="For NoExecute: how long the pod stays bound."
+    )
+
+
+class ResourcesSpec(ApiModel):
+    """Pod resources and placement. Unset values come from the operator's defaults."""
+
+    gpu_resource_name: str = Field(
+        default="nvidia.com/gpu", description="Extended resource name of the GPU.", max_length=253
+    )
+    cpu: str | None = Field(
+        default=None, pattern=names.QUANTITY_PATTERN, description="CPU request and limit per pod."
+    )
+    memory: str | None = Field(
+        default=None, pattern=names.QUANTITY_PATTERN, description="Memory request and limit per pod."
+    )
+    shared_memory: str = Field(
+        default="8Gi",
+        pattern=names.QUANTITY_PATTERN,
+        description="Size of the memory-backed /dev/shm (NCCL, data loaders).",
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the pods must match."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="Tolerations for GPU taints."
+    )
+    affinity: dict[str, Any] | None = Field(
+        default=None, description="A Kubernetes affinity object, passed through."
+    )
+    priority_class_name: str | None = Field(
+        default=None,
+        pattern=names.DNS1123_SUBDOMAIN_PATTERN,
+        max_length=253,
+        description="PriorityClass of the pods.",
+    )
+
+
+# --- spec: evaluation, quantization, output, storage, run policy ------------------------------
+
+
+class Gate(ApiModel):
+    """A threshold a metric must meet for the version to be promotable."""
+
+    min: float | None = Field(default=None, description="The metric must be >= min.")
+    max: float | None = Field(default=None, description="The metric must be <= max.")
+
+
+class ConsistencySpec(ApiModel):
+    """Response consistency: the same prompt answered several times with sampling."""
+
+    samples: int = Field(default=5, ge=2, le=50, description="Answers sampled per prompt.")
+    temperature: float = Field(default=0.7, gt=0, le=2, description="Sampling temperature.")
+    prompts: int = Field(default=20, ge=1, le=1000, description="Prompts used.")
+
+
+DEFAULT_METRICS: tuple[MetricName, ...] = ("eval_loss", "perplexity", "exact_match", "bleu", "rouge_l")
+
+
+class EvaluationSpec(ApiModel):
+    """What is measured after training, and the gates a version must pass."""
+
+    metrics: list[MetricName] = Field(
+        default_factory=lambda: list(DEFAULT_METRICS),
+        max_length=len(METRIC_NAMES),
+        description="Metrics computed for base and tuned model. Gated metrics are always computed.",
+    )
+    max_samples: int = Field(
+        default=200, ge=1, le=100_000, description="Eval examples used for generation metrics."
+    )
+    max_new_tokens: int = Field(
+        default=64, ge=1, le=8192, description="Generation length for generation metrics."
+    )
+    compare_base: bool = Field(default=True, description="Also evaluate the base model on the same data.")
+    json_schema: dict[str, Any] | None = Field(
+        default=None,
+        description="JSON Schema answers must follow (json_validity = share that parse and validate).",
+    )
+    consistency: ConsistencySpec = Field(
+        default_factory=ConsistencySpec, description="Consistency measurement."
+    )
+    extra_sets: list[NamedDataSource] = Field(
+        default_factory=list, max_length=16, description="Extra evaluation sets."
+    )
+    gates: dict[MetricName, Gate] = Field(
+        default_factory=dict,
+        description=(
+            "Per-metric thresholds, e.g. {accuracy: {min: 0.92}, latency_p95_ms: {max: 500}}. A failed "
+            "gate makes the version not promotable."
+        ),
+    )
+
+
+class QuantizationSpec(ApiModel):
+    """Quantized variants published with the version."""
+
+    formats: list[QuantFormat] = Field(
+        default_factory=list,
+        max_length=4,
+        description="int8/int4 (optimum-quanto), onnx-int8 (ONNX + onnxruntime dynamic int8), nf4 (bitsandbytes; GPU).",
+    )
+
+
+class PromoteSpec(ApiModel):
+    """Move an alias to the new version."""
+
+    alias: str = Field(
+        description="Alias to move, e.g. candidate or production.",
+        pattern=names.NAME_PATTERN,
+        max_length=names.NAME_MAX_LENGTH,
+    )
+    when: PromoteWhen = Field(default="gatesPassed", description="gatesPassed (default) or always.")
+
+
+class OutputSpec(ApiModel):
+    """Where versions are published."""
+
+    uri: str = Field(
+        description="Registry root: versions land in <uri>/<model.name>/versions/<vN>/.",
+        pattern=names.OUTPUT_URI_PATTERN,
+        max_length=1024,
+    )
+    merge: bool = Field(default=True, description="Also publish the adapter merged into the base (merged/).")
+    promote: PromoteSpec | None = Field(default=None, description="Alias to move when the version qualifies.")
+
+
+class StorageSpec(ApiModel):
+    """S3-compatible object storage connection. Credentials come only from the Secret."""
+
+    endpoint: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^\s/]+(/.*)?$",
+        max_length=1024,
+        description="S3 endpoint URL; AWS when unset.",
+    )
+    region: str | None = Field(default=None, max_length=64, description="S3 region.")
+    addressing_style: AddressingStyle = Field(
+        default="auto", description="S3 addressing style (path for most on-prem stores)."
+    )
+    credentials_secret: str | None = Field(
+        default=None,
+        pattern=names.DNS1123_SUBDOMAIN_PATTERN,
+        max_length=253,
+        description=(
+            "Secret in the job's namespace with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and optionally "
+            "AWS_SESSION_TOKEN). Mounted into the trainer pods as environment; the operator never reads it."
+        ),
+    )
+
+
+class RunPolicySpec(ApiModel):
+    """Retries, deadlines, suspension and queueing."""
+
+    backoff_limit: int = Field(
+        default=3, ge=0, le=100, description="Pod failures retried (evictions do not count)."
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, description="Fail the run after this many seconds."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=86_400,
+        ge=0,
+        description="Delete the finished Job (not the FineTuneJob) after this many seconds.",
+    )
+    suspend: bool = Field(default=False, description="Suspend: no pods run; set back to false to resume.")
+    queue_name: str | None = Field(
+        default=None,
+        pattern=names.DNS1123_SUBDOMAIN_PATTERN,
+        max_length=253,
+        description="Kueue LocalQueue; the Job is created suspended and admitted by Kueue.",
+    )
+
+
+# --- FineTuneJob ------------------------------------------------------------------------------
+
+
+class FineTuneJobSpec(ApiModel):
+    """What to fine-tune, on what data, how, and where the versions go."""
+
+    model: ModelSpec = Field(description="Model name and base model.")
+    data: DataSpec = Field(description="Training and evaluation data.")
+    method: MethodSpec = Field(default_factory=MethodSpec, description="LoRA, QLoRA or full fine-tuning.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Hyperparameters.")
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec, description="Nodes, GPUs and strategy."
+    )
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec, description="Pod resources and placement."
+    )
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Metrics and gates.")
+    quantization: QuantizationSpec = Field(
+        default_factory=QuantizationSpec, description="Quantized variants."
+    )
+    output: OutputSpec = Field(description="Where versions are published.")
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="Object-store connection.")
+    run_policy: RunPolicySpec = Field(
+        default_factory=RunPolicySpec, description="Retries, deadlines, suspend, Kueue."
+    )
+    image: str | None = Field(
+        default=None, max_length=1024, description="Trainer image override (the operator may restrict it)."
+    )
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> FineTuneJobSpec:
+        # Imported here: rules.py imports this module for type hints.
+        from kubetune_api.rules import check_spec
+
+        problems = check_spec(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class Condition(ApiModel):
+    """A Kubernetes-style condition."""
+
+    type: str = Field(description="Ready, Succeeded, Failed, Invalid, Suspended, ...")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(default="", description="CamelCase reason.")
+    message: str = Field(default="", description="Human-readable detail.")
+    last_transition_time: str | None = Field(default=None, description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(
+        default=None, description="The spec generation this condition is about."
+    )
+
+
+class Progress(ApiModel):
+    """Training progress reported by the trainer (rank 0)."""
+
+    stage: Stage | None = Field(default=None, description="Pipeline stage.")
+    step: int = Field(default=0, ge=0, description="Optimizer steps done.")
+    total_steps: int = Field(default=0, ge=0, description="Optimizer steps planned.")
+    percent: float = Field(default=0, ge=0, le=100, description="step / totalSteps in percent.")
+    epoch: float | None = Field(default=None, description="Fractional epoch.")
+    loss: float | None = Field(default=None, description="Recent training loss.")
+    learning_rate: float | None = Field(default=None, description="Current learning rate.")
+    tokens_per_second: float | None = Field(
+        default=None, description="Real (non-pad) tokens per second, all ranks."
+    )
+    eta_seconds: float | None = Field(default=None, description="Estimated seconds until training ends.")
+    summary: str = Field(default="", description="Short text for the Progress column, e.g. '120/400 (30%)'.")
+    updated_at: str | None = Field(default=None, description="When the trainer last reported (RFC 3339).")
+
+
+class GateResult(ApiModel):
+    """One gate's outcome."""
+
+    metric: str = Field(description="Metric name.")
+    value: float | None = Field(
+        default=None, description="Measured value (absent when the metric is missing)."
+    )
+    min: float | None = Field(default=None, description="Lower bound.")
+    max: float | None = Field(default=None, description="Upper bound.")
+    passed: bool = Field(description="Whether the gate passed.")
+    message: str = Field(default="", description="Why it failed.")
+
+
+class GatesStatus(ApiModel):
+    """All gates of a version."""
+
+    passed: bool = Field(description="True when every gate passed (or there are none).")
+    summary: str = Field(default="", description="'passed', 'none' or 'failed 1/3'.")
+    results: list[GateResult] = Field(default_factory=list, description="Per-gate outcomes.")
+
+
+class VersionRef(ApiModel):
+    """The published (or reused) model version."""
+
+    name: str = Field(description="Version name, e.g. v3.", pattern=names.VERSION_PATTERN)
+    uri: str = Field(description="Version folder in object storage.")
+    manifest_digest: str = Field(description="sha256 of manifest.json.")
+    reused: bool = Field(
+        default=False, description="True when an existing version with the same inputs was reused."
+    )
+
+
+class FineTuneJobStatus(ApiModel):
+    """What the operator and the trainer observed."""
+
+    phase: Phase | None = Field(
+        default=None, description="Pending, Queued, Suspended, Running, Succeeded or Failed."
+    )
+    stage: Stage | None = Field(default=None, description="Stage while Running.")
+    reason: str | None = Field(default=None, description="Why the run is in this phase (CamelCase).")
+    message: str | None = Field(default=None, description="What a user can do about it.")
+    observed_generation: int | None = Field(default=None, description="Spec generation last reconciled.")
+    conditions: list[Condition] = Field(default_factory=list, description="Kubernetes-style conditions.")
+    progress: Progress | None = Field(default=None, description="Training progress.")
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="Evaluation metrics of the tuned model."
+    )
+    gates: GatesStatus | None = Field(default=None, description="Gate results.")
+    version: VersionRef | None = Field(default=None, description="The version this generation produced.")
+    restarts: int = Field(default=0, ge=0, description="Trainer pod restarts.")
+    resumed_from_step: int | None = Field(
+        default=None, description="Checkpoint step the current attempt resumed from."
+    )
+    start_time: str | None = Field(default=None, description="When training pods were first created.")
+    completion_time: str | None = Field(default=None, description="When the run finished.")
+    job_name: str | None = Field(default=None, description="The batch/v1 Job running this generation.")
+
+
+class ObjectMeta(BaseModel):
+    """The subset of Kubernetes metadata kubetune reads; the rest is kept as is."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str | None = Field(default=None, description="Object name.")
+    namespace: str | None = Field(default=None, description="Namespace.")
+    uid: str | None = Field(default=None, description="UID.")
+    generation: int | None = Field(default=None, description="Spec generation.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Labels.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Annotations.")
+
+
+class FineTuneJob(ApiModel):
+    """A supervised fine-tuning run. Every spec generation becomes exactly one model version."""
+
+    api_version: Literal["kubetune.io/v1alpha1"] = Field(
+        default="kubetune.io/v1alpha1", description="API version."
+    )
+    kind: Literal["FineTuneJob"] = Field(default="FineTuneJob", description="Kind.")
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta, description="Standard object metadata.")
+    spec: FineTuneJobSpec = Field(description="What to fine-tune and how.")
+    status: FineTuneJobStatus | None = Field(default=None, description="Observed state.")
+
+
+# --- ModelVersion -----------------------------------------------------------------------------
+
+
+class SourceJobRef(ApiModel):
+    """The FineTuneJob generation that produced a version."""
+
+    name: str = Field(description="FineTuneJob name.")
+    namespace: str = Field(description="FineTuneJob namespace.")
+    uid: str | None = Field(default=None, description="FineTuneJob UID.")
+    generation: int | None = Field(default=None, description="Spec generation.")
+
+
+class ModelVersionSpec(ApiModel):
+    """An immutable record of a published version (the cluster's model catalogue)."""
+
+    model: str = Field(
+        description="Model name.", pattern=names.NAME_PATTERN, max_length=names.NAME_MAX_LENGTH
+    )
+    version: str = Field(description="Version name.", pattern=names.VERSION_PATTERN)
+    uri: str = Field(description="Version folder in object storage.")
+    manifest_digest: str = Field(description="sha256 of manifest.json: verifies the whole version.")
+    inputs_digest: str | None = Field(
+        default=None, description="Digest of base model, data, config and trainer."
+    )
+    base: str = Field(description="Base model URI.")
+    parent: str | None = Field(default=None, description="Parent version (modelversion://...) when chained.")
+    method: str | None = Field(default=None, description="lora, qlora or full.")
+    metrics: dict[str, float] = Field(default_factory=dict, description="Evaluation metrics.")
+    key_metric: str = Field(default="", description="The headline metric, e.g. 'eval_loss=1.234'.")
+    gates: GatesStatus | None = Field(default=None, description="Gate results.")
+    quantized: list[str] = Field(default_factory=list, description="Quantized formats published.")
+    source: SourceJobRef | None = Field(default=None, description="The FineTuneJob that produced it.")
+    created: str | None = Field(default=None, description="When it was published (RFC 3339).")
+
+
+class ModelVersion(ApiModel):
+    """A published, immutable model version."""
+
+    api_version: Literal["kubetune.io/v1alpha1"] = Field(
+        default="kubetune.io/v1alpha1", description="API version."
+    )
+    kind: Literal["ModelVersion"] = Field(default="ModelVersion", description="Kind.")
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta, description="Standard object metadata.")
+    spec: ModelVersionSpec = Field(description="The version record.")

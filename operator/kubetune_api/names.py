@@ -1,0 +1,56 @@
+"""Name rules shared by the API, the registry and the operator.
+
+Model, version and alias names become object-store key segments
+(``<output>/<model>/versions/<version>/``) and Kubernetes label values, so they are constrained
+to a vocabulary that can never escape its prefix: lowercase ASCII letters and digits, single
+``.``, ``_`` or ``-`` separators between them (so no ``..``, no leading or trailing separator),
+no ``/``, no whitespace, no unicode look-alikes. The patterns are RE2-compatible because the
+CRD schema uses them too.
+"""
+
+from __future__ import annotations
+
+import re
+
+API_GROUP = "kubetune.io"
+API_VERSION = "v1alpha1"
+GROUP_VERSION = f"{API_GROUP}/{API_VERSION}"
+
+#: Model and alias names: ``qwen2.5-7b-support``, ``production``.
+NAME_PATTERN = r"^[a-z0-9]+([._-][a-z0-9]+)*$"
+NAME_MAX_LENGTH = 63
+#: Published version names are allocated by the registry: ``v1``, ``v2``, ...
+VERSION_PATTERN = r"^v[1-9][0-9]*$"
+#: Base-model and data URIs. ``hf://org/name@revision`` pins a Hub revision.
+SOURCE_URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|file:///.*|hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?|modelversion://[a-z0-9]+([._-][a-z0-9]+)*/[a-z0-9]+([._-][a-z0-9]+)*)$"
+#: Data URIs: object storage or a local path only.
+DATA_URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/.+|file:///.+)$"
+#: Where versions are published.
+OUTPUT_URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|file:///.+)$"
+#: Kubernetes resource quantities (``500m``, ``64Gi``, ``8``).
+QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+#: A DNS-1123 subdomain (Secret names, PriorityClass names, queue names).
+DNS1123_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+_NAME_RE = re.compile(NAME_PATTERN)
+_VERSION_RE = re.compile(VERSION_PATTERN)
+
+
+def is_valid_name(value: str) -> bool:
+    """True when ``value`` is a safe model or alias name (pattern and length)."""
+    return len(value) <= NAME_MAX_LENGTH and _NAME_RE.fullmatch(value) is not None
+
+
+def is_valid_version(value: str) -> bool:
+    """True when ``value`` is a version name such as ``v12``."""
+    return _VERSION_RE.fullmatch(value) is not None
+
+
+def check_name(value: str, what: str = "name") -> str:
+    """Return ``value`` when it is a safe model/alias name; raise ValueError saying why not."""
+    if not is_valid_name(value):
+        raise ValueError(
+            f"{what} {value!r} is not allowed: use 1-{NAME_MAX_LENGTH} lowercase letters and digits "
+            "separated by single '.', '_' or '-' (no '/', no '..', no leading or trailing separator)"
+        )
+    return value

@@ -1,0 +1,185 @@
+"""RunConfig: the fully resolved configuration the trainer consumes.
+
+:func:`resolve_run_config` is the one pure function that turns a FineTuneJob into a RunConfig.
+The operator calls it to fill the job's ConfigMap; ``kubetune run`` calls it on a laptop. So the
+same YAML behaves the same on a cluster and on one machine: every default is applied here, once.
+
+What is resolved here (and only here):
+
+* ``training.learningRate``: 2e-4 for lora/qlora, 2e-5 for full, when unset;
+* ``data.evalSplit``: 0.1 when neither ``data.eval`` nor ``data.evalSplit`` is set;
+* ``evaluation.metrics``: every gated metric is added, so a gate can never pass for lack of a value.
+
+``training.precision: auto`` stays ``auto``: it depends on the hardware the trainer lands on, and
+the trainer records what it chose in the published ``training/run-config.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import Field
+
+from kubetune_api.models import (
+    ApiModel,
+    DataSpec,
+    DistributedSpec,
+    EvaluationSpec,
+    FineTuneJob,
+    MethodSpec,
+    ModelSpec,
+    OutputSpec,
+    QuantizationSpec,
+    TrainingSpec,
+)
+
+DEFAULT_LEARNING_RATE = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5}
+DEFAULT_EVAL_SPLIT = 0.1
+
+
+class JobIdentity(ApiModel):
+    """Which FineTuneJob generation this run belongs to (not part of the inputs digest)."""
+
+    name: str = Field(description="FineTuneJob name.")
+    namespace: str = Field(default="default", description="Namespace ('local' for kubetune run).")
+    uid: str | None = Field(default=None, description="FineTuneJob UID.")
+    generation: int = Field(default=1, description="Spec generation.")
+
+
+class ResolvedStorage(ApiModel):
+    """Object-store connection without credentials (those come from the environment only)."""
+
+    endpoint: str | None = Field(default=None, description="S3 endpoint URL.")
+    region: str | None = Field(default=None, description="S3 region.")
+    addressing_style: Literal["auto", "path", "virtual"] = Field(
+        default="auto", description="S3 addressing style."
+    )
+    local_root: str | None = Field(
+        default=None,
+        description="When set, s3://bucket/key maps to <localRoot>/bucket/key (single-machine mode).",
+    )
+
+
+class Reporting(ApiModel):
+    """Where the trainer reports progress and its final result."""
+
+    status_patch: bool = Field(default=False, description="Patch the FineTuneJob status (in-cluster only).")
+    termination_message_path: str | None = Field(
+        default=None,
+        description="File the final TrainerResult is written to (the pod's termination message).",
+    )
+    progress_every_seconds: float = Field(default=10.0, gt=0, description="Throttle for status patches.")
+
+
+class RunConfig(ApiModel):
+    """Everything the trainer needs, defaults applied. Serialised into the job's ConfigMap."""
+
+    schema_version: Literal[1] = Field(default=1, description="RunConfig format version.")
+    job: JobIdentity = Field(description="Source FineTuneJob.")
+    model: ModelSpec = Field(description="Model name and base.")
+    data: DataSpec = Field(description="Data, evalSplit resolved.")
+    method: MethodSpec = Field(description="Tuning method.")
+    training: TrainingSpec = Field(description="Hyperparameters, learningRate resolved.")
+    distributed: DistributedSpec = Field(description="Nodes, GPUs, strategy.")
+    evaluation: EvaluationSpec = Field(description="Metrics (gated ones included) and gates.")
+    quantization: QuantizationSpec = Field(description="Quantized formats.")
+    output: OutputSpec = Field(description="Registry root and promotion.")
+    storage: ResolvedStorage = Field(default_factory=ResolvedStorage, description="Object-store connection.")
+    reporting: Reporting = Field(default_factory=Reporting, description="Progress and result reporting.")
+
+    @property
+    def learning_rate(self) -> float:
+        """The resolved peak learning rate (never None in a RunConfig)."""
+        assert self.training.learning_rate is not None
+        return self.training.learning_rate
+
+    @property
+    def eval_split(self) -> float | None:
+        """Held-out share, or None when a separate eval set is given."""
+        return self.data.eval_split
+
+    def to_json(self) -> str:
+        """Canonical JSON, as stored in the ConfigMap and in training/run-config.json."""
+        return json.dumps(self.to_api(), sort_keys=True, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        """Parse a RunConfig written by :meth:`to_json`."""
+        return cls.model_validate_json(text)
+
+    def digest_material(self) -> dict[str, Any]:
+        """The parts of the config that change what is trained.
+
+        Left out, so a GitOps re-sync or a move of the same data is free: the job's identity,
+        storage connection, reporting, the output location, checkpoint cadence and logging,
+        and source URIs (the content digests of base model and data stand for them).
+        """
+        d = self.to_api()
+        for key in ("job", "storage", "reporting", "output", "schemaVersion"):
+            d.pop(key, None)
+        d["model"].pop("name", None)
+        d["model"]["base"].pop("uri", None)
+        d["data"]["train"].pop("uri", None)
+        if "eval" in d["data"]:
+            d["data"]["eval"].pop("uri", None)
+        for extra in d["evaluation"].get("extraSets", []):
+            extra.pop("uri", None)
+        d["training"].pop("checkpoint", None)
+        d["training"].pop("logEverySteps", None)
+        return d
+
+    def config_digest(self) -> str:
+        """sha256 of :meth:`digest_material` as canonical JSON."""
+        blob = json.dumps(self.digest_material(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def resolve_run_config(
+    job: FineTuneJob,
+    *,
+    local_root: str | None = None,
+    reporting: Reporting | None = None,
+) -> RunConfig:
+    """Resolve a FineTuneJob into the RunConfig its trainer runs. Pure: no I/O, input untouched.
+
+    ``local_root`` turns on the single-machine object store (``kubetune run``); ``reporting``
+    says how the trainer reports (the operator turns on status patches and the termination
+    message). Raises pydantic.ValidationError only if the job itself is invalid.
+    """
+    spec = job.spec.model_copy(deep=True)
+    training = spec.training
+    if training.learning_rate is None:
+        training = training.model_copy(update={"learning_rate": DEFAULT_LEARNING_RATE[spec.method.type]})
+    data = spec.data
+    if data.eval is None and data.eval_split is None:
+        data = data.model_copy(update={"eval_split": DEFAULT_EVAL_SPLIT})
+    evaluation = spec.evaluation
+    missing = [m for m in evaluation.gates if m not in evaluation.metrics]
+    if missing:
+        evaluation = evaluation.model_copy(update={"metrics": [*evaluation.metrics, *missing]})
+    meta = job.metadata
+    return RunConfig(
+        job=JobIdentity(
+            name=meta.name or spec.model.name,
+            namespace=meta.namespace or "default",
+            uid=meta.uid,
+            generation=meta.generation or 1,
+        ),
+        model=spec.model,
+        data=data,
+        method=spec.method,
+        training=training,
+        distributed=spec.distributed,
+        evaluation=evaluation,
+        quantization=spec.quantization,
+        output=spec.output,
+        storage=ResolvedStorage(
+            endpoint=spec.storage.endpoint,
+            region=spec.storage.region,
+            addressing_style=spec.storage.addressing_style,
+            local_root=local_root,
+        ),
+        reporting=reporting or Reporting(),
+    )

@@ -1,0 +1,39 @@
+"""Every example parses through the models and validates against the generated CRD schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubetune_api.loader import load_finetunejob
+from kubetune_api.runconfig import resolve_run_config
+from tests.support.crd_schema import validate
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted(p for p in (REPO / "examples").rglob("*.yaml"))
+
+
+def documents() -> list[tuple[Path, int, dict]]:  # type: ignore[type-arg]
+    out = []
+    for path in EXAMPLES:
+        for i, doc in enumerate(yaml.safe_load_all(path.read_text())):
+            if isinstance(doc, dict) and doc.get("apiVersion", "").startswith("kubetune.io/"):
+                out.append((path, i, doc))
+    return out
+
+
+def test_there_are_examples_for_each_documented_scenario() -> None:
+    names = {p.parent.name for p in EXAMPLES}
+    assert {"quickstart", "lora-7b-multinode", "qlora-single-gpu", "chained", "gates-and-promotion"} <= names
+
+
+@pytest.mark.parametrize(
+    ("path", "index", "doc"), documents(), ids=lambda v: str(v)[-60:] if isinstance(v, Path) else None
+)
+def test_example_is_valid(path: Path, index: int, doc: dict) -> None:  # type: ignore[type-arg]
+    assert validate(doc, doc["kind"]) == [], path
+    if doc["kind"] == "FineTuneJob" and len(list(yaml.safe_load_all(path.read_text()))) == 1:
+        job = load_finetunejob(path)
+        resolve_run_config(job)

@@ -1,0 +1,858 @@
+"""Evaluation of a tuned model against its base on the same data: loss, text metrics, latency, memory.
+
+Metric names (the keys of ``spec.evaluation.gates``), what they mean and their range:
+
+=====================  ==============================================================================
+``eval_loss``          token-weighted mean cross-entropy over answer tokens (labels != -100), nats
+``perplexity``         ``exp(eval_loss)``
+``exact_match``        share of greedy answers equal to the reference after ``str.strip()`` (0..1)
+``accuracy``           share equal after normalisation: lowercase, punctuation removed, whitespace
+                       collapsed (0..1)
+``bleu``               sacrebleu corpus BLEU with its default 13a tokenizer, on sacrebleu's 0..100 scale
+``rouge_l``            mean rouge-score ROUGE-L F1 (0..1). rouge-score's default tokenizer lowercases and
+                       keeps only ``[a-z0-9]`` tokens: punctuation is ignored, and text in non-Latin
+                       scripts scores 0 (use ``bleu``/``exact_match`` for such data)
+``json_validity``      share of greedy answers that parse as JSON and validate against
+                       ``spec.evaluation.jsonSchema`` (0..1); needs the schema
+``consistency``        each prompt answered ``consistency.samples`` times with temperature sampling;
+                       mean ROUGE-L F1 over every unordered pair of answers (identical answers count
+                       1.0), averaged over prompts (0..1)
+``latency_p50_ms``     median wall time of one greedy ``generate`` call (batch 1, ``maxNewTokens``)
+``latency_p95_ms``     95th percentile of the same (linear interpolation, numpy's default)
+``peak_memory_ratio``  peak memory of the tuned model / the base model's, both measured the same way
+                       in a fresh process (see :func:`measure_peak_memory`)
+=====================  ==============================================================================
+
+Determinism: greedy generation is deterministic; sampled generation seeds torch with
+``seed + prompt index`` before each call, so a rerun with the same seed gives the same answers
+regardless of how many prompts came before.
+
+Heavy libraries (torch, transformers, peft) are imported inside the functions that need them, so the
+pure text metrics can be used without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import time
+import unicodedata
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "ALL_METRICS",
+    "DEFAULT_METRICS",
+    "EvalExample",
+    "EvalReport",
+    "Generation",
+    "MemoryMeasurement",
+    "ModelSource",
+    "SampleRow",
+    "TokenGenerator",
+    "consistency",
+    "evaluate_model",
+    "generate",
+    "json_validity",
+    "latency_percentiles",
+    "load_model",
+    "loss_and_perplexity",
+    "measure_peak_memory",
+    "normalize_answer",
+    "text_metrics",
+]
+
+ALL_METRICS: tuple[str, ...] = (
+    "eval_loss",
+    "perplexity",
+    "exact_match",
+    "accuracy",
+    "bleu",
+    "rouge_l",
+    "json_validity",
+    "consistency",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "peak_memory_ratio",
+)
+#: What is computed when ``spec.evaluation.metrics`` is empty.
+DEFAULT_METRICS: tuple[str, ...] = (
+    "eval_loss",
+    "perplexity",
+    "exact_match",
+    "accuracy",
+    "bleu",
+    "rouge_l",
+    "latency_p50_ms",
+    "latency_p95_ms",
+)
+_TEXT_METRICS = frozenset({"exact_match", "accuracy", "bleu", "rouge_l"})
+_GENERATION_METRICS = _TEXT_METRICS | {"json_validity", "latency_p50_ms", "latency_p95_ms"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+
+
+class EvalExample(Protocol):
+    """What evaluation needs from an example (``kubetune_trainer.data.TokenizedExample`` has it)."""
+
+    @property
+    def input_ids(self) -> Sequence[int]: ...
+    @property
+    def labels(self) -> Sequence[int]: ...  # -100 on prompt tokens
+    @property
+    def prompt_ids(self) -> Sequence[int]: ...  # prompt up to the answer, for generation
+    @property
+    def prompt_text(self) -> str: ...
+    @property
+    def answer_text(self) -> str: ...
+
+
+@runtime_checkable
+class TokenGenerator(Protocol):
+    """A non-torch model that can still be evaluated (the ONNX Runtime runner in ``quantize``)."""
+
+    def generate_token_ids(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        max_new_tokens: int,
+        do_sample: bool,
+        temperature: float,
+        seed: int,
+        eos_token_id: int | None,
+    ) -> list[int]: ...
+
+    def logits(self, input_ids: Sequence[int]) -> Any: ...  # numpy array [seq, vocab]
+
+
+def _cfg(obj: Any, name: str, default: Any = None) -> Any:
+    """Read a spec field from a pydantic model / plain object (snake_case) or a dict (snake or camel)."""
+    if obj is None:
+        return default
+    if isinstance(obj, Mapping):
+        camel = re.sub(r"_([a-z])", lambda m: m.group(1).upper(), name)
+        value = obj.get(name, obj.get(camel, default))
+    else:
+        value = getattr(obj, name, default)
+    return default if value is None else value
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure text metrics
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, drop Unicode punctuation (categories P*), collapse whitespace: the ``accuracy`` form."""
+    no_punct = "".join(ch for ch in text.lower() if not unicodedata.category(ch).startswith("P"))
+    return " ".join(no_punct.split())
+
+
+def _rouge_scorer() -> Any:
+    from rouge_score import rouge_scorer
+
+    # Default tokenizer, no stemming: the configuration most published ROUGE-L numbers use.
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+def text_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Compare generated answers with references.
+
+    Returns ``{"exact_match", "accuracy", "bleu", "rouge_l"}`` as defined in the module docstring
+    (``bleu`` on sacrebleu's 0..100 scale, the others 0..1).
+
+    Raises:
+        ValueError: the lists differ in length or are empty.
+    """
+    import sacrebleu
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    if not predictions:
+        raise ValueError("text_metrics needs at least one prediction")
+    n = len(predictions)
+    scorer = _rouge_scorer()
+    return {
+        "exact_match": sum(p.strip() == r.strip() for p, r in zip(predictions, references, strict=True)) / n,
+        "accuracy": sum(
+            normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references, strict=True)
+        )
+        / n,
+        "bleu": float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score),
+        "rouge_l": statistics.fmean(
+            scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)
+        ),
+    }
+
+
+def json_validity(outputs: Sequence[str], schema: Mapping[str, Any] | None) -> float:
+    """Share of outputs whose whole text (surrounding whitespace ignored) parses as JSON and validates.
+
+    With ``schema=None`` only parsing is checked. Validation uses the draft the schema's ``$schema``
+    names (jsonschema's ``validator_for``; latest draft when absent).
+
+    Raises:
+        ValueError: ``outputs`` is empty.
+        jsonschema.exceptions.SchemaError: the schema itself is invalid (a spec error, reported as such).
+    """
+    import jsonschema
+
+    if not outputs:
+        raise ValueError("json_validity needs at least one output")
+    validator = None
+    if schema is not None:
+        validator_cls = jsonschema.validators.validator_for(schema)
+        validator_cls.check_schema(schema)
+        validator = validator_cls(schema)
+    valid = 0
+    for text in outputs:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            continue
+        if validator is None or validator.is_valid(value):
+            valid += 1
+    return valid / len(outputs)
+
+
+def consistency(samples_per_prompt: Sequence[Sequence[str]]) -> float:
+    """Mean pairwise similarity of several answers to the same prompt, averaged over prompts.
+
+    Similarity of two answers is ROUGE-L F1 (rouge-score, default tokenizer), except that answers
+    identical after ``strip()`` count 1.0 (rouge-score would give 0 to two identical answers with no
+    ``[a-z0-9]`` token). Every unordered pair counts once.
+
+    Raises:
+        ValueError: no prompts, or a prompt with fewer than two answers.
+    """
+    if not samples_per_prompt:
+        raise ValueError("consistency needs at least one prompt")
+    scorer = _rouge_scorer()
+    per_prompt: list[float] = []
+    for i, answers in enumerate(samples_per_prompt):
+        if len(answers) < 2:
+            raise ValueError(
+                f"consistency needs at least 2 answers per prompt; prompt {i} has {len(answers)}"
+            )
+        pairs = [
+            1.0 if a.strip() == b.strip() else scorer.score(a, b)["rougeL"].fmeasure
+            for a, b in combinations(answers, 2)
+        ]
+        per_prompt.append(statistics.fmean(pairs))
+    return statistics.fmean(per_prompt)
+
+
+def latency_percentiles(latencies_ms: Sequence[float]) -> dict[str, float]:
+    """``{"latency_p50_ms", "latency_p95_ms"}`` with numpy's default (linear) percentile interpolation.
+
+    Raises:
+        ValueError: no latencies.
+    """
+    import numpy as np
+
+    if not latencies_ms:
+        raise ValueError("latency_percentiles needs at least one latency")
+    arr = np.asarray(latencies_ms, dtype=float)
+    return {"latency_p50_ms": float(np.percentile(arr, 50)), "latency_p95_ms": float(np.percentile(arr, 95))}
+
+
+# --------------------------------------------------------------------------------------------------
+# Model-based metrics
+
+
+def _model_device(model: Any) -> torch.device:
+    import torch
+
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+def loss_and_perplexity(
+    model: Any, examples: Sequence[EvalExample], *, batch_size: int = 8
+) -> tuple[float, float]:
+    """Token-weighted mean cross-entropy over answer tokens, and its exponential (perplexity).
+
+    Every answer token of every example weighs the same (long answers count more than short ones),
+    which is what ``exp`` of the result needs to be a perplexity. Labels are shifted as in causal LM
+    training: the logits at position t predict the label at t+1.
+
+    Raises:
+        ValueError: no examples, or no example has an answer token (all labels are -100).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if not examples:
+        raise ValueError("loss_and_perplexity needs at least one example")
+    device = _model_device(model)
+    total_loss = 0.0
+    total_tokens = 0
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(examples), batch_size):
+                batch = examples[start : start + batch_size]
+                width = max(len(ex.input_ids) for ex in batch)
+                # Right padding with id 0: padded positions are masked out and labelled -100.
+                ids = torch.zeros((len(batch), width), dtype=torch.long)
+                labels = torch.full((len(batch), width), -100, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, ex in enumerate(batch):
+                    n = len(ex.input_ids)
+                    ids[row, :n] = torch.tensor(list(ex.input_ids), dtype=torch.long)
+                    labels[row, :n] = torch.tensor(list(ex.labels), dtype=torch.long)
+                    mask[row, :n] = 1
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+                shift_logits = logits[:, :-1, :].reshape(-1, logits.size(-1))
+                shift_labels = labels[:, 1:].reshape(-1).to(device)
+                total_loss += float(
+                    F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+                )
+                total_tokens += int((shift_labels != -100).sum())
+    finally:
+        model.train(was_training)
+    if total_tokens == 0:
+        raise ValueError("no answer tokens to score: every label is -100")
+    loss = total_loss / total_tokens
+    return loss, math.exp(loss) if loss < 700 else math.inf
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated answer: decoded text (special tokens skipped), wall time and tokens produced."""
+
+    text: str
+    latency_ms: float
+    new_tokens: int
+
+
+def generate_token_ids(
+    model: Any,
+    prompt_ids: Sequence[int],
+    *,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    seed: int = 0,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> list[int]:
+    """New token ids for one prompt from a transformers/peft/quanto model or a :class:`TokenGenerator`.
+
+    Sampling is pure temperature sampling (top_k and top_p disabled), whatever the model's own
+    ``generation_config`` suggests, so results are comparable between base and tuned.
+    """
+    if isinstance(model, TokenGenerator):
+        return model.generate_token_ids(
+            prompt_ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            seed=seed,
+            eos_token_id=eos_token_id,
+        )
+    import torch
+
+    device = _model_device(model)
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    sampling: dict[str, Any] = {"temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {}
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id if pad_token_id is not None else eos_token_id,
+            **sampling,
+        )
+    return [int(t) for t in out[0, ids.shape[1] :].tolist()]
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids_list: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> list[Generation]:
+    """Answer each prompt on its own (batch 1, so latency is what one request sees).
+
+    Prompt ``i`` is generated after ``torch.manual_seed(seed + i)``: deterministic under a seed.
+    Latency is the wall time of the whole generate call including the prompt's prefill.
+    """
+    eos = getattr(tokenizer, "eos_token_id", None)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    results: list[Generation] = []
+    for i, prompt in enumerate(prompt_ids_list):
+        start = time.perf_counter()
+        new_ids = generate_token_ids(
+            model,
+            prompt,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            seed=seed + i,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
+        elapsed_ms = (time.perf_counter() - start) * 1000.0
+        text = tokenizer.decode(new_ids, skip_special_tokens=True)
+        results.append(Generation(text=text, latency_ms=elapsed_ms, new_tokens=len(new_ids)))
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading artifacts and measuring their memory
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """An artifact on disk and how to load it.
+
+    kind: ``transformers`` (a full model dir: base or merged), ``peft`` (adapter at ``path`` on the
+    base at ``base_path``), ``quanto`` (optimum-quanto int8/int4 dir), ``onnx`` (dir with
+    ``model.onnx``), ``bnb`` (bitsandbytes-quantized dir, CUDA only).
+    """
+
+    kind: Literal["transformers", "peft", "quanto", "onnx", "bnb"]
+    path: Path
+    base_path: Path | None = None
+
+
+def load_model(source: ModelSource, *, device: str = "cpu") -> Any:
+    """Load an artifact from disk, in eval mode, ready for :func:`generate`.
+
+    Raises:
+        ValueError: ``peft`` without ``base_path``, or an unknown kind.
+        OSError: the files are missing or unreadable (from the loading library).
+    """
+    if source.kind == "onnx":
+        from kubetune_trainer.quantize import OnnxCausalLM
+
+        return OnnxCausalLM(source.path, device=device)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model: Any
+    if source.kind == "transformers":
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype="auto").to(device)
+    elif source.kind == "peft":
+        from peft import PeftModel
+
+        if source.base_path is None:
+            raise ValueError(f"a peft ModelSource needs base_path (adapter at {source.path})")
+        base = AutoModelForCausalLM.from_pretrained(source.base_path, dtype="auto").to(device)
+        model = PeftModel.from_pretrained(base, source.path)
+    elif source.kind == "quanto":
+        from optimum.quanto import QuantizedModelForCausalLM
+
+        model = QuantizedModelForCausalLM.from_pretrained(source.path).to(device)
+    elif source.kind == "bnb":
+        # The quantization_config saved in config.json makes transformers load the 4-bit weights.
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, device_map={"": device}, dtype=torch.bfloat16
+        )
+    else:
+        raise ValueError(f"unknown model source kind {source.kind!r}")
+    model.eval()
+    return model
+
+
+@dataclass(frozen=True)
+class MemoryMeasurement:
+    """Peak memory of loading an artifact and generating with it, in a fresh process.
+
+    method ``process_peak_rss``: the child's ``ru_maxrss`` high-water mark (CPU). It includes the
+    interpreter and the imported frameworks (``baseline_bytes``, measured after the imports and
+    before loading), which dominate for tiny models; ``peak_bytes - baseline_bytes`` is what the
+    model itself added. method ``cuda_max_memory_allocated``: torch's peak CUDA allocation
+    (baseline 0); it does not see CUDA context or allocator-cached memory.
+    """
+
+    peak_bytes: int
+    baseline_bytes: int
+    method: Literal["process_peak_rss", "cuda_max_memory_allocated"]
+
+    @property
+    def model_bytes(self) -> int:
+        """Memory attributable to loading and running the artifact."""
+        return max(0, self.peak_bytes - self.baseline_bytes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict including ``model_bytes``."""
+        return {**asdict(self), "model_bytes": self.model_bytes}
+
+
+def _peak_memory_child(
+    source: ModelSource, prompt_ids_list: list[list[int]], max_new_tokens: int, device: str, conn: Any
+) -> None:
+    """Runs in a spawned process: load, generate, report the high-water mark through ``conn``."""
+    try:
+        import resource
+
+        import torch
+
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        # Linux reports ru_maxrss in KiB.
+        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        model = load_model(source, device=device)
+        for i, prompt in enumerate(prompt_ids_list):
+            generate_token_ids(model, prompt, max_new_tokens=max_new_tokens, seed=i)
+        if device.startswith("cuda"):
+            result = (int(torch.cuda.max_memory_allocated()), 0, "cuda_max_memory_allocated")
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            result = (peak, baseline, "process_peak_rss")
+        conn.send(("ok", result))
+    except BaseException as exc:  # reported to the parent, which raises with the message
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
+def measure_peak_memory(
+    source: ModelSource,
+    prompt_ids_list: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    device: str = "cpu",
+    timeout_s: float = 900.0,
+) -> MemoryMeasurement:
+    """Peak memory of loading ``source`` and greedily answering the prompts, in a fresh process.
+
+    A fresh (spawned) process because a high-water mark cannot be reset within a process, and
+    tracemalloc does not see torch's allocations. Ratios between two measurements made the same way
+    are what the ``peak_memory_ratio`` gate compares.
+
+    Raises:
+        RuntimeError: the child failed (its exception type and message are included) or timed out.
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    parent_conn, child_conn = ctx.Pipe(duplex=False)
+    proc = ctx.Process(
+        target=_peak_memory_child,
+        args=(source, [list(p) for p in prompt_ids_list], max_new_tokens, device, child_conn),
+        daemon=True,
+    )
+    proc.start()
+    child_conn.close()
+    try:
+        if not parent_conn.poll(timeout_s):
+            raise RuntimeError(f"memory measurement of {source.path} timed out after {timeout_s:.0f} s")
+        status, payload = parent_conn.recv()
+    except EOFError:
+        raise RuntimeError(f"memory measurement of {source.path} died (exit code {proc.exitcode})") from None
+    finally:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    if status != "ok":
+        raise RuntimeError(f"memory measurement of {source.path} failed: {payload}")
+    peak, baseline, method = payload
+    return MemoryMeasurement(peak_bytes=peak, baseline_bytes=baseline, method=method)
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole evaluation
+
+
+@dataclass(frozen=True)
+class SampleRow:
+    """One row of the samples table (``eval/samples.jsonl``)."""
+
+    set: str
+    prompt: str
+    reference: str
+    tuned: str
+    base: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass
+class EvalReport:
+    """Tuned and base metrics side by side on the same data, plus the samples table.
+
+    ``tuned``/``base``: metric name -> value (``base`` is None when ``compareBase`` is false).
+    ``extra_sets``: set name -> {"tuned": metrics, "base": metrics | None}; not gated.
+    ``skipped``: requested metric -> why it was not computed (a gate on it will fail with that).
+    ``memory``: "tuned"/"base" -> :class:`MemoryMeasurement` dict, when measured.
+    """
+
+    tuned: dict[str, float]
+    base: dict[str, float] | None
+    samples: list[SampleRow]
+    num_examples: int
+    settings: dict[str, Any]
+    extra_sets: dict[str, dict[str, dict[str, float] | None]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    memory: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def gate_metrics(self) -> dict[str, float]:
+        """The metrics gates are checked against: the tuned model's on the main eval set."""
+        return dict(self.tuned)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (samples excluded: they go to samples.jsonl). NaN/inf become None."""
+
+        def clean(metrics: dict[str, float] | None) -> dict[str, float | None] | None:
+            if metrics is None:
+                return None
+            return {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
+
+        return {
+            "num_examples": self.num_examples,
+            "settings": self.settings,
+            "tuned": clean(self.tuned),
+            "base": clean(self.base),
+            "extra_sets": {
+                name: {which: clean(m) for which, m in sides.items()}
+                for name, sides in self.extra_sets.items()
+            },
+            "skipped": self.skipped,
+            "memory": self.memory,
+        }
+
+
+@contextmanager
+def _as_base(tuned: Any, base: Any | None) -> Iterator[Any]:
+    """The base model to score: ``base`` itself, or the peft ``tuned`` model with its adapter disabled."""
+    if base is not None:
+        yield base
+        return
+    with tuned.disable_adapter():
+        yield tuned
+
+
+def _requested_metrics(eval_cfg: Any) -> list[str]:
+    requested = list(_cfg(eval_cfg, "metrics", None) or DEFAULT_METRICS)
+    # A gated metric is computed even if the metrics list forgot it: gates fail only when a metric
+    # truly cannot be computed (e.g. json_validity without a schema).
+    for name in _cfg(eval_cfg, "gates", None) or {}:
+        if name not in requested:
+            requested.append(name)
+    unknown = [m for m in requested if m not in ALL_METRICS]
+    if unknown:
+        raise ValueError(f"unknown evaluation metric(s) {unknown}; known: {list(ALL_METRICS)}")
+    return requested
+
+
+def _score_model(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[EvalExample],
+    requested: Sequence[str],
+    *,
+    max_new_tokens: int,
+    json_schema: Mapping[str, Any] | None,
+    consistency_samples: int,
+    consistency_temperature: float,
+    consistency_prompts: int,
+    seed: int,
+    batch_size: int,
+) -> tuple[dict[str, float], list[str]]:
+    """Metrics for one model on one set, and its greedy answers (empty when none were needed)."""
+    metrics: dict[str, float] = {}
+    if {"eval_loss", "perplexity"} & set(requested):
+        loss, ppl = loss_and_perplexity(model, examples, batch_size=batch_size)
+        metrics.update(eval_loss=loss, perplexity=ppl)
+    answers: list[str] = []
+    if _GENERATION_METRICS & set(requested):
+        gens = generate(
+            model, tokenizer, [ex.prompt_ids for ex in examples], max_new_tokens=max_new_tokens, seed=seed
+        )
+        answers = [g.text for g in gens]
+        text = text_metrics(answers, [ex.answer_text for ex in examples])
+        metrics.update({k: v for k, v in text.items() if k in requested})
+        if "json_validity" in requested and json_schema is not None:
+            metrics["json_validity"] = json_validity(answers, json_schema)
+        if {"latency_p50_ms", "latency_p95_ms"} & set(requested):
+            metrics.update(latency_percentiles([g.latency_ms for g in gens]))
+    if "consistency" in requested:
+        prompts = [ex.prompt_ids for ex in examples[:consistency_prompts]]
+        per_prompt: list[list[str]] = [[] for _ in prompts]
+        for k in range(consistency_samples):
+            # Distinct seeds per round so the samples differ; fixed so reruns agree.
+            gens = generate(
+                model,
+                tokenizer,
+                prompts,
+                max_new_tokens=max_new_tokens,
+                do_sample=True,
+                temperature=consistency_temperature,
+                seed=seed + 1_000_003 * (k + 1),
+            )
+            for i, g in enumerate(gens):
+                per_prompt[i].append(g.text)
+        metrics["consistency"] = consistency(per_prompt)
+    return metrics, answers
+
+
+def evaluate_model(
+    tuned: Any,
+    base: Any | None,
+    tokenizer: Any,
+    examples: Sequence[EvalExample],
+    eval_cfg: Any,
+    *,
+    extra_sets: Mapping[str, Sequence[EvalExample]] | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    batch_size: int = 8,
+    consistency_prompts: int = 32,
+    tuned_source: ModelSource | None = None,
+    base_source: ModelSource | None = None,
+) -> EvalReport:
+    """Evaluate the tuned model (and the base, with ``compareBase``) on the same examples.
+
+    Args:
+        tuned, base: loaded models (transformers/peft/quanto or a :class:`TokenGenerator`), already on
+            ``device``. With ``base=None`` and a peft ``tuned`` model, the base is the same model
+            inside ``tuned.disable_adapter()`` (no second copy in memory); with ``base=None``
+            otherwise, or ``compareBase: false``, no base metrics are computed.
+        eval_cfg: ``spec.evaluation`` (pydantic model, object or dict): metrics, maxSamples,
+            maxNewTokens, jsonSchema, consistency {samples, temperature}, compareBase, gates.
+        extra_sets: name -> examples of the optional extra eval sets (metrics reported, not gated).
+        consistency_prompts: consistency samples only the first N prompts (N x samples generations).
+        tuned_source, base_source: where the two models live on disk; when both are given the
+            peak memory of each is measured in a fresh process and ``peak_memory_ratio`` computed.
+
+    Raises:
+        ValueError: no examples, or an unknown metric name.
+        RuntimeError: a memory measurement failed.
+    """
+    if not examples:
+        raise ValueError("evaluation needs at least one eval example")
+    requested = _requested_metrics(eval_cfg)
+    max_samples = int(_cfg(eval_cfg, "max_samples", 200))
+    max_new_tokens = int(_cfg(eval_cfg, "max_new_tokens", 64))
+    json_schema = _cfg(eval_cfg, "json_schema", None)
+    cons_cfg = _cfg(eval_cfg, "consistency", None)
+    cons_samples = int(_cfg(cons_cfg, "samples", 5))
+    cons_temperature = float(_cfg(cons_cfg, "temperature", 0.7))
+    adapter_disabled_base = base is None and hasattr(tuned, "disable_adapter")
+    compare_base = bool(_cfg(eval_cfg, "compare_base", True)) and (base is not None or adapter_disabled_base)
+    examples = list(examples)[:max_samples]
+
+    skipped: dict[str, str] = {}
+    if "json_validity" in requested and json_schema is None:
+        skipped["json_validity"] = "spec.evaluation.jsonSchema is not set"
+    if "peak_memory_ratio" in requested and (tuned_source is None or base_source is None):
+        skipped["peak_memory_ratio"] = "the tuned and base models' locations on disk were not given"
+
+    score_kwargs: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "json_schema": json_schema,
+        "consistency_samples": cons_samples,
+        "consistency_temperature": cons_temperature,
+        "consistency_prompts": consistency_prompts,
+        "seed": seed,
+        "batch_size": batch_size,
+    }
+    tuned_metrics, tuned_answers = _score_model(tuned, tokenizer, examples, requested, **score_kwargs)
+    base_metrics: dict[str, float] | None = None
+    base_answers: list[str] = []
+    if compare_base:
+        with _as_base(tuned, base) as base_model:
+            base_metrics, base_answers = _score_model(
+                base_model, tokenizer, examples, requested, **score_kwargs
+            )
+
+    memory: dict[str, dict[str, Any]] = {}
+    if "peak_memory_ratio" in requested and tuned_source is not None and base_source is not None:
+        probe_prompts = [list(ex.prompt_ids) for ex in examples[:4]]
+        tuned_mem = measure_peak_memory(
+            tuned_source, probe_prompts, max_new_tokens=max_new_tokens, device=device
+        )
+        base_mem = measure_peak_memory(
+            base_source, probe_prompts, max_new_tokens=max_new_tokens, device=device
+        )
+        memory = {"tuned": tuned_mem.to_dict(), "base": base_mem.to_dict()}
+        tuned_metrics["peak_memory_ratio"] = tuned_mem.peak_bytes / base_mem.peak_bytes
+        if base_metrics is not None:
+            base_metrics["peak_memory_ratio"] = 1.0
+
+    samples = [
+        SampleRow(
+            set="eval",
+            prompt=ex.prompt_text,
+            reference=ex.answer_text,
+            tuned=tuned_answers[i] if tuned_answers else "",
+            base=base_answers[i] if base_answers else None,
+        )
+        for i, ex in enumerate(examples)
+    ]
+
+    extra: dict[str, dict[str, dict[str, float] | None]] = {}
+    # Extra sets: quality metrics only; latency and consistency are properties of the model, not the set.
+    extra_requested = [m for m in requested if m not in {"consistency", "peak_memory_ratio"}]
+    for name, set_examples in (extra_sets or {}).items():
+        subset = list(set_examples)[:max_samples]
+        if not subset:
+            raise ValueError(f"extra eval set {name!r} has no examples")
+        t_metrics, t_answers = _score_model(tuned, tokenizer, subset, extra_requested, **score_kwargs)
+        b_metrics: dict[str, float] | None = None
+        b_answers: list[str] = []
+        if compare_base:
+            with _as_base(tuned, base) as base_model:
+                b_metrics, b_answers = _score_model(
+                    base_model, tokenizer, subset, extra_requested, **score_kwargs
+                )
+        extra[name] = {"tuned": t_metrics, "base": b_metrics}
+        samples.extend(
+            SampleRow(
+                set=name,
+                prompt=ex.prompt_text,
+                reference=ex.answer_text,
+                tuned=t_answers[i] if t_answers else "",
+                base=b_answers[i] if b_answers else None,
+            )
+            for i, ex in enumerate(subset)
+        )
+
+    return EvalReport(
+        tuned=tuned_metrics,
+        base=base_metrics,
+        samples=samples,
+        num_examples=len(examples),
+        settings={
+            "metrics": requested,
+            "max_samples": max_samples,
+            "max_new_tokens": max_new_tokens,
+            "consistency": {
+                "samples": cons_samples,
+                "temperature": cons_temperature,
+                "prompts": consistency_prompts,
+            },
+            "compare_base": compare_base,
+            "seed": seed,
+            "device": device,
+        },
+        extra_sets=extra,
+        skipped=skipped,
+        memory=memory,
+    )
