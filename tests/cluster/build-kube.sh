@@ -138,6 +138,7 @@ src="$src_parent/kubernetes"
 
 # --- reflect2 v1.0.1 -> v1.0.2 map-iteration fix ---------------------------------------------------
 # Go 1.18 changed reflect.mapiterinit to fill a caller-allocated iterator instead of returning one.
+# Unpatched, the apiserver segfaults the first time it JSON-encodes a map (e.g. a custom resource).
 # reflect2 v1.0.1 links to the old signature and crashes at run time (json-iterator, used by the
 # apiserver, iterates maps through it); v1.0.2 split the declaration by Go version. We apply that
 # upstream change to the vendored copy rather than bumping the module, which GOPATH mode would not
@@ -149,8 +150,32 @@ sed -i '/^\/\/ m escapes into the return value, but the caller of mapiterinit$/,
   "$r2/unsafe_link.go"
 sed -i '/^func (type2 \*UnsafeMapType) UnsafeIterate(obj unsafe.Pointer) MapIterator {$/,/^}$/d' \
   "$r2/unsafe_map.go"
-if grep -q 'mapiterinit' "$r2/unsafe_link.go" || grep -q 'UnsafeIterate(obj unsafe.Pointer)' "$r2/unsafe_map.go"; then
-  die "patching reflect2 failed: old mapiterinit/UnsafeIterate still present in $r2"
+# v1.0.1 declared only the first two hiter fields because the runtime allocated the iterator; now the
+# caller allocates it, so the struct must have the runtime's full layout (Go 1.19 runtime/map.go).
+sed -i '/^type hiter struct {$/,/^}$/d' "$r2/unsafe_link.go"
+cat >>"$r2/unsafe_link.go" <<'GO'
+
+type hiter struct {
+	key         unsafe.Pointer
+	value       unsafe.Pointer
+	t           unsafe.Pointer
+	h           unsafe.Pointer
+	buckets     unsafe.Pointer
+	bptr        unsafe.Pointer
+	overflow    *[]unsafe.Pointer
+	oldoverflow *[]unsafe.Pointer
+	startBucket uintptr
+	offset      uint8
+	wrapped     bool
+	B           uint8
+	i           uint8
+	bucket      uintptr
+	checkBucket uintptr
+}
+GO
+if grep -q 'mapiterinit' "$r2/unsafe_link.go" || grep -q 'UnsafeIterate(obj unsafe.Pointer)' "$r2/unsafe_map.go" \
+  || [[ "$(grep -c '^type hiter struct {$' "$r2/unsafe_link.go")" != 1 ]] || ! grep -q 'checkBucket uintptr' "$r2/unsafe_link.go"; then
+  die "patching reflect2 in $r2 failed (old mapiterinit/UnsafeIterate left, or hiter not replaced)"
 fi
 cat >"$r2/go_above_118.go" <<'GO'
 //+build go1.18

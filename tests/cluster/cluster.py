@@ -120,7 +120,9 @@ class LocalCluster:
         """Start etcd, then the apiserver, then the controller manager, and wait until all are usable."""
         for binary in ("etcd", "kube-apiserver", "kube-controller-manager"):
             if not os.access(self.bin_dir / binary, os.X_OK):
-                raise ClusterStartError(f"{self.bin_dir / binary} is missing; run tests/cluster/build-kube.sh")
+                raise ClusterStartError(
+                    f"{self.bin_dir / binary} is missing; run tests/cluster/build-kube.sh"
+                )
         self._write_pki()
         self.etcd_port = free_port()
         self.port = free_port()
@@ -359,7 +361,10 @@ class LocalCluster:
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [
-                {"name": "kubetune-test", "cluster": {"server": self.server, "certificate-authority": str(self.ca_cert)}}
+                {
+                    "name": "kubetune-test",
+                    "cluster": {"server": self.server, "certificate-authority": str(self.ca_cert)},
+                }
             ],
             "users": [{"name": user, "user": {"token": token}}],
             "contexts": [{"name": user, "context": {"cluster": "kubetune-test", "user": user}}],

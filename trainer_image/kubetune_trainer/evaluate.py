@@ -58,6 +58,7 @@ __all__ = [
     "MemoryMeasurement",
     "ModelSource",
     "SampleRow",
+    "SourceKind",
     "TokenGenerator",
     "consistency",
     "evaluate_model",
@@ -423,6 +424,9 @@ def generate(
 # Loading artifacts and measuring their memory
 
 
+SourceKind = Literal["transformers", "peft", "quanto", "onnx", "bnb"]
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """An artifact on disk and how to load it.
@@ -432,7 +436,7 @@ class ModelSource:
     ``model.onnx``), ``bnb`` (bitsandbytes-quantized dir, CUDA only).
     """
 
-    kind: Literal["transformers", "peft", "quanto", "onnx", "bnb"]
+    kind: SourceKind
     path: Path
     base_path: Path | None = None
 
@@ -453,13 +457,15 @@ def load_model(source: ModelSource, *, device: str = "cpu") -> Any:
 
     model: Any
     if source.kind == "transformers":
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype="auto").to(device)
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype="auto")
+        model.to(device)
     elif source.kind == "peft":
         from peft import PeftModel
 
         if source.base_path is None:
             raise ValueError(f"a peft ModelSource needs base_path (adapter at {source.path})")
-        base = AutoModelForCausalLM.from_pretrained(source.base_path, dtype="auto").to(device)
+        base: Any = AutoModelForCausalLM.from_pretrained(source.base_path, dtype="auto")
+        base.to(device)
         model = PeftModel.from_pretrained(base, source.path)
     elif source.kind == "quanto":
         from optimum.quanto import QuantizedModelForCausalLM

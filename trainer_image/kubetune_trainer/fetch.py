@@ -73,7 +73,9 @@ def fetch(
         return _fetch_hf(uri, dest_dir)
     if scheme == "modelversion":
         return _fetch_modelversion(uri, dest_dir, settings, registry_output_uri, subdir_for_modelversion)
-    raise FetchError(f"{uri}: unsupported source; use s3://, file:///, hf://org/name@rev or modelversion://name/vN")
+    raise FetchError(
+        f"{uri}: unsupported source; use s3://, file:///, hf://org/name@rev or modelversion://name/vN"
+    )
 
 
 def _fetch_s3(uri: str, dest_dir: Path, settings: StoreSettings) -> Path:
@@ -132,7 +134,7 @@ def _parse_hf(uri: str) -> tuple[str, str | None]:
     if len(parts) != 2 or not all(parts):
         raise FetchError(f"{uri}: expected hf://org/name@revision")
     for part in parts:
-        validate_key(part, what=f"repository name in {uri!r}")
+        validate_key(part, what=f"{uri}: repository name")
     return repo, (revision or None)
 
 
@@ -157,7 +159,9 @@ def _fetch_hf(uri: str, dest_dir: Path) -> Path:
     try:
         path = snapshot_download(repo_id=repo_id, revision=revision, local_dir=str(dest_dir))
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as exc:
-        raise FetchError(f"{uri}: {type(exc).__name__}: the repository or revision is not available") from None
+        raise FetchError(
+            f"{uri}: {type(exc).__name__}: the repository or revision is not available"
+        ) from None
     except LocalEntryNotFoundError:
         raise FetchError(unreachable) from None
     except OSError as exc:  # connection refused, DNS failure, timeouts (httpx/requests errors are OSErrors)

@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from kubetune_api.names import check_name, is_valid_name, is_valid_version
-
 from kubetune_trainer.digests import sha256_file
 from kubetune_trainer.storage import (
     ObjectNotFound,
@@ -188,7 +187,9 @@ def _now() -> str:
 
 def _dump(obj: Any) -> bytes:
     # Readable (indent) and deterministic (sorted keys); the digest covers these exact bytes.
-    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n").encode(
+        "utf-8"
+    )
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -371,7 +372,7 @@ class ModelRegistry:
                 _dump({"version": version, "inputsDigest": inputs_digest}),
                 if_none_match=True,
             )
-            uploaded = set(self.store.upload_dir(staging_dir, prefix))
+            uploaded: set[str] = set(self.store.upload_dir(staging_dir, prefix))
             expected = {join_key(prefix, f["path"]) for f in files}
             if uploaded != expected:
                 raise RegistryError(
@@ -424,7 +425,9 @@ class ModelRegistry:
         for path, rel in walk_files(staging_dir):
             validate_key(rel, what="staged file")
             if rel == MANIFEST_NAME:
-                raise RegistryError(f"{path}: {MANIFEST_NAME} is written by the registry; remove it from staging")
+                raise RegistryError(
+                    f"{path}: {MANIFEST_NAME} is written by the registry; remove it from staging"
+                )
             paths.append((path, rel))
         if not paths:
             raise RegistryError(f"staging folder {staging_dir} is empty: nothing to publish")
@@ -446,7 +449,12 @@ class ModelRegistry:
         publisher = uuid.uuid4().hex
         for _ in range(_MAX_CLAIM_ATTEMPTS):
             version = f"v{number}"
-            claim = {"version": version, "inputsDigest": inputs_digest, "publisher": publisher, "claimed": _now()}
+            claim = {
+                "version": version,
+                "inputsDigest": inputs_digest,
+                "publisher": publisher,
+                "claimed": _now(),
+            }
             try:
                 self.store.put_bytes(self._key("claims", f"{version}.json"), _dump(claim), if_none_match=True)
             except PreconditionFailed:
@@ -457,7 +465,9 @@ class ModelRegistry:
                 number += 1
                 continue
             return version
-        raise RegistryError(f"could not claim a version name for {self.model_name!r} in {_MAX_CLAIM_ATTEMPTS} tries")
+        raise RegistryError(
+            f"could not claim a version name for {self.model_name!r} in {_MAX_CLAIM_ATTEMPTS} tries"
+        )
 
     # integrity
 
@@ -523,13 +533,19 @@ class ModelRegistry:
 
         def fetch_one(job: tuple[dict[str, Any], Path]) -> None:
             entry, local = job
-            if local.is_file() and local.stat().st_size == entry["size"] and sha256_file(local) == entry["sha256"]:
+            if (
+                local.is_file()
+                and local.stat().st_size == entry["size"]
+                and sha256_file(local) == entry["sha256"]
+            ):
                 return
             key = join_key(prefix, entry["path"])
             try:
                 self.store.download_file(key, local)
             except ObjectNotFound:
-                raise IntegrityError(f"{pv.uri}/{entry['path']} is listed in the manifest but missing") from None
+                raise IntegrityError(
+                    f"{pv.uri}/{entry['path']} is listed in the manifest but missing"
+                ) from None
             actual = sha256_file(local)
             if actual != entry["sha256"] or local.stat().st_size != entry["size"]:
                 local.unlink(missing_ok=True)
@@ -557,10 +573,17 @@ class ModelRegistry:
         ma, mb = va.manifest, vb.manifest
         changes: list[dict[str, Any]] = []
         if ma.get("parent") != mb.get("parent"):
-            changes.append({"section": "parent", "field": "parent", "a": ma.get("parent"), "b": mb.get("parent")})
+            changes.append(
+                {"section": "parent", "field": "parent", "a": ma.get("parent"), "b": mb.get("parent")}
+            )
         if ma.get("inputsDigest") != mb.get("inputsDigest"):
             changes.append(
-                {"section": "inputs", "field": "inputsDigest", "a": ma.get("inputsDigest"), "b": mb.get("inputsDigest")}
+                {
+                    "section": "inputs",
+                    "field": "inputsDigest",
+                    "a": ma.get("inputsDigest"),
+                    "b": mb.get("inputsDigest"),
+                }
             )
         for section in ("inputs", "gates", "extra"):
             fa, fb = _flatten(ma.get(section) or {}), _flatten(mb.get(section) or {})
@@ -597,7 +620,9 @@ class ModelRegistry:
     def _check_alias(alias: str) -> str:
         check_name(alias, "alias name")
         if is_valid_version(alias):
-            raise ValueError(f"alias name {alias!r} looks like a version name; pick another (e.g. 'production')")
+            raise ValueError(
+                f"alias name {alias!r} looks like a version name; pick another (e.g. 'production')"
+            )
         return alias
 
     def _read_alias(self, alias: str) -> tuple[dict[str, Any], str] | None:
@@ -608,7 +633,9 @@ class ModelRegistry:
         try:
             doc = json.loads(data)
         except json.JSONDecodeError as exc:
-            raise RegistryError(f"alias object for {alias!r} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+            raise RegistryError(
+                f"alias object for {alias!r} is not valid JSON (line {exc.lineno}: {exc.msg})"
+            ) from None
         return doc, etag
 
     def _records(self, alias: str, doc: dict[str, Any]) -> list[AliasRecord]:
@@ -711,7 +738,9 @@ class ModelRegistry:
             except PreconditionFailed:
                 continue  # somebody moved it meanwhile: re-read, re-check ``expected``
             return record
-        raise AliasConflict(f"alias {alias!r} kept changing under us; gave up after {_MAX_ALIAS_ATTEMPTS} attempts")
+        raise AliasConflict(
+            f"alias {alias!r} kept changing under us; gave up after {_MAX_ALIAS_ATTEMPTS} attempts"
+        )
 
     def promote(
         self,
@@ -732,7 +761,9 @@ class ModelRegistry:
         if when == "gatesPassed" and not gates_passed:
             return None
         outcome = "passed" if gates_passed else "failed"
-        return self.set_alias(alias, version, reason=f"promote rule when={when}; gates {outcome}", actor=actor)
+        return self.set_alias(
+            alias, version, reason=f"promote rule when={when}; gates {outcome}", actor=actor
+        )
 
     def rollback(self, alias: str, *, reason: str = "rollback", actor: str = "") -> AliasRecord:
         """Move ``alias`` back to the version it pointed to before its latest move (a new history entry).
@@ -742,7 +773,9 @@ class ModelRegistry:
         """
         now = self.get_alias(alias)
         if now is None or now.previous is None:
-            raise VersionNotFound(f"alias {alias!r} of {self.model_name!r} has no earlier version to roll back to")
+            raise VersionNotFound(
+                f"alias {alias!r} of {self.model_name!r} has no earlier version to roll back to"
+            )
         return self.set_alias(alias, now.previous, expected=now.version, reason=reason, actor=actor)
 
     def iter_claims(self) -> Iterator[str]:

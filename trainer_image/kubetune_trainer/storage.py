@@ -25,6 +25,7 @@ characters, unicode look-alikes of ``/`` and ``..``).
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import fcntl
@@ -139,7 +140,9 @@ class ObjectStore(Protocol):
         """A small object's content and ETag. Raises ObjectNotFound."""
         ...
 
-    def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
+    def put_bytes(
+        self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
         """Write a small object and return its ETag. Raises PreconditionFailed on a conditional conflict."""
         ...
 
@@ -167,11 +170,11 @@ class ObjectStore(Protocol):
         """Delete every object under ``prefix`` and return how many were deleted."""
         ...
 
-    def upload_dir(self, src_dir: Path, prefix: str, *, exclude: Iterable[str] = ()) -> list[str]:
+    def upload_dir(self, src_dir: Path, prefix: str, *, exclude: Iterable[str] = ()) -> builtins.list[str]:
         """Upload every file under ``src_dir`` to ``prefix/<relative path>`` in parallel; returns the keys."""
         ...
 
-    def download_dir(self, prefix: str, dest_dir: Path) -> list[Path]:
+    def download_dir(self, prefix: str, dest_dir: Path) -> builtins.list[Path]:
         """Download every object under ``prefix/`` into ``dest_dir``; returns the local paths."""
         ...
 
@@ -274,7 +277,7 @@ class _DirTransfers:
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         raise NotImplementedError
 
-    def upload_dir(self, src_dir: Path, prefix: str, *, exclude: Iterable[str] = ()) -> list[str]:
+    def upload_dir(self, src_dir: Path, prefix: str, *, exclude: Iterable[str] = ()) -> builtins.list[str]:
         """Upload every regular file under ``src_dir`` to ``prefix/<relative path>``, in parallel.
 
         ``exclude`` holds glob patterns matched against the relative path and the file name.
@@ -284,7 +287,7 @@ class _DirTransfers:
         if not src_dir.is_dir():
             raise StorageError(f"{src_dir} is not a directory")
         patterns = tuple(exclude)
-        jobs: list[tuple[Path, str]] = []
+        jobs: builtins.list[tuple[Path, str]] = []
         for path, rel in walk_files(src_dir):
             if _excluded(rel, patterns):
                 continue
@@ -292,7 +295,7 @@ class _DirTransfers:
         self._run_parallel(lambda job: self.upload_file(job[0], job[1]), jobs)
         return [key for _path, key in jobs]
 
-    def download_dir(self, prefix: str, dest_dir: Path) -> list[Path]:
+    def download_dir(self, prefix: str, dest_dir: Path) -> builtins.list[Path]:
         """Download every object under the folder ``prefix`` into ``dest_dir``, in parallel.
 
         All keys are checked with :func:`safe_join` before anything is written, so one hostile key
@@ -300,14 +303,14 @@ class _DirTransfers:
         """
         dest_dir = Path(dest_dir)
         folder = prefix.rstrip("/") + "/" if prefix else ""
-        jobs: list[tuple[str, Path]] = []
+        jobs: builtins.list[tuple[str, Path]] = []
         for info in self.list(folder):
             rel = relative_key(info.key, prefix)
             jobs.append((info.key, safe_join(dest_dir, rel)))
         self._run_parallel(lambda job: self.download_file(job[0], job[1]), jobs)
         return [path for _key, path in jobs]
 
-    def _run_parallel(self, fn: Any, jobs: list[Any]) -> None:
+    def _run_parallel(self, fn: Any, jobs: builtins.list[Any]) -> None:
         if not jobs:
             return
         workers = max(1, min(self._max_concurrency, len(jobs)))
@@ -365,7 +368,9 @@ class LocalStore(_DirTransfers):
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise ObjectNotFound(f"{self.uri_for(key)} does not exist") from None
 
-    def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
+    def put_bytes(
+        self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
         if if_none_match and if_match is not None:
             raise ValueError("pass if_none_match or if_match, not both")
         target = self._path(key)
@@ -409,7 +414,7 @@ class LocalStore(_DirTransfers):
     def open_read(self, key: str) -> Iterator[IO[bytes]]:
         path = self._path(key)
         try:
-            fh = open(path, "rb")
+            fh = open(path, "rb")  # noqa: SIM115 - closed by the with below; open errors are mapped first
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise ObjectNotFound(f"{self.uri_for(key)} does not exist") from None
         with fh:
@@ -446,7 +451,7 @@ class LocalStore(_DirTransfers):
         start = self.root / head if head else self.root
         if not start.is_dir():
             return
-        found: list[ObjectInfo] = []
+        found: builtins.list[ObjectInfo] = []
         for dirpath, dirnames, filenames in os.walk(start):
             dirnames.sort()
             for name in filenames:
@@ -567,7 +572,9 @@ class S3Store(_DirTransfers):
                 raise self._not_found(key) from None
             raise self._fail("reading", key, exc) from None
 
-    def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
+    def put_bytes(
+        self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
         from botocore.exceptions import ClientError
 
         if if_none_match and if_match is not None:
@@ -583,7 +590,9 @@ class S3Store(_DirTransfers):
         except ClientError as exc:
             code, status = _error_code(exc)
             conditional = if_none_match or if_match is not None
-            if conditional and (status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict")):
+            if conditional and (
+                status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict")
+            ):
                 which = "If-None-Match" if if_none_match else "If-Match"
                 raise PreconditionFailed(f"conditional write of {self.uri_for(key)} lost ({which})") from None
             if if_match is not None and (status == 404 or code == "NoSuchKey"):
@@ -655,12 +664,16 @@ class S3Store(_DirTransfers):
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
             batch = [{"Key": k} for k in keys[start : start + 1000]]
             try:
-                response = self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+                response = self._client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                )
             except ClientError as exc:
                 raise self._fail("deleting under", prefix, exc) from None
             if response.get("Errors"):
                 first = response["Errors"][0]
-                raise StorageError(f"deleting {self.uri_for(first.get('Key', prefix))} failed: {first.get('Code')}")
+                raise StorageError(
+                    f"deleting {self.uri_for(first.get('Key', prefix))} failed: {first.get('Code')}"
+                )
         return len(keys)
 
 
@@ -689,7 +702,12 @@ def make_s3_client(settings: StoreSettings) -> Any:
 
 
 def _check_bucket(bucket: str, uri: str) -> str:
-    if not (3 <= len(bucket) <= 63) or not set(bucket) <= _S3_BUCKET_CHARS or bucket[0] in ".-" or bucket[-1] in ".-":
+    if (
+        not (3 <= len(bucket) <= 63)
+        or not set(bucket) <= _S3_BUCKET_CHARS
+        or bucket[0] in ".-"
+        or bucket[-1] in ".-"
+    ):
         raise InvalidURI(f"{uri}: {bucket!r} is not a valid S3 bucket name")
     if ".." in bucket:
         raise InvalidURI(f"{uri}: {bucket!r} is not a valid S3 bucket name")
@@ -706,7 +724,7 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     bucket = _check_bucket(parts.netloc, uri)
     prefix = parts.path.strip("/")
     if prefix:
-        validate_key(prefix, what=f"prefix of {uri!r}")
+        validate_key(prefix, what=f"{uri}: prefix")
     return bucket, prefix
 
 
@@ -724,7 +742,7 @@ def file_uri_path(uri: str) -> Path:
         raise InvalidURI(f"{uri!r} is not an absolute path")
     rest = path.strip("/")
     if rest:
-        validate_key(rest, what=f"path of {uri!r}")
+        validate_key(rest, what=f"{uri}: path")
     return Path(path)
 
 

@@ -123,7 +123,9 @@ class DataReport:
         """Raise DataValidationError with the first errors when :attr:`ok` is False."""
         if not self.ok:
             raise DataValidationError(
-                self.errors, invalid_records=self.invalid_records, max_invalid_records=self.max_invalid_records
+                self.errors,
+                invalid_records=self.invalid_records,
+                max_invalid_records=self.max_invalid_records,
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -175,7 +177,9 @@ def _dedupe(records: list[Record]) -> tuple[list[Record], int]:
     return kept, len(records) - len(kept)
 
 
-def split_records(records: Sequence[Record], eval_split: float, seed: int) -> tuple[list[Record], list[Record]]:
+def split_records(
+    records: Sequence[Record], eval_split: float, seed: int
+) -> tuple[list[Record], list[Record]]:
     """Seeded hold-out: ``round(n * eval_split)`` records (at least 1, at most n-1) go to eval.
 
     Which ones depends only on (seed, record content), never on file or record order. Both lists
@@ -194,7 +198,9 @@ def split_records(records: Sequence[Record], eval_split: float, seed: int) -> tu
         return hashlib.blake2b(payload, digest_size=16).digest(), records[i].file, records[i].line
 
     held = set(sorted(range(n), key=rank)[:k])
-    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+    return [r for i, r in enumerate(records) if i not in held], [
+        r for i, r in enumerate(records) if i in held
+    ]
 
 
 def _names(paths: Sequence[Path], display_names: Mapping[Path, str] | None) -> list[str]:
@@ -233,9 +239,9 @@ def _read_and_split(
     if eval_files:
         report.eval_source = "files"
     else:
-        split = settings.eval_split if settings.eval_split is not None else DEFAULT_EVAL_SPLIT
-        report.eval_split = split
-        train, evals = split_records(train, split, seed)
+        share = settings.eval_split if settings.eval_split is not None else DEFAULT_EVAL_SPLIT
+        report.eval_split = share
+        train, evals = split_records(train, share, seed)
     report.train_records, report.eval_records = len(train), len(evals)
     return report, train, evals
 

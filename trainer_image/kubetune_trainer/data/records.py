@@ -215,7 +215,10 @@ def _iter_jsonl(path: Path, name: str) -> Iterator[_Row]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield lineno, RecordError(name, lineno, None, f"invalid UTF-8 at byte {e.start + 1} of the line")
+                yield (
+                    lineno,
+                    RecordError(name, lineno, None, f"invalid UTF-8 at byte {e.start + 1} of the line"),
+                )
                 continue
             try:
                 value = json.loads(text)
@@ -223,8 +226,9 @@ def _iter_jsonl(path: Path, name: str) -> Iterator[_Row]:
                 yield lineno, RecordError(name, lineno, None, f"invalid JSON: {e.msg} (column {e.colno})")
                 continue
             if not isinstance(value, dict):
-                yield lineno, RecordError(
-                    name, lineno, None, f"expected a JSON object, got {_json_type(value)}"
+                yield (
+                    lineno,
+                    RecordError(name, lineno, None, f"expected a JSON object, got {_json_type(value)}"),
                 )
                 continue
             yield lineno, value
@@ -243,15 +247,19 @@ def _iter_json(path: Path, name: str) -> Iterator[_Row]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        yield e.lineno, RecordError(
-            name, e.lineno, None, f"invalid JSON: {e.msg} (line {e.lineno} column {e.colno})", True
+        yield (
+            e.lineno,
+            RecordError(
+                name, e.lineno, None, f"invalid JSON: {e.msg} (line {e.lineno} column {e.colno})", True
+            ),
         )
         return
     if isinstance(value, dict) and isinstance(value.get("data"), list):
         value = value["data"]
     if not isinstance(value, list):
-        yield 0, RecordError(
-            name, 0, None, 'expected a JSON array of records or an object {"data": [...]}', True
+        yield (
+            0,
+            RecordError(name, 0, None, 'expected a JSON array of records or an object {"data": [...]}', True),
         )
         return
     for index, item in enumerate(value, start=1):
@@ -306,7 +314,10 @@ def _iter_csv(path: Path, name: str) -> Iterator[_Row]:
             continue
         bad = [n for n in range(start, ended + 1) if n in bad_lines]
         if bad:
-            yield start, RecordError(name, start, None, f"invalid UTF-8 at byte {bad_lines[bad[0]]} of line {bad[0]}")
+            yield (
+                start,
+                RecordError(name, start, None, f"invalid UTF-8 at byte {bad_lines[bad[0]]} of line {bad[0]}"),
+            )
             continue
         if len(row) != len(header):
             yield start, RecordError(name, start, None, f"expected {len(header)} columns, got {len(row)}")
@@ -439,7 +450,9 @@ class _RecordParser:
             self.form, self.form_line = form, line
         elif form is not None and form != self.form:
             origin = f"detected at line {self.form_line}" if self.form_line else "declared in data.format"
-            raise _Invalid(None, f"record is in {form} form but this file holds {self.form} records ({origin})")
+            raise _Invalid(
+                None, f"record is in {form} form but this file holds {self.form} records ({origin})"
+            )
         if self.form == "chat":
             record = self._chat(line, row)
         elif self.form == "instruction":
@@ -572,10 +585,14 @@ def read_file(path: Path, settings: DataSettings, *, name: str | None = None) ->
             form = form or _form_from_keys(columns, settings.fields)
         else:
             result.errors.append(
-                RecordError(name, 0, None, f"unsupported file type {suffix!r}; expected one of {DATA_SUFFIXES}", True)
+                RecordError(
+                    name, 0, None, f"unsupported file type {suffix!r}; expected one of {DATA_SUFFIXES}", True
+                )
             )
             return result
-        parser = _RecordParser(name, settings, form=form, json_strings=suffix in CSV_SUFFIXES + PARQUET_SUFFIXES)
+        parser = _RecordParser(
+            name, settings, form=form, json_strings=suffix in CSV_SUFFIXES + PARQUET_SUFFIXES
+        )
         for line, row in rows:
             if isinstance(row, RecordError):
                 if not row.whole_file:

@@ -93,7 +93,9 @@ def resolve_template(name: str, tokenizer: Tokenizer) -> str:
     if name == "auto":
         return "tokenizer" if has_template else "chatml"
     if name == "tokenizer" and not has_template:
-        raise TemplateError("data.template is 'tokenizer' but the base model's tokenizer has no chat template")
+        raise TemplateError(
+            "data.template is 'tokenizer' but the base model's tokenizer has no chat template"
+        )
     return name
 
 
@@ -123,7 +125,11 @@ def _render_inst(record: Record, tokenizer: Tokenizer) -> list[Segment]:
     for i, (user, answer) in enumerate(pairs):
         out.append(Segment(f"{bos}[INST] ", False))
         if i == 0 and system:
-            out += [Segment("<<SYS>>\n", False), Segment(system, False, True), Segment("\n<</SYS>>\n\n", False)]
+            out += [
+                Segment("<<SYS>>\n", False),
+                Segment(system, False, True),
+                Segment("\n<</SYS>>\n\n", False),
+            ]
         out += [Segment(user, False, True), Segment(" [/INST]", False)]
         out += [Segment(" " + answer, True, True), Segment(f" {eos}", True)]
     return out
@@ -148,7 +154,9 @@ def _render_alpaca(record: Record, tokenizer: Tokenizer) -> list[Segment]:
         if i:
             out.append(Segment("\n\n", False))
         # An instruction record keeps instruction and input apart; other forms have no input.
-        instruction, extra = (record.instruction, record.input) if record.instruction is not None else (user, "")
+        instruction, extra = (
+            (record.instruction, record.input) if record.instruction is not None else (user, "")
+        )
         out += [Segment("### Instruction:\n", False), Segment(instruction or "", False, True)]
         if extra:
             out += [Segment("\n\n### Input:\n", False), Segment(extra, False, True)]
@@ -222,7 +230,9 @@ def encode(
     tokens: dict[bool, list[list[int]]] = {}
     for split, batch in texts.items():
         tokens[split] = (
-            tokenizer(batch, add_special_tokens=False, split_special_tokens=split)["input_ids"] if batch else []
+            tokenizer(batch, add_special_tokens=False, split_special_tokens=split)["input_ids"]
+            if batch
+            else []
         )
     out: list[tuple[list[int], list[int], int]] = [([], [], 0) for _ in rendered]
     for (e, s), (split, k) in zip(where, slots, strict=True):

@@ -1,0 +1,183 @@
+"""kopf handlers: thin, each one delegating to the builders, reducers and :mod:`reconcile`.
+
+Nothing registers at import time: :func:`register` attaches the handlers to a registry with the
+settings injected (kopf's memo carries them to the handlers).
+
+Error model (kopf docs, errors.rst / idempotence.rst): a spec that can never work ->
+``Invalid`` condition, a Warning Event and ``kopf.PermanentError`` (no retries until the spec
+changes); "not ready yet" -> ``kopf.TemporaryError(delay=...)``; anything else is retried with
+kopf's backoff. Handlers never sleep, and run at least once, so every create is idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from kubetune_api import names
+from kubetune_operator import builders, reconcile, status
+from kubetune_operator.reconcile import Context
+from kubetune_operator.settings import OperatorSettings
+from kubetune_operator.validation import SpecInvalid, validate_job
+
+FTJ = (names.API_GROUP, names.API_VERSION, reconcile.PLURAL)
+MANAGED = {"app.kubernetes.io/managed-by": "kubetune-operator"}
+
+
+def _ctx(memo: Any) -> Context:
+    ctx = memo.get("ctx") if isinstance(memo, Mapping) else getattr(memo, "ctx", None)
+    if not isinstance(ctx, Context):
+        raise kopf.TemporaryError("operator context not initialised yet", delay=5)
+    return ctx
+
+
+# --- FineTuneJob: create / resume / update ----------------------------------------------------
+
+
+def reconcile_finetunejob(
+    body: kopf.Body, memo: kopf.Memo, logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any
+) -> None:
+    """Validate, create the current attempt's children, retire older attempts, refresh status."""
+    ctx = _ctx(memo)
+    with ctx.metrics.timed("reconcile"):
+        meta = body["metadata"]
+        current = dict(body.get("status") or {})
+        try:
+            job = validate_job(body, ctx.settings)
+        except SpecInvalid as exc:
+            obs = status.Observed(
+                generation=meta.get("generation") or 1,
+                attempt="",
+                job=None,
+                pods=[],
+                status=current,
+                now=reconcile.utc_now(),
+            )
+            patch = status.invalid_status(exc.problems, obs)
+            reconcile.patch_status(ctx.api, meta["namespace"], meta["name"], patch)
+            if (current.get("phase"), current.get("reason"), current.get("message")) != (
+                "Failed",
+                "InvalidSpec",
+                patch["message"],
+            ):
+                reconcile.post_event(body, "Warning", "InvalidSpec", patch["message"])
+            ctx.metrics.observe_phase(meta["namespace"], meta["name"], "Failed")
+            raise kopf.PermanentError(f"invalid spec: {exc}") from None
+
+        attempt = builders.attempt_for(job)
+        if current.get("jobName") != attempt.name:
+            # A new attempt (first reconcile, or a spec change): the old attempt goes, its record stays.
+            removed = reconcile.remove_stale_attempts(ctx.api, job, attempt.name)
+            if removed:
+                logger.info("replaced attempt: removed %s", ", ".join(removed))
+                reconcile.post_event(
+                    body, "Normal", "AttemptReplaced", f"spec changed: removed {', '.join(removed)}"
+                )
+            obs = status.Observed(
+                generation=attempt.generation,
+                attempt=attempt.name,
+                job=None,
+                pods=[],
+                status=current,
+                now=reconcile.utc_now(),
+            )
+            reset = status.new_attempt_status(obs)
+            reconcile.patch_status(ctx.api, meta["namespace"], meta["name"], reset)
+            current = status.merged(current, reset)
+
+        finished = current.get("jobName") == attempt.name and current.get("phase") in status.TERMINAL_PHASES
+        if not finished:
+            created = reconcile.ensure_children(ctx.api, job, ctx.settings)
+            if created:
+                logger.info("created %s", ", ".join(created))
+                reconcile.post_event(body, "Normal", "Created", f"created {', '.join(created)}")
+            if reconcile.apply_suspend(ctx.api, job, attempt.name, ctx.settings):
+                verb = "suspended" if job.spec.run_policy.suspend else "resumed"
+                reconcile.post_event(body, "Normal", verb.capitalize(), f"Job {attempt.name} {verb}")
+        fresh = dict(body)
+        fresh["status"] = current
+        reconcile.refresh_status(ctx, fresh)
+
+
+# --- level-based mirroring --------------------------------------------------------------------
+
+
+def resync_finetunejob(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Periodic status refresh: correct even if a child event was missed."""
+    ctx = _ctx(memo)
+    with ctx.metrics.timed("resync"):
+        reconcile.refresh_status(ctx, body)
+
+
+def child_changed(body: kopf.Body, memo: kopf.Memo, type: str | None, **_: Any) -> None:
+    """A Job or pod of ours changed: refresh its FineTuneJob's status now rather than at the next resync."""
+    del type
+    ctx = _ctx(memo)
+    meta = body.get("metadata", {})
+    name = (meta.get("annotations") or {}).get("kubetune.io/finetunejob-name")
+    if not name:
+        return
+    with ctx.metrics.timed("child"):
+        ftj = reconcile.read_finetunejob(ctx.api, meta["namespace"], name)
+        if ftj is not None:
+            reconcile.refresh_status(ctx, ftj)
+
+
+def finetunejob_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Children are garbage-collected through ownerReferences; ModelVersions are kept. Forget metrics."""
+    ctx = _ctx(memo)
+    meta = body["metadata"]
+    ctx.metrics.observe_phase(meta["namespace"], meta["name"], None)
+
+
+# --- start-up ---------------------------------------------------------------------------------
+
+
+def make_startup(settings: OperatorSettings, ctx_factory: Any) -> Any:
+    """The startup handler: configure kopf on purpose, build the context."""
+
+    def startup(settings_: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+        # Our own API group for kopf's marks, so nothing of ours is named after another project.
+        settings_.persistence.finalizer = f"{names.API_GROUP}/finalizer"
+        # Annotations, not status.kopf: the status schema is ours (generated) and prunes unknown keys.
+        settings_.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.API_GROUP)
+        settings_.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=names.API_GROUP, key="last-handled-configuration"
+        )
+        # Leader election between replicas: only the highest-priority operator acts; refuse to run
+        # unpeered when peering is expected, because two active replicas would both create children.
+        settings_.peering.name = settings.peering_name
+        settings_.peering.priority = settings.priority
+        settings_.peering.standalone = settings.standalone
+        settings_.peering.mandatory = not settings.standalone
+        # Watches end server-side, then client-side: a silently dropped connection cannot stall us.
+        settings_.watching.server_timeout = settings.watch_server_timeout
+        settings_.watching.client_timeout = settings.watch_client_timeout
+        settings_.networking.request_timeout = settings.request_timeout
+        # Our Events say what happened; kopf's per-handler "succeeded" Events would only add noise.
+        settings_.posting.level = logging.WARNING
+        settings_.posting.reporting_component = "kubetune-operator"
+        # Sync handlers do blocking API calls in this pool; bounded so a burst cannot exhaust memory.
+        settings_.execution.max_workers = settings.max_workers
+        ctx = ctx_factory()
+        memo["ctx"] = ctx
+        if settings.metrics_port is not None:
+            ctx.metrics.serve(settings.metrics_port, settings.metrics_address)
+
+    return startup
+
+
+def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, ctx_factory: Any) -> None:
+    """Attach every handler to ``registry``. ``ctx_factory()`` builds the :class:`Context` at start-up."""
+    kopf.on.startup(registry=registry)(make_startup(settings, ctx_factory))
+    kopf.on.login(registry=registry)(kopf.login_via_client)
+    for decorator in (kopf.on.create, kopf.on.resume, kopf.on.update):
+        decorator(*FTJ, registry=registry, id="reconcile")(reconcile_finetunejob)
+    # optional=True: no finalizer; deletion must never wait for the operator.
+    kopf.on.delete(*FTJ, registry=registry, optional=True, id="forget")(finetunejob_deleted)
+    kopf.timer(*FTJ, registry=registry, interval=settings.resync_seconds, id="resync")(resync_finetunejob)
+    kopf.on.event("batch", "v1", "jobs", labels=MANAGED, registry=registry, id="job-changed")(child_changed)
+    kopf.on.event("v1", "pods", labels=MANAGED, registry=registry, id="pod-changed")(child_changed)

@@ -1,0 +1,329 @@
+"""The I/O half of the operator: send what the builders render, read what the reducers need.
+
+Sync ``kubernetes`` client calls, run in kopf's thread pool (the handlers are sync functions).
+Every create is idempotent (deterministic names; 409 means it is already there, after checking it
+is ours). The status is written with JSON merge patches of the operator's own fields, so the
+trainer's ``status.progress`` is never clobbered.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import kopf
+
+from kubetune_api import names
+from kubetune_api.models import FineTuneJob
+from kubetune_operator import builders, naming, status
+from kubetune_operator.metrics import OperatorMetrics
+from kubetune_operator.settings import OperatorSettings
+from kubetune_operator.validation import SpecInvalid, validate_job
+
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
+
+log = logging.getLogger(__name__)
+
+PLURAL = "finetunejobs"
+MV_PLURAL = "modelversions"
+#: Delay before retrying when a child name is taken by an object this FineTuneJob does not own.
+CONFLICT_RETRY_SECONDS = 30
+
+
+def utc_now() -> str:
+    """RFC 3339 UTC timestamp, second precision (what Kubernetes stores)."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Context:
+    """What every handler needs: settings, an API client, metrics. Kept in kopf's memo."""
+
+    settings: OperatorSettings
+    api: ApiClient
+    metrics: OperatorMetrics
+
+
+def _api_exception() -> type[Exception]:
+    from kubernetes.client.exceptions import ApiException
+
+    return ApiException
+
+
+def _status_of(exc: Exception) -> int | None:
+    return getattr(exc, "status", None)
+
+
+# --- creating children ------------------------------------------------------------------------
+
+
+def _creators(api: ApiClient) -> dict[str, tuple[Callable[..., Any], Callable[..., Any]]]:
+    """kind -> (create(namespace, body), read(name, namespace)) for every child kind."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api)
+    batch = client.BatchV1Api(api)
+    rbac = client.RbacAuthorizationV1Api(api)
+    return {
+        "ConfigMap": (core.create_namespaced_config_map, core.read_namespaced_config_map),
+        "Service": (core.create_namespaced_service, core.read_namespaced_service),
+        "ServiceAccount": (core.create_namespaced_service_account, core.read_namespaced_service_account),
+        "Role": (rbac.create_namespaced_role, rbac.read_namespaced_role),
+        "RoleBinding": (rbac.create_namespaced_role_binding, rbac.read_namespaced_role_binding),
+        "Job": (batch.create_namespaced_job, batch.read_namespaced_job),
+    }
+
+
+def create_owned(api: ApiClient, obj: Mapping[str, Any]) -> bool:
+    """Create ``obj``; True if created, False if it already existed and is owned by the same FineTuneJob.
+
+    Raises ``kopf.TemporaryError`` when the name is taken by an object with another owner (for
+    example one still being garbage-collected after a FineTuneJob of the same name was deleted).
+    """
+    kind = obj["kind"]
+    meta = obj["metadata"]
+    create, read = _creators(api)[kind]
+    try:
+        create(meta["namespace"], obj)
+        return True
+    except _api_exception() as exc:
+        if _status_of(exc) != 409:
+            raise
+    existing = read(meta["name"], meta["namespace"])
+    owners = {ref.uid for ref in (existing.metadata.owner_references or [])}
+    wanted = {ref["uid"] for ref in meta.get("ownerReferences", [])}
+    if wanted and not (owners & wanted):
+        raise kopf.TemporaryError(
+            f"{kind} {meta['namespace']}/{meta['name']} exists and is not owned by this FineTuneJob; "
+            "waiting for it to go away",
+            delay=CONFLICT_RETRY_SECONDS,
+        )
+    return False
+
+
+def desired_children(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
+    """Every child of the current attempt, in creation order (the Job last: it needs the rest)."""
+    objects = [
+        builders.build_service_account(job, settings),
+        builders.build_role(job, settings),
+        builders.build_role_binding(job, settings),
+        builders.build_service(job, settings),
+        builders.build_configmap(job, settings),
+    ]
+    # v1.20 cannot create a suspended Job: compat mode suspends by not creating it yet.
+    if not (settings.compat_k8s_1_20 and builders.job_suspended_at_creation(job)):
+        objects.append(builders.build_job(job, settings))
+    return objects
+
+
+def ensure_children(api: ApiClient, job: FineTuneJob, settings: OperatorSettings) -> list[str]:
+    """Create what is missing; returns '<Kind>/<name>' of each object created now."""
+    created = []
+    for obj in desired_children(job, settings):
+        if create_owned(api, obj):
+            created.append(f"{obj['kind']}/{obj['metadata']['name']}")
+    return created
+
+
+def remove_stale_attempts(api: ApiClient, job: FineTuneJob, attempt: str) -> list[str]:
+    """Delete Jobs and RunConfig ConfigMaps of earlier attempts of this FineTuneJob.
+
+    Background propagation: the Job's pods go with it. ModelVersions are never touched.
+    """
+    from kubernetes import client
+
+    namespace = job.metadata.namespace or "default"
+    selector = f"{naming.LABEL_FINETUNEJOB}={naming.label_value(job.metadata.name or '')}"
+    batch = client.BatchV1Api(api)
+    core = client.CoreV1Api(api)
+    removed = []
+    body = client.V1DeleteOptions(propagation_policy="Background")
+    for old in batch.list_namespaced_job(namespace, label_selector=selector).items:
+        if old.metadata.name != attempt and _owned_by(old, job):
+            _delete_quietly(batch.delete_namespaced_job, old.metadata.name, namespace, body)
+            removed.append(f"Job/{old.metadata.name}")
+    for cm in core.list_namespaced_config_map(namespace, label_selector=selector).items:
+        if cm.metadata.name != naming.config_map_name(attempt) and _owned_by(cm, job):
+            _delete_quietly(core.delete_namespaced_config_map, cm.metadata.name, namespace, body)
+            removed.append(f"ConfigMap/{cm.metadata.name}")
+    return removed
+
+
+def _owned_by(obj: Any, job: FineTuneJob) -> bool:
+    return any(ref.uid == job.metadata.uid for ref in (obj.metadata.owner_references or []))
+
+
+def _delete_quietly(delete: Callable[..., Any], name: str, namespace: str, body: Any) -> None:
+    try:
+        delete(name, namespace, body=body)
+    except _api_exception() as exc:
+        if _status_of(exc) != 404:
+            raise
+
+
+def apply_suspend(api: ApiClient, job: FineTuneJob, attempt: str, settings: OperatorSettings) -> bool:
+    """Make the running attempt's Job follow ``spec.runPolicy.suspend``; True if it was changed.
+
+    With a Kueue queue, Kueue owns the flag while the user does not ask to suspend: resuming
+    means handing the Job back to Kueue (which un-suspends it on admission), so only
+    ``suspend: true`` is written then.
+    """
+    from kubernetes import client
+
+    if settings.compat_k8s_1_20:
+        return False
+    batch = client.BatchV1Api(api)
+    namespace = job.metadata.namespace or "default"
+    try:
+        current = batch.read_namespaced_job(attempt, namespace)
+    except _api_exception() as exc:
+        if _status_of(exc) == 404:
+            return False
+        raise
+    want = job.spec.run_policy.suspend
+    if job.spec.run_policy.queue_name and not want:
+        return False
+    if bool(current.spec.suspend) == want:
+        return False
+    batch.patch_namespaced_job(attempt, namespace, {"spec": {"suspend": want}})
+    return True
+
+
+# --- observing and writing status -------------------------------------------------------------
+
+
+def read_finetunejob(api: ApiClient, namespace: str, name: str) -> dict[str, Any] | None:
+    """The FineTuneJob as a plain dict, or None when it is gone."""
+    from kubernetes import client
+
+    try:
+        obj = client.CustomObjectsApi(api).get_namespaced_custom_object(
+            names.API_GROUP, names.API_VERSION, namespace, PLURAL, name
+        )
+    except _api_exception() as exc:
+        if _status_of(exc) == 404:
+            return None
+        raise
+    return dict(obj)
+
+
+def observe(api: ApiClient, job: FineTuneJob, current_status: Mapping[str, Any], now: str) -> status.Observed:
+    """Read the current attempt's Job and pods into :class:`status.Observed`."""
+    from kubernetes import client
+
+    attempt = builders.attempt_for(job)
+    namespace = job.metadata.namespace or "default"
+    sanitize = api.sanitize_for_serialization
+    try:
+        job_obj = sanitize(client.BatchV1Api(api).read_namespaced_job(attempt.name, namespace))
+    except _api_exception() as exc:
+        if _status_of(exc) != 404:
+            raise
+        job_obj = None
+    pods = client.CoreV1Api(api).list_namespaced_pod(
+        namespace, label_selector=f"{naming.LABEL_ATTEMPT}={attempt.name}"
+    )
+    return status.Observed(
+        generation=job.metadata.generation or 1,
+        attempt=attempt.name,
+        job=job_obj,
+        pods=[sanitize(p) for p in pods.items],
+        status=current_status,
+        now=now,
+        suspend_requested=job.spec.run_policy.suspend,
+        queue_name=job.spec.run_policy.queue_name,
+        nodes=job.spec.distributed.nodes,
+    )
+
+
+def patch_status(api: ApiClient, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+    """JSON merge patch of ``status`` (only the keys in ``patch``) through the /status subresource."""
+    from kubernetes import client
+
+    client.CustomObjectsApi(api).patch_namespaced_custom_object_status(
+        names.API_GROUP, names.API_VERSION, namespace, PLURAL, name, {"status": dict(patch)}
+    )
+
+
+def _changed(current: Mapping[str, Any], patch: Mapping[str, Any]) -> bool:
+    return any(current.get(k) != v for k, v in patch.items())
+
+
+def ensure_model_version(api: ApiClient, record: Mapping[str, Any]) -> bool:
+    """Create the ModelVersion record; True if created, False if one of that name exists (409).
+
+    A record of the same name with another manifest digest is reported as a Warning by the caller.
+    """
+    from kubernetes import client
+
+    custom = client.CustomObjectsApi(api)
+    meta = record["metadata"]
+    try:
+        custom.create_namespaced_custom_object(
+            names.API_GROUP, names.API_VERSION, meta["namespace"], MV_PLURAL, dict(record)
+        )
+        return True
+    except _api_exception() as exc:
+        if _status_of(exc) != 409:
+            raise
+    existing = custom.get_namespaced_custom_object(
+        names.API_GROUP, names.API_VERSION, meta["namespace"], MV_PLURAL, meta["name"]
+    )
+    if existing.get("spec", {}).get("manifestDigest") != record["spec"]["manifestDigest"]:
+        raise ModelVersionConflict(
+            f"ModelVersion {meta['name']} already records manifest {existing['spec'].get('manifestDigest')}, "
+            f"not {record['spec']['manifestDigest']}"
+        )
+    return False
+
+
+class ModelVersionConflict(RuntimeError):
+    """A ModelVersion of that name exists and describes a different version."""
+
+
+def post_event(body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    """An Event on the FineTuneJob (through kopf's poster, so it is rate-limited and never raises)."""
+    # kopf only reads apiVersion/kind/metadata from it, so any FineTuneJob mapping will do.
+    kopf.event(dict(body), type=type_, reason=reason, message=message[:1024])  # type: ignore[arg-type]
+
+
+def refresh_status(ctx: Context, body: Mapping[str, Any]) -> dict[str, Any]:
+    """Level-based status update of one FineTuneJob from its children; returns the patch written.
+
+    Also creates the ModelVersion for a published version and posts an Event for each phase or
+    reason change. A spec that fails validation is left alone (its Invalid status was written by
+    the reconcile handler). Raises only for API errors.
+    """
+    meta = body.get("metadata", {})
+    current = dict(body.get("status") or {})
+    try:
+        job = validate_job(body, ctx.settings)
+    except SpecInvalid:
+        return {}
+    obs = observe(ctx.api, job, current, utc_now())
+    patch = status.reduce_status(obs)
+    result = status.trainer_result(obs.pods)
+    if result is not None and result.version is not None:
+        record = builders.build_model_version(job, result)
+        try:
+            if ensure_model_version(ctx.api, record):
+                ctx.metrics.model_versions_created.inc()
+                post_event(
+                    body,
+                    "Normal",
+                    "ModelVersionCreated",
+                    f"ModelVersion {record['metadata']['name']} records {result.version.uri}",
+                )
+        except ModelVersionConflict as exc:
+            post_event(body, "Warning", "ModelVersionConflict", str(exc))
+    if _changed(current, patch):
+        patch_status(ctx.api, meta["namespace"], meta["name"], patch)
+        event = status.transition(current, patch)
+        if event is not None:
+            post_event(body, event.type, event.reason, event.message)
+    ctx.metrics.observe_phase(meta["namespace"], meta["name"], patch.get("phase"))
+    return patch

@@ -1,0 +1,443 @@
+"""Status reducers: the children's observed state plus the trainer's result in, a status patch out.
+
+Level-based: the patch is computed from what exists *now* (the attempt's Job, its pods, their
+termination messages), never from remembered events, so it is right after an operator restart.
+Everything here is pure: no I/O, the clock comes in as ``now``, inputs are never mutated.
+
+The patch holds only fields the operator owns. ``status.progress`` and (while running)
+``status.stage`` belong to the trainer, which patches them itself; a JSON merge patch without
+those keys leaves them as they are.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from kubetune_api.reports import RESULT_LOG_PREFIX, TrainerResult
+from kubetune_operator.builders import CONTAINER_NAME, FAIL_FAST_EXIT_CODES
+
+TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+#: Condition types the operator maintains; each is always present, True or False.
+CONDITION_TYPES = ("Invalid", "Suspended", "Stalled", "Running", "Succeeded", "Failed")
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+
+OOM_HINT = (
+    "the trainer ran out of memory (OOMKilled): raise spec.resources.memory, or lower "
+    "spec.training.batchSize or maxSeqLength, or enable spec.training.gradientCheckpointing"
+)
+_IMAGE_PULL_REASONS = frozenset({"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"})
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the operator saw of one FineTuneJob and the current attempt's children."""
+
+    generation: int
+    attempt: str
+    job: Mapping[str, Any] | None
+    pods: Sequence[Mapping[str, Any]]
+    status: Mapping[str, Any]
+    now: str
+    suspend_requested: bool = False
+    queue_name: str | None = None
+    nodes: int = 1
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Phase and why: the heart of the status, before conditions are derived from it."""
+
+    phase: str
+    reason: str
+    message: str
+    stalled: bool = False
+
+
+# --- reading the children ---------------------------------------------------------------------
+
+
+def _trainer_status(pod: Mapping[str, Any]) -> Mapping[str, Any]:
+    for cs in pod.get("status", {}).get("containerStatuses") or []:
+        if cs.get("name") == CONTAINER_NAME:
+            return cs
+    return {}
+
+
+def _terminated(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    state = _trainer_status(pod).get("state") or {}
+    term = state.get("terminated")
+    return term if isinstance(term, Mapping) else None
+
+
+def parse_termination_message(text: str | None) -> TrainerResult | None:
+    """The TrainerResult in a termination message: the whole message, or a ``KUBETUNE_RESULT`` log line.
+
+    With ``FallbackToLogsOnError`` a crashed trainer's message is its log tail; a result line in it
+    still counts. Returns None when there is no valid result (never raises).
+    """
+    if not text or not text.strip():
+        return None
+    candidates = [text.strip()]
+    candidates += [
+        line.split(RESULT_LOG_PREFIX, 1)[1]
+        for line in reversed(text.splitlines())
+        if RESULT_LOG_PREFIX in line
+    ]
+    for candidate in candidates:
+        try:
+            return TrainerResult.model_validate_json(candidate)
+        except ValidationError:
+            continue
+    return None
+
+
+def _is_rank0(pod: Mapping[str, Any]) -> bool:
+    annotations = pod.get("metadata", {}).get("annotations") or {}
+    return annotations.get(COMPLETION_INDEX_ANNOTATION, "0") == "0"
+
+
+def trainer_result(pods: Sequence[Mapping[str, Any]]) -> TrainerResult | None:
+    """The newest TrainerResult written by a rank-0 pod of the attempt, if any."""
+    finished = [(p, t) for p in pods if _is_rank0(p) and (t := _terminated(p)) is not None]
+    finished.sort(key=lambda pt: str(pt[1].get("finishedAt") or ""))
+    for _, term in reversed(finished):
+        result = parse_termination_message(term.get("message"))
+        if result is not None:
+            return result
+    return None
+
+
+def _job_condition(job: Mapping[str, Any] | None, kind: str) -> Mapping[str, Any] | None:
+    for cond in (job or {}).get("status", {}).get("conditions") or []:
+        if cond.get("type") == kind and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def _stall(pods: Sequence[Mapping[str, Any]]) -> Verdict | None:
+    """Pods that cannot start, for a reason the user must fix (image, Secret, scheduling)."""
+    for pod in pods:
+        if pod.get("status", {}).get("phase") not in (None, "Pending"):
+            continue
+        waiting = (_trainer_status(pod).get("state") or {}).get("waiting") or {}
+        reason = waiting.get("reason", "")
+        message = waiting.get("message", "")
+        name = pod.get("metadata", {}).get("name", "?")
+        if reason in _IMAGE_PULL_REASONS:
+            return Verdict(
+                "Pending",
+                "ImagePullBackOff",
+                f"pod {name} cannot pull its image ({reason}): {message}. Check spec.image or the "
+                "operator's trainer image and the registry credentials",
+                stalled=True,
+            )
+        if reason == "CreateContainerConfigError":
+            if "secret" in message.lower() and "not found" in message.lower():
+                return Verdict(
+                    "Pending",
+                    "SecretNotFound",
+                    f"pod {name}: {message}. Create it in this namespace (spec.storage.credentialsSecret) "
+                    "with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; the pod starts once it exists",
+                    stalled=True,
+                )
+            return Verdict("Pending", "CreateContainerConfigError", f"pod {name}: {message}", stalled=True)
+        for cond in pod.get("status", {}).get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("reason") == "Unschedulable":
+                return Verdict(
+                    "Pending",
+                    "Unschedulable",
+                    f"pod {name} cannot be scheduled: {cond.get('message', '')}. Check spec.resources "
+                    "(GPUs, nodeSelector, tolerations)",
+                    stalled=True,
+                )
+    return None
+
+
+def _fail_fast_pod(pods: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    for pod in pods:
+        term = _terminated(pod)
+        if term is not None and term.get("exitCode") in FAIL_FAST_EXIT_CODES:
+            return term
+    return None
+
+
+def _oom_pod(pods: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    for pod in pods:
+        term = _terminated(pod)
+        if term is not None and term.get("reason") == "OOMKilled":
+            return term
+        last = (_trainer_status(pod).get("lastState") or {}).get("terminated") or {}
+        if last.get("reason") == "OOMKilled":
+            return last
+    return None
+
+
+def _last_failure_text(pods: Sequence[Mapping[str, Any]]) -> str:
+    failed = [t for p in pods if (t := _terminated(p)) is not None and t.get("exitCode", 0) != 0]
+    if not failed:
+        return ""
+    failed.sort(key=lambda t: str(t.get("finishedAt") or ""))
+    term = failed[-1]
+    tail = (term.get("message") or "").strip()[-300:]
+    return f"; last pod exited with {term.get('exitCode')}" + (f": {tail}" if tail else "")
+
+
+def _failure(
+    job: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]], result: TrainerResult | None
+) -> Verdict:
+    """Why the attempt failed, in the most actionable words available."""
+    if result is not None and result.outcome == "Failed":
+        return Verdict("Failed", result.reason, result.message or result.reason)
+    if _oom_pod(pods) is not None:
+        return Verdict("Failed", "OOMKilled", OOM_HINT)
+    cond = _job_condition(job, "Failed") or {}
+    reason = cond.get("reason") or "Error"
+    if reason == "DeadlineExceeded":
+        return Verdict(
+            "Failed",
+            "DeadlineExceeded",
+            "the run took longer than spec.runPolicy.activeDeadlineSeconds" + _last_failure_text(pods),
+        )
+    if reason == "BackoffLimitExceeded":
+        return Verdict(
+            "Failed",
+            "BackoffLimitExceeded",
+            "the trainer failed more often than spec.runPolicy.backoffLimit allows"
+            + _last_failure_text(pods),
+        )
+    return Verdict("Failed", reason, (cond.get("message") or "the Job failed") + _last_failure_text(pods))
+
+
+def verdict(obs: Observed, result: TrainerResult | None) -> Verdict:
+    """The phase of the FineTuneJob from its current attempt (see module docstring)."""
+    job = obs.job
+    if job is None:
+        if obs.status.get("jobName") == obs.attempt and obs.status.get("phase") in TERMINAL_PHASES:
+            # The finished Job was deleted by its TTL: the recorded outcome still stands.
+            return Verdict(
+                obs.status["phase"], obs.status.get("reason") or "", obs.status.get("message") or ""
+            )
+        if obs.suspend_requested:
+            return Verdict("Suspended", "Suspended", "spec.runPolicy.suspend is true: no pods run")
+        return Verdict("Pending", "Creating", "creating the training Job")
+    if _job_condition(job, "Complete") is not None:
+        if result is None:
+            return Verdict("Succeeded", "Completed", "the trainer finished but left no result")
+        if result.outcome == "Succeeded":
+            version = result.version.name if result.version else "?"
+            return Verdict("Succeeded", result.reason, result.message or f"published {version}")
+        return Verdict("Failed", result.reason, result.message or result.reason)
+    if _job_condition(job, "Failed") is not None:
+        return _failure(job, obs.pods, result)
+    fail_fast = _fail_fast_pod(obs.pods)
+    if fail_fast is not None and result is not None and result.outcome == "Failed":
+        # The trainer said retrying cannot help; podFailurePolicy fails the Job (>= 1.26) at once.
+        return Verdict("Failed", result.reason, result.message or result.reason)
+    if job.get("spec", {}).get("suspend"):
+        if obs.queue_name and not obs.suspend_requested:
+            return Verdict(
+                "Queued", "WaitingForAdmission", f"waiting for Kueue to admit it from queue {obs.queue_name}"
+            )
+        return Verdict("Suspended", "Suspended", "spec.runPolicy.suspend is true: no pods run")
+    stall = _stall(obs.pods)
+    if stall is not None:
+        return stall
+    if any(p.get("status", {}).get("phase") == "Running" for p in obs.pods):
+        return Verdict("Running", "Running", "training pods are running")
+    return Verdict("Pending", "PodsPending", "waiting for the training pods to start")
+
+
+# --- the patch --------------------------------------------------------------------------------
+
+
+def _condition(
+    kind: str, true: bool, reason: str, message: str, previous: Mapping[str, Mapping[str, Any]], obs: Observed
+) -> dict[str, Any]:
+    status = "True" if true else "False"
+    before = previous.get(kind)
+    changed = before is None or before.get("status") != status
+    return {
+        "type": kind,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        # Kubernetes convention: the time the status last flipped, not the time of this write.
+        "lastTransitionTime": obs.now if changed else before.get("lastTransitionTime", obs.now),  # type: ignore[union-attr]
+        "observedGeneration": obs.generation,
+    }
+
+
+def conditions_for(v: Verdict, obs: Observed, *, invalid_message: str | None = None) -> list[dict[str, Any]]:
+    """Every condition type, True or False, derived from the verdict."""
+    previous = {c.get("type", ""): c for c in obs.status.get("conditions") or []}
+    suspended = v.phase in ("Suspended", "Queued")
+    return [
+        _condition(
+            "Invalid",
+            invalid_message is not None,
+            "InvalidSpec" if invalid_message is not None else "Valid",
+            invalid_message or "",
+            previous,
+            obs,
+        ),
+        _condition(
+            "Suspended",
+            suspended,
+            v.reason if suspended else "NotSuspended",
+            v.message if suspended else "",
+            previous,
+            obs,
+        ),
+        _condition(
+            "Stalled",
+            v.stalled,
+            v.reason if v.stalled else "NotStalled",
+            v.message if v.stalled else "",
+            previous,
+            obs,
+        ),
+        _condition(
+            "Running",
+            v.phase == "Running",
+            v.reason if v.phase == "Running" else "NotRunning",
+            "",
+            previous,
+            obs,
+        ),
+        _condition(
+            "Succeeded",
+            v.phase == "Succeeded",
+            v.reason if v.phase == "Succeeded" else "NotSucceeded",
+            v.message if v.phase == "Succeeded" else "",
+            previous,
+            obs,
+        ),
+        _condition(
+            "Failed",
+            v.phase == "Failed",
+            v.reason if v.phase == "Failed" else "NotFailed",
+            v.message if v.phase == "Failed" else "",
+            previous,
+            obs,
+        ),
+    ]
+
+
+def _restarts(obs: Observed) -> int:
+    if obs.job is None:
+        return int(obs.status.get("restarts") or 0)
+    failed = int(obs.job.get("status", {}).get("failed") or 0)
+    # Evicted and preempted pods are not counted as failed (podFailurePolicy Ignore) but were restarts.
+    return max(failed, len(obs.pods) - obs.nodes, 0)
+
+
+def reduce_status(obs: Observed) -> dict[str, Any]:
+    """The status merge patch for ``obs`` (operator-owned fields only). Inputs are not mutated."""
+    result = trainer_result(obs.pods)
+    v = verdict(obs, result)
+    job_status = (obs.job or {}).get("status", {})
+    patch: dict[str, Any] = {
+        "phase": v.phase,
+        "reason": v.reason,
+        "message": v.message,
+        "observedGeneration": obs.generation,
+        "jobName": obs.attempt,
+        "conditions": conditions_for(v, obs),
+        "restarts": _restarts(obs),
+    }
+    start = job_status.get("startTime") or obs.status.get("startTime")
+    if start:
+        patch["startTime"] = start
+    if v.phase in TERMINAL_PHASES:
+        patch["completionTime"] = (
+            job_status.get("completionTime") or obs.status.get("completionTime") or obs.now
+        )
+    if v.phase == "Running" and not obs.status.get("stage"):
+        # Until the trainer's first report; after that the stage is the trainer's to write.
+        patch["stage"] = "Initializing"
+    if result is not None:
+        if result.version is not None:
+            patch["version"] = result.version.to_api()
+        if result.metrics:
+            patch["metrics"] = dict(result.metrics)
+        if result.gates is not None:
+            patch["gates"] = result.gates.to_api()
+        if result.resumed_from_step is not None:
+            patch["resumedFromStep"] = result.resumed_from_step
+    return patch
+
+
+def invalid_status(problems: Sequence[tuple[str, str]], obs: Observed) -> dict[str, Any]:
+    """Status patch for a spec that can never work: Failed, reason InvalidSpec, Invalid=True."""
+    message = "; ".join(f"{f}: {m}" for f, m in problems)
+    v = Verdict("Failed", "InvalidSpec", message)
+    return {
+        "phase": "Failed",
+        "reason": "InvalidSpec",
+        "message": message,
+        "observedGeneration": obs.generation,
+        "conditions": conditions_for(v, obs, invalid_message=message),
+        # No attempt belongs to an invalid spec: once fixed, the spec starts a fresh attempt.
+        "jobName": None,
+    }
+
+
+def new_attempt_status(obs: Observed) -> dict[str, Any]:
+    """Patch that clears the previous attempt's outcome when a new attempt starts.
+
+    The only operator write that touches ``progress`` and ``stage``: they described the replaced
+    attempt. ``None`` deletes a key in a JSON merge patch.
+    """
+    return {
+        "jobName": obs.attempt,
+        "progress": None,
+        "stage": None,
+        "version": None,
+        "metrics": None,
+        "gates": None,
+        "resumedFromStep": None,
+        "completionTime": None,
+        "startTime": None,
+        "restarts": 0,
+    }
+
+
+@dataclass(frozen=True)
+class Transition:
+    """An Event to post about a status change."""
+
+    type: str
+    reason: str
+    message: str
+
+
+def transition(before: Mapping[str, Any], patch: Mapping[str, Any]) -> Transition | None:
+    """The Event for moving from status ``before`` to ``patch``; None when phase and reason are unchanged."""
+    phase, reason = patch.get("phase"), patch.get("reason")
+    if phase is None or (before.get("phase"), before.get("reason")) == (phase, reason):
+        return None
+    warn = phase == "Failed" or reason in (
+        "ImagePullBackOff",
+        "SecretNotFound",
+        "Unschedulable",
+        "CreateContainerConfigError",
+    )
+    return Transition(
+        "Warning" if warn else "Normal", str(reason or phase), f"{phase}: {patch.get('message', '')}"
+    )
+
+
+def merged(status: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """``status`` with a JSON merge patch applied (None deletes), as the API server would store it."""
+    out = copy.deepcopy(dict(status))
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out

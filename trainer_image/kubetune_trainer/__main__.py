@@ -1,0 +1,33 @@
+"""``python -m kubetune_trainer --run-config FILE``: the trainer pod's entry point (one per rank)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the pipeline for the RunConfig in ``--run-config``; exit code per kubetune_api.reports."""
+    parser = argparse.ArgumentParser(prog="python -m kubetune_trainer", description=__doc__)
+    parser.add_argument("--run-config", required=True, type=Path, help="RunConfig JSON (the job's ConfigMap)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(os.environ.get("KUBETUNE_WORKDIR", "/tmp/kubetune")),
+        help="scratch space for inputs, checkpoints and staging (an emptyDir in pods)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from kubetune_api.runconfig import RunConfig
+    from kubetune_trainer.pipeline import run
+
+    rc = RunConfig.from_json(args.run_config.read_text())
+    outcome = run(rc, workdir=args.workdir)
+    return outcome.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

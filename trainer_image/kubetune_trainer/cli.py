@@ -1,0 +1,161 @@
+"""The ``kubetune`` command line.
+
+    kubetune run JOB.yaml [--store-dir DIR | --remote] [--nproc N]   # a FineTuneJob on this machine
+    kubetune demo prepare [--store-dir DIR]                           # the quickstart's demo model + data
+    kubetune versions list|show|diff|verify ...                       # the model registry
+    kubetune alias set|history ...                                    # aliases (promotion, rollback)
+
+``kubetune run`` takes the same YAML a user would ``kubectl apply``. By default ``s3://bucket/key``
+URIs map to ``<store dir>/bucket/key`` (a local directory as the object store); ``--remote`` uses
+the spec's storage section and credentials from the environment instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+DEFAULT_STORE = ".kubetune/store"
+DEFAULT_WORK = ".kubetune/work"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def local_path_for(uri: str, store_dir: Path) -> Path | None:
+    """Where an s3:// URI lives in the local-directory object store."""
+    if uri.startswith("s3://"):
+        return store_dir / uri.removeprefix("s3://")
+    if uri.startswith("file://"):
+        return Path(uri.removeprefix("file://"))
+    return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from kubetune_api.loader import SpecError, load_finetunejob
+    from kubetune_api.reports import EXIT_BAD_INPUT
+    from kubetune_api.runconfig import resolve_run_config
+
+    try:
+        job = load_finetunejob(args.job)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    store_dir = Path(args.store_dir).resolve()
+    rc = resolve_run_config(job, local_root=None if args.remote else str(store_dir))
+    workdir = Path(args.workdir or Path(DEFAULT_WORK) / rc.job.name).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    where = "the spec's object store" if args.remote else f"local object store {store_dir}"
+    print(f"[kubetune] running FineTuneJob {rc.job.name!r} (model {rc.model.name}) against {where}", file=sys.stderr)
+    env_extra: dict[str, str] = {}
+    if rc.distributed.strategy.startswith("deepspeed"):
+        env_extra["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR") or _ds_accelerator()
+    nproc = args.nproc or 1
+    if nproc > 1:
+        if rc.distributed.strategy == "none":
+            print("error: --nproc > 1 needs spec.distributed.strategy ddp or deepspeed-*", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        config = workdir / "run-config.json"
+        config.write_text(rc.to_json())
+        torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+        cmd = [
+            torchrun, "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "kubetune_trainer", "--run-config", str(config), "--workdir", str(workdir),
+        ]
+        code = subprocess.run(cmd, env={**os.environ, **env_extra}, check=False).returncode
+        _print_local_summary(rc, store_dir, args.remote, workdir)
+        return code
+    os.environ.update(env_extra)
+    if rc.distributed.strategy.startswith("deepspeed"):
+        # DeepSpeed wants a process group even for one process (shared/FACTS.md).
+        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    from kubetune_trainer.pipeline import run
+
+    outcome = run(rc, workdir=workdir)
+    if outcome.result is not None and outcome.result.version is not None:
+        r = outcome.result
+        v = r.version
+        assert v is not None
+        print("", file=sys.stderr)
+        print(f"[kubetune] {r.reason}: {rc.model.name} {v.name}  ({r.message})", file=sys.stderr)
+        print(f"[kubetune] version: {v.uri}", file=sys.stderr)
+        local = local_path_for(v.uri, store_dir) if not args.remote else None
+        if local is not None:
+            print(f"[kubetune] files:   {local}", file=sys.stderr)
+        if r.metrics:
+            print("[kubetune] metrics: " + ", ".join(f"{k}={val:.4g}" for k, val in sorted(r.metrics.items())), file=sys.stderr)
+        if r.gates is not None:
+            print(f"[kubetune] gates:   {r.gates.summary}", file=sys.stderr)
+        if r.promoted_alias:
+            print(f"[kubetune] alias {r.promoted_alias} -> {v.name}", file=sys.stderr)
+    return outcome.exit_code
+
+
+def _ds_accelerator() -> str:
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def _print_local_summary(rc: object, store_dir: Path, remote: bool, workdir: Path) -> None:
+    print(f"[kubetune] work directory: {workdir}", file=sys.stderr)
+
+
+def cmd_demo_prepare(args: argparse.Namespace) -> int:
+    from kubetune_trainer.demo import prepare_quickstart
+
+    uris = prepare_quickstart(Path(args.store_dir).resolve())
+    print(f"[kubetune] DEMO inputs ready in {Path(args.store_dir).resolve()} (a tiny synthetic model, not a real LLM):")
+    for name, uri in uris.items():
+        print(f"  {name}: {uri}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kubetune", description="Kubernetes-native LLM fine-tuning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run_p = sub.add_parser("run", help="run a FineTuneJob YAML on this machine")
+    run_p.add_argument("job", type=Path, help="FineTuneJob YAML (the same file you would kubectl apply)")
+    run_p.add_argument("--store-dir", default=DEFAULT_STORE, help=f"local object store root (default {DEFAULT_STORE})")
+    run_p.add_argument("--remote", action="store_true", help="use the spec's real object store instead")
+    run_p.add_argument("--nproc", type=int, default=None, help="processes (torchrun, DDP/DeepSpeed) on this machine")
+    run_p.add_argument("--workdir", default=None, help=f"scratch directory (default {DEFAULT_WORK}/<job>)")
+    run_p.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="the quickstart's demo inputs")
+    demo_sub = demo.add_subparsers(dest="demo_command", required=True)
+    prep = demo_sub.add_parser("prepare", help="build the tiny demo base model and data (idempotent)")
+    prep.add_argument("--store-dir", default=DEFAULT_STORE, help=f"local object store root (default {DEFAULT_STORE})")
+    prep.set_defaults(func=cmd_demo_prepare)
+
+    try:
+        from kubetune_trainer.cli_versions import add_commands
+    except ImportError:  # pragma: no cover - the registry CLI ships with the trainer package
+        pass
+    else:
+        add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``kubetune`` console script."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,556 @@
+"""The trainer pipeline: fetch -> prepare data -> train -> evaluate (+gates) -> merge/quantize -> publish.
+
+:func:`run` is what ``python -m kubetune_trainer`` (in a pod, under torchrun) and ``kubetune run``
+(on a laptop) both call with a :class:`~kubetune_api.runconfig.RunConfig`. Every rank fetches
+(local rank 0 per node), prepares data and trains; rank 0 alone evaluates, quantizes, publishes
+and reports the :class:`~kubetune_api.reports.TrainerResult`.
+
+Before any training the inputs digest (base-model digest, data digests, RunConfig digest, trainer
+version) is looked up in the registry: a match means this exact run was already published, so the
+existing version is reused and nothing trains (a GitOps re-sync is free).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubetune_api.models import GateResult, GatesStatus, VersionRef
+from kubetune_api.reports import (
+    EXIT_BAD_INPUT,
+    EXIT_DIVERGED,
+    EXIT_ERROR,
+    EXIT_GATES_FAILED,
+    EXIT_OK,
+    TrainerResult,
+)
+from kubetune_api.runconfig import RunConfig
+from kubetune_trainer import __version__ as TRAINER_VERSION
+from kubetune_trainer.reporting import KubeStatusClient, Reporter, now_rfc3339
+from kubetune_trainer.runtime import Runtime, UnsupportedHardwareError, init_runtime
+
+log = logging.getLogger("kubetune.trainer")
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, as a shell would report it
+
+
+class BadInputError(ValueError):
+    """Input the run cannot use (data too small to split, no examples left...): fails at once."""
+
+
+@dataclass
+class RunOutcome:
+    """What :func:`run` returns: the result (rank 0 only) and the process exit code."""
+
+    exit_code: int
+    result: TrainerResult | None = None
+    version_uri: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Inputs:
+    base_dir: Path
+    train_files: list[Path]
+    eval_files: list[Path] | None
+    extra_files: dict[str, list[Path]]
+    display_names: dict[Path, str]
+    parent: str | None
+
+
+def store_settings(rc: RunConfig) -> Any:
+    """StoreSettings for the RunConfig's storage section (credentials come from the environment)."""
+    from kubetune_trainer.storage import StoreSettings
+
+    s = rc.storage
+    return StoreSettings(
+        endpoint=s.endpoint, region=s.region, addressing_style=s.addressing_style, local_root=s.local_root
+    )
+
+
+def make_reporter(rc: RunConfig, runtime: Runtime) -> Reporter:
+    """Rank 0 reports; in a cluster it also patches the FineTuneJob status."""
+    kube = KubeStatusClient.from_environment() if rc.reporting.status_patch and runtime.is_main else None
+    return Reporter(
+        enabled=runtime.is_main,
+        kube=kube,
+        termination_message_path=rc.reporting.termination_message_path if runtime.is_main else None,
+        min_interval_s=rc.reporting.progress_every_seconds,
+    )
+
+
+def run(rc: RunConfig, *, workdir: Path, reporter: Reporter | None = None) -> RunOutcome:
+    """Run the whole pipeline for this process's rank. Never raises for expected failures:
+    they become a TrainerResult with a reason and the exit code of :mod:`kubetune_api.reports`."""
+    from kubetune_trainer.data import DataValidationError, TemplateError
+    from kubetune_trainer.fetch import FetchError, UnsafeModelError
+    from kubetune_trainer.quantize import UnsupportedFormatError
+    from kubetune_trainer.recipe import PreemptedError, TrainingDivergedError
+    from kubetune_trainer.storage import UnsafeKeyError
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        runtime = init_runtime(rc.training.precision, rc.distributed.strategy)
+    except UnsupportedHardwareError as exc:
+        rep = reporter or Reporter(termination_message_path=rc.reporting.termination_message_path)
+        return _fail(rep, rc, EXIT_BAD_INPUT, "UnsupportedHardware", str(exc))
+    reporter = reporter or make_reporter(rc, runtime)
+    try:
+        return _run(rc, runtime, workdir, reporter)
+    except DataValidationError as exc:
+        return _fail(reporter, rc, EXIT_BAD_INPUT, "InvalidData", str(exc))
+    except (TemplateError, UnsafeKeyError, BadInputError) as exc:
+        return _fail(reporter, rc, EXIT_BAD_INPUT, "InvalidData", str(exc))
+    except UnsafeModelError as exc:
+        return _fail(reporter, rc, EXIT_BAD_INPUT, "UnsafeModel", str(exc))
+    except FetchError as exc:
+        return _fail(reporter, rc, EXIT_BAD_INPUT, "FetchFailed", str(exc))
+    except (UnsupportedHardwareError, UnsupportedFormatError) as exc:
+        return _fail(reporter, rc, EXIT_BAD_INPUT, "UnsupportedHardware", str(exc))
+    except TrainingDivergedError as exc:
+        return _fail(reporter, rc, EXIT_DIVERGED, "Diverged", str(exc))
+    except PreemptedError as exc:
+        print(f"[kubetune] {exc}", file=sys.stderr, flush=True)
+        return RunOutcome(exit_code=EXIT_PREEMPTED)
+    except Exception as exc:  # the pod restarts and resumes; the message says what broke
+        log.exception("trainer failed")
+        return _fail(reporter, rc, EXIT_ERROR, "Error", f"{type(exc).__name__}: {exc}")
+    finally:
+        runtime.shutdown()
+
+
+def _fail(reporter: Reporter, rc: RunConfig, code: int, reason: Any, message: str) -> RunOutcome:
+    result = TrainerResult(
+        outcome="Failed",
+        reason=reason,
+        message=message[:1500],
+        model=rc.model.name,
+        base=rc.model.base.uri,
+        method=rc.method.type,
+    )
+    reporter.result(result)
+    print(f"[kubetune] FAILED ({reason}): {message}", file=sys.stderr, flush=True)
+    return RunOutcome(exit_code=code, result=result)
+
+
+# --- stages -----------------------------------------------------------------------------------
+
+
+def _data_files(path: Path) -> list[Path]:
+    from kubetune_trainer.data import DATA_SUFFIXES
+
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+    if not files:
+        from kubetune_trainer.fetch import FetchError
+
+        raise FetchError(f"no data files ({', '.join(DATA_SUFFIXES)}) found under {path}")
+    return files
+
+
+def _fetch_inputs(rc: RunConfig, runtime: Runtime, workdir: Path) -> _Inputs:
+    from kubetune_trainer.fetch import check_weights_safety, fetch
+    from kubetune_trainer.registry import ModelRegistry
+
+    settings = store_settings(rc)
+    inputs_dir = workdir / "inputs"
+    parent: str | None = None
+    base_uri = rc.model.base.uri
+    if base_uri.startswith("modelversion://"):
+        name, ref = base_uri.removeprefix("modelversion://").split("/", 1)
+        version = ModelRegistry(rc.output.uri, name, settings).get_version(ref)
+        parent = f"modelversion://{name}/{version.name}"
+    paths: dict[str, Any] = {}
+    if runtime.is_local_main:
+        shutil.rmtree(inputs_dir, ignore_errors=True)
+        base_dir = fetch(base_uri, inputs_dir / "base", settings, registry_output_uri=rc.output.uri)
+        check_weights_safety(
+            base_dir, allow_pickle=rc.model.base.allow_pickle, trust_remote_code=rc.model.base.trust_remote_code
+        )
+        paths["base"] = str(base_dir.relative_to(workdir))
+        paths["train"] = str(fetch(rc.data.train.uri, inputs_dir / "train", settings).relative_to(workdir))
+        if rc.data.eval is not None:
+            paths["eval"] = str(fetch(rc.data.eval.uri, inputs_dir / "eval", settings).relative_to(workdir))
+        for extra in rc.evaluation.extra_sets:
+            paths[f"extra:{extra.name}"] = str(
+                fetch(extra.uri, inputs_dir / "extra" / extra.name, settings).relative_to(workdir)
+            )
+    runtime.barrier()
+    paths = runtime.broadcast(paths)
+    display: dict[Path, str] = {}
+
+    def files(key: str, uri: str) -> list[Path]:
+        root = workdir / paths[key]
+        out = _data_files(root)
+        for f in out:
+            rel = f.relative_to(root).as_posix() if root.is_dir() else ""
+            display[f] = uri.rstrip("/") + ("/" + rel if rel else "")
+        return out
+
+    return _Inputs(
+        base_dir=workdir / paths["base"],
+        train_files=files("train", rc.data.train.uri),
+        eval_files=files("eval", rc.data.eval.uri) if rc.data.eval is not None else None,
+        extra_files={e.name: files(f"extra:{e.name}", e.uri) for e in rc.evaluation.extra_sets},
+        display_names=display,
+        parent=parent,
+    )
+
+
+def inputs_record(rc: RunConfig, inputs: _Inputs) -> dict[str, Any]:
+    """What determines the trained model: base digest, data digests, config digest, trainer version."""
+    from kubetune_trainer.digests import digest_dir, sha256_file
+
+    def data(files: list[Path]) -> dict[str, str]:
+        return {inputs.display_names[f]: sha256_file(f) for f in files}
+
+    record: dict[str, Any] = {
+        "base": {"uri": rc.model.base.uri, "digest": digest_dir(inputs.base_dir), "parent": inputs.parent},
+        "data": {"train": data(inputs.train_files)},
+        "configDigest": rc.config_digest(),
+        "trainerVersion": TRAINER_VERSION,
+    }
+    if inputs.eval_files is not None:
+        record["data"]["eval"] = data(inputs.eval_files)
+    for name, files in inputs.extra_files.items():
+        record["data"][f"extra:{name}"] = data(files)
+    return record
+
+
+def _gates_status(report: Any) -> GatesStatus:
+    results = [
+        GateResult(
+            metric=r.metric,
+            value=r.value if r.value is not None and math.isfinite(r.value) else None,
+            min=r.min,
+            max=r.max,
+            passed=r.passed,
+            message=r.message,
+        )
+        for r in report.results
+    ]
+    failed = sum(not r.passed for r in results)
+    summary = "none" if not results else ("passed" if not failed else f"failed {failed}/{len(results)}")
+    return GatesStatus(passed=report.passed, summary=summary, results=results)
+
+
+def _finite(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
+
+
+def _reused_result(rc: RunConfig, version: Any, inputs_digest: str, parent: str | None) -> TrainerResult:
+    manifest = version.manifest
+    gates = manifest.get("gates") or {}
+    gate_results = [GateResult.model_validate(r) for r in gates.get("results", [])] if gates else []
+    failed = sum(not r.passed for r in gate_results)
+    return TrainerResult(
+        outcome="Succeeded",
+        reason="Reused",
+        message=f"inputs digest matches published version {version.name}: nothing was trained",
+        model=rc.model.name,
+        base=rc.model.base.uri,
+        parent=parent,
+        method=rc.method.type,
+        version=VersionRef(name=version.name, uri=version.uri, manifest_digest=version.manifest_digest, reused=True),
+        inputs_digest=inputs_digest,
+        metrics=_finite(manifest.get("metrics", {})),
+        gates=GatesStatus(
+            passed=bool(gates.get("passed", True)),
+            summary="none" if not gate_results else ("passed" if not failed else f"failed {failed}/{len(gate_results)}"),
+            results=gate_results,
+        ),
+        quantized=list((manifest.get("extra") or {}).get("quantized", [])),
+        created=manifest.get("created"),
+    )
+
+
+def _run(rc: RunConfig, runtime: Runtime, workdir: Path, reporter: Reporter) -> RunOutcome:
+    from kubetune_trainer.digests import digest_json
+    from kubetune_trainer.registry import ModelRegistry
+
+    settings = store_settings(rc)
+    registry = ModelRegistry(rc.output.uri, rc.model.name, settings)
+
+    reporter.stage("Fetching", f"base {rc.model.base.uri}")
+    inputs = _fetch_inputs(rc, runtime, workdir)
+    record = inputs_record(rc, inputs) if runtime.is_main else None
+    inputs_digest = runtime.broadcast(digest_json(record) if record is not None else None)
+    existing = runtime.broadcast(registry.find_by_inputs_digest(inputs_digest) if runtime.is_main else None)
+    if existing is not None:
+        result = _reused_result(rc, existing, inputs_digest, inputs.parent)
+        reporter.result(result)
+        return RunOutcome(exit_code=EXIT_OK, result=result, version_uri=existing.uri)
+
+    reporter.stage("PreparingData")
+    from transformers import AutoTokenizer
+
+    from kubetune_trainer.data import DataValidationError, TemplateError, prepare_data
+
+    tokenizer = AutoTokenizer.from_pretrained(str(inputs.base_dir), trust_remote_code=rc.model.base.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        prepared = prepare_data(
+            inputs.train_files,
+            inputs.eval_files,
+            tokenizer,
+            rc.data,
+            max_seq_length=rc.training.max_seq_length,
+            seed=rc.training.seed,
+            display_names=inputs.display_names,
+        )
+    except (TemplateError, DataValidationError):
+        raise
+    except ValueError as exc:  # too few records to split, no example left after cleaning...
+        raise BadInputError(str(exc)) from None
+    staging = workdir / "staging"
+    if runtime.is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        (staging / "training").mkdir(parents=True)
+        (staging / "training" / "data-report.json").write_text(json.dumps(prepared.report.to_dict(), indent=2))
+        r = prepared.report
+        print(
+            f"[kubetune] data: {len(prepared.train)} train / {len(prepared.eval)} eval examples"
+            + (f", {r.to_dict().get('invalid', 0)} invalid records skipped" if r.to_dict().get("invalid") else ""),
+            file=reporter.stream,
+            flush=True,
+        )
+
+    reporter.stage("Training")
+    from kubetune_trainer.checkpoint import CheckpointManager
+    from kubetune_trainer.recipe import SFTRecipe
+    from kubetune_trainer.storage import join_key, open_uri
+
+    out_store, out_prefix = open_uri(rc.output.uri, settings)
+    ckpt_prefix = join_key(out_prefix, rc.model.name, "checkpoints", inputs_digest[:16]) if out_prefix else join_key(
+        rc.model.name, "checkpoints", inputs_digest[:16]
+    )
+    checkpoints = CheckpointManager(
+        out_store, ckpt_prefix, keep=rc.training.checkpoint.keep, runtime=runtime, scratch=workdir / "checkpoints"
+    )
+    recipe = SFTRecipe(
+        rc,
+        runtime,
+        base_dir=inputs.base_dir,
+        train_examples=prepared.train,
+        eval_examples=prepared.eval,
+        pad_token_id=int(tokenizer.pad_token_id),
+        checkpoints=checkpoints,
+        reporter=reporter,
+        workdir=workdir,
+    )
+    recipe.setup()
+    outcome = recipe.train()
+    precision = runtime.precision
+    del recipe
+    if not runtime.is_main:
+        return RunOutcome(exit_code=EXIT_OK)
+
+    tokenizer.save_pretrained(str(outcome.saved_dir))
+    result, version_uri = _evaluate_and_publish(
+        rc, runtime, workdir, reporter, registry, inputs, record or {}, inputs_digest, prepared, tokenizer, outcome,
+        precision,
+    )
+    out_store.delete_prefix(ckpt_prefix + "/")  # the version is published: its checkpoints are spent
+    reporter.result(result)
+    code = EXIT_GATES_FAILED if result.reason == "GateFailed" else EXIT_OK
+    return RunOutcome(exit_code=code, result=result, version_uri=version_uri)
+
+
+def _evaluate_and_publish(
+    rc: RunConfig,
+    runtime: Runtime,
+    workdir: Path,
+    reporter: Reporter,
+    registry: Any,
+    inputs: _Inputs,
+    record: dict[str, Any],
+    inputs_digest: str,
+    prepared: Any,
+    tokenizer: Any,
+    outcome: Any,
+    precision: str,
+) -> tuple[TrainerResult, str]:
+    from kubetune_trainer.evaluate import ModelSource, evaluate_model, load_model
+    from kubetune_trainer.gates import check_gates
+    from kubetune_trainer.merge import merge_adapter
+    from kubetune_trainer.quantize import quantize_artifacts
+
+    staging = workdir / "staging"
+    device = "cuda" if runtime.device.type == "cuda" else "cpu"
+
+    reporter.stage("Evaluating")
+    if rc.method.type == "full":
+        tuned_source = ModelSource("transformers", outcome.saved_dir)
+    else:
+        tuned_source = ModelSource("peft", outcome.saved_dir, base_path=inputs.base_dir)
+    base_source = ModelSource("transformers", inputs.base_dir)
+    tuned = load_model(tuned_source, device=device)
+    base = load_model(base_source, device=device) if rc.method.type == "full" and rc.evaluation.compare_base else None
+    extra_sets = {}
+    if inputs.extra_files:
+        from kubetune_trainer.data import prepare_data
+
+        no_split = rc.data.model_copy(update={"eval_split": None})
+        for name, files in inputs.extra_files.items():
+            extra_sets[name] = prepare_data(
+                files, files, tokenizer, no_split, max_seq_length=rc.training.max_seq_length, seed=rc.training.seed,
+                display_names=inputs.display_names,
+            ).eval
+    measure = "peak_memory_ratio" in rc.evaluation.metrics
+    report = evaluate_model(
+        tuned,
+        base,
+        tokenizer,
+        prepared.eval,
+        rc.evaluation,
+        extra_sets=extra_sets or None,
+        device=device,
+        seed=rc.training.seed,
+        batch_size=rc.training.batch_size,
+        tuned_source=tuned_source if measure else None,
+        base_source=base_source if measure else None,
+    )
+    del tuned, base
+    gates = check_gates(report.gate_metrics(), rc.evaluation.gates)
+    print(f"[kubetune] eval: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(report.tuned.items())), file=reporter.stream)
+    if report.base:
+        print(f"[kubetune] base: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(report.base.items())), file=reporter.stream)
+    print(f"[kubetune] gates: {gates.summary()}", file=reporter.stream, flush=True)
+
+    merged_dir: Path | None = None
+    if rc.method.type == "full":
+        merged_dir = outcome.saved_dir
+    elif rc.output.merge or rc.quantization.formats:
+        reporter.stage("Quantizing", "merging the adapter into the base")
+        target = staging / "merged" if rc.output.merge else workdir / "merged-unpublished"
+        merged_dir = merge_adapter(inputs.base_dir, outcome.saved_dir, target)
+    artifacts: list[Any] = []
+    if rc.quantization.formats and merged_dir is not None:
+        reporter.stage("Quantizing", ", ".join(rc.quantization.formats))
+        artifacts = quantize_artifacts(
+            merged_dir,
+            list(rc.quantization.formats),
+            staging / "quantized",
+            sample_prompt_ids=[list(e.prompt_ids) for e in prepared.eval[:4]],
+            device=device,
+        )
+
+    reporter.stage("Publishing")
+    # The registry allocates the name at publish time; the card names the expected one.
+    expected = max((v.number for v in registry.list_versions()), default=0) + 1
+    _write_reports(rc, staging, outcome, report, gates, artifacts, record, precision, f"v{expected}")
+    version = registry.publish(
+        staging,
+        inputs=record,
+        inputs_digest=inputs_digest,
+        metrics=_finite(report.tuned),
+        gates=gates.to_dict(),
+        parent=inputs.parent,
+        extra={
+            "model": rc.model.name,
+            "method": rc.method.type,
+            "base": rc.model.base.uri,
+            "quantized": [a.format for a in artifacts],
+            "job": rc.job.to_api(),
+            "trainerVersion": TRAINER_VERSION,
+            "steps": outcome.steps,
+            "resumedFromStep": outcome.resumed_from_step,
+            "precision": precision,
+        },
+    )
+    gates_status = _gates_status(gates)
+    promoted: str | None = None
+    if rc.output.promote and not version.reused:
+        moved = registry.promote(rc.output.promote.alias, version.name, gates.passed, rc.output.promote.when)
+        promoted = rc.output.promote.alias if moved is not None else None
+    reason = "GateFailed" if not gates.passed else ("Reused" if version.reused else "Published")
+    message = f"published {version.uri}" if not version.reused else f"reused {version.uri}"
+    if not gates.passed:
+        message = f"published {version.uri} but it is not promotable: {gates.summary()}"
+    result = TrainerResult(
+        outcome="Failed" if not gates.passed else "Succeeded",
+        reason=reason,
+        message=message,
+        model=rc.model.name,
+        base=rc.model.base.uri,
+        parent=inputs.parent,
+        method=rc.method.type,
+        version=VersionRef(
+            name=version.name, uri=version.uri, manifest_digest=version.manifest_digest, reused=version.reused
+        ),
+        inputs_digest=inputs_digest,
+        metrics=_finite(report.tuned),
+        gates=gates_status,
+        quantized=[a.format for a in artifacts],
+        promoted_alias=promoted,
+        resumed_from_step=outcome.resumed_from_step,
+        created=now_rfc3339(),
+    )
+    return result, version.uri
+
+
+def _write_reports(
+    rc: RunConfig,
+    staging: Path,
+    outcome: Any,
+    report: Any,
+    gates: Any,
+    artifacts: list[Any],
+    record: dict[str, Any],
+    precision: str,
+    version_name: str,
+) -> None:
+    """eval/, training/ and the model card, into the staging folder that becomes the version."""
+    from kubetune_trainer import report as reports
+
+    training = staging / "training"
+    training.mkdir(parents=True, exist_ok=True)
+    run_config = json.loads(rc.to_json())
+    run_config["resolved"] = {"precision": precision, "trainerVersion": TRAINER_VERSION}
+    (training / "run-config.json").write_text(json.dumps(run_config, indent=2, sort_keys=True))
+    shutil.copyfile(outcome.metrics_path, training / "metrics.jsonl")
+    reports.plot_loss(training / "metrics.jsonl", training / "loss.png")
+    reports.write_eval_report(staging / "eval", report, gates, artifacts)
+    data_digests = {
+        f"{role} {name}": digest for role, files in record.get("data", {}).items() for name, digest in files.items()
+    }
+    t = rc.training
+    hyper = {
+        "method": rc.method.type,
+        "learning rate": rc.learning_rate,
+        "scheduler": f"{t.scheduler} (warm-up {t.warmup_ratio:g})",
+        "epochs" if t.max_steps is None else "max steps": t.epochs if t.max_steps is None else t.max_steps,
+        "steps run": outcome.steps,
+        "batch size x grad accumulation": f"{t.batch_size} x {t.gradient_accumulation_steps}",
+        "max sequence length": t.max_seq_length,
+        "packing": t.packing,
+        "precision": precision,
+        "seed": t.seed,
+        "distributed": f"{rc.distributed.nodes} node(s) x {rc.distributed.gpus_per_node} GPU(s), {rc.distributed.strategy}",
+    }
+    if rc.method.type != "full":
+        lora = rc.method.lora
+        hyper["LoRA r / alpha / dropout"] = f"{lora.r} / {lora.alpha} / {lora.dropout:g}"
+        hyper["LoRA target modules"] = ", ".join(lora.target_modules)
+    (staging / "README.md").write_text(
+        reports.render_model_card(
+            model_name=rc.model.name,
+            version=version_name,
+            base_model=rc.model.base.uri,
+            data_digests=data_digests,
+            hyperparameters=hyper,
+            report=report,
+            gates=gates,
+            artifacts=artifacts,
+            base_model_digest=record.get("base", {}).get("digest"),
+            lora_rank=rc.method.lora.r if rc.method.type != "full" else None,
+        )
+    )

@@ -1,0 +1,590 @@
+"""The SFT recipe: one class that sets up, trains, checkpoints and saves.
+
+Supports
+  * methods: LoRA (peft; ``all-linear`` or named modules), QLoRA (4-bit NF4 base via bitsandbytes;
+    CUDA only), full fine-tuning;
+  * engines: one process, torch DDP across processes and nodes (gloo on CPU, NCCL on GPU), and a
+    DeepSpeed ZeRO-2/3 engine whose config is generated from the spec;
+  * cosine / linear / constant schedules with linear warm-up, gradient accumulation, epochs or max
+    steps, gradient clipping, early stopping on eval loss, bf16/fp16 autocast, gradient
+    checkpointing, a seed;
+  * exact packing (no cross-example attention) or right padding, from :mod:`kubetune_trainer.data`;
+  * checkpoints to object storage every N steps / M minutes and on SIGTERM, and exact resume:
+    weights, optimizer, scheduler, RNG states and the data position are restored, so a killed and
+    restarted run ends at the same step with the same loss as an uninterrupted one.
+
+Why a hand-written loop rather than transformers' Trainer: on CPU the HF Trainer + DeepSpeed path
+failed under torchrun (shared/FACTS.md) while a plain DeepSpeed engine loop works, and resume has
+to go through object storage with our own data position; the loop is short, and everything else
+(model, LoRA, schedules, ZeRO) comes from transformers, peft and DeepSpeed.
+
+Raises
+  * :class:`TrainingDivergedError` when the loss becomes NaN/inf or runs away (exit code 5);
+  * :class:`~kubetune_trainer.runtime.UnsupportedHardwareError` for QLoRA/fp16 without a GPU;
+  * :class:`PreemptedError` after saving a checkpoint on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from kubetune_api.models import Progress
+from kubetune_api.runconfig import RunConfig
+from kubetune_trainer.checkpoint import CheckpointManager
+from kubetune_trainer.data import MODEL_INPUT_KEYS, TokenizedExample, count_batches, iter_batches
+from kubetune_trainer.reporting import Reporter
+from kubetune_trainer.runtime import Runtime, UnsupportedHardwareError, rng_state, seed_everything, set_rng_state
+
+log = logging.getLogger("kubetune.trainer")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN/inf or diverged; the message says what to change."""
+
+
+class PreemptedError(RuntimeError):
+    """SIGTERM arrived; a checkpoint was saved (when possible) before stopping."""
+
+
+@dataclass
+class TrainState:
+    """Where training is; saved in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_batch: int = 0  # micro-batches of ``epoch`` already consumed
+    best_eval_loss: float | None = None
+    evals_without_improvement: int = 0
+    tokens_seen: int = 0
+    stopped_early: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class TrainOutcome:
+    """What training produced, for the evaluation and publishing stages."""
+
+    saved_dir: Path  # adapter/ (lora, qlora) or merged/ (full)
+    steps: int
+    final_loss: float | None
+    final_eval_loss: float | None
+    resumed_from_step: int | None
+    stopped_early: bool
+    metrics_path: Path
+    tokens_seen: int
+    train_seconds: float
+
+
+def deepspeed_config(rc: RunConfig, runtime: Runtime) -> dict[str, Any]:
+    """The DeepSpeed config generated from the spec (ZeRO stage from distributed.strategy)."""
+    t = rc.training
+    stage = 3 if rc.distributed.strategy == "deepspeed-zero3" else 2
+    zero: dict[str, Any] = {"stage": stage, "overlap_comm": runtime.device.type == "cuda", "contiguous_gradients": True}
+    if stage == 3:
+        zero.update({"stage3_gather_16bit_weights_on_model_save": True})
+    return {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "train_batch_size": t.batch_size * t.gradient_accumulation_steps * runtime.world_size,
+        "gradient_clipping": t.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": runtime.precision == "bf16"},
+        "fp16": {"enabled": runtime.precision == "fp16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class SFTRecipe:
+    """Supervised fine-tuning of one RunConfig. Call :meth:`setup`, then :meth:`train`."""
+
+    def __init__(
+        self,
+        rc: RunConfig,
+        runtime: Runtime,
+        *,
+        base_dir: Path,
+        train_examples: list[TokenizedExample],
+        eval_examples: list[TokenizedExample],
+        pad_token_id: int,
+        checkpoints: CheckpointManager,
+        reporter: Reporter,
+        workdir: Path,
+    ) -> None:
+        self.rc = rc
+        self.rt = runtime
+        self.base_dir = base_dir
+        self.train_examples = train_examples
+        self.eval_examples = eval_examples
+        self.pad_token_id = pad_token_id
+        self.checkpoints = checkpoints
+        self.reporter = reporter
+        self.workdir = workdir
+        self.state = TrainState()
+        self.resumed_from_step: int | None = None
+        self._sigterm = False
+        self._last_ckpt_time = time.monotonic()
+        self._last_ckpt_step = 0
+
+    # --- setup --------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Load the model, wrap it for the method and engine, build optimizer and schedule, resume."""
+        import torch
+
+        t = self.rc.training
+        seed_everything(t.seed)
+        self.model = self._load_model()
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.n_trainable = sum(p.numel() for p in trainable)
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.micro_batches_per_epoch = count_batches(
+            self.train_examples,
+            batch_size=t.batch_size,
+            max_seq_length=t.max_seq_length,
+            packing=t.packing,
+            pad_token_id=self.pad_token_id,
+            seed=t.seed,
+            rank=self.rt.rank,
+            world_size=self.rt.world_size,
+        )
+        if self.micro_batches_per_epoch == 0:
+            raise ValueError("no training batches: the training set is empty after preparation")
+        self.steps_per_epoch = math.ceil(self.micro_batches_per_epoch / t.gradient_accumulation_steps)
+        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
+        warmup = int(round(t.warmup_ratio * self.total_steps))
+        optimizer = torch.optim.AdamW(trainable, lr=self.rc.learning_rate, weight_decay=t.weight_decay)
+        from transformers import get_scheduler
+
+        name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.scheduler]
+        scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps)
+        self.engine: Any = None
+        if self.rc.distributed.strategy.startswith("deepspeed"):
+            import deepspeed
+
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=self.model,
+                optimizer=optimizer,
+                lr_scheduler=scheduler,
+                config=deepspeed_config(self.rc, self.rt),
+                model_parameters=trainable,
+            )
+            self.forward_model: Any = self.engine
+        else:
+            self.optimizer, self.scheduler = optimizer, scheduler
+            self.model.to(self.rt.device)
+            if self.rt.distributed:
+                from torch.nn.parallel import DistributedDataParallel
+
+                ids = [self.rt.local_rank] if self.rt.device.type == "cuda" else None
+                self.forward_model = DistributedDataParallel(self.model, device_ids=ids)
+            else:
+                self.forward_model = self.model
+        self._resume()
+        self._install_sigterm()
+
+    def _load_model(self) -> Any:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        base = self.rc.model.base
+        method = self.rc.method
+        kwargs: dict[str, Any] = {
+            "trust_remote_code": base.trust_remote_code,
+            "use_safetensors": None if base.allow_pickle else True,
+        }
+        if method.type == "qlora":
+            if self.rt.device.type != "cuda":
+                raise UnsupportedHardwareError(
+                    "spec.method.type: qlora loads the base in 4-bit with bitsandbytes, which needs a CUDA GPU; "
+                    "this node has none. Use method.type lora on CPU."
+                )
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16 if self.rt.precision == "bf16" else torch.float16,
+            )
+            kwargs["device_map"] = {"": self.rt.local_rank}
+        else:
+            # Weights in the compute dtype on GPU (memory); fp32 master weights on CPU.
+            kwargs["dtype"] = self.rt.dtype if self.rt.device.type == "cuda" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(str(self.base_dir), **kwargs)
+        model.config.use_cache = False
+        if self.rc.training.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        if method.type == "full":
+            for p in model.parameters():
+                p.requires_grad_(True)
+            return model
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if method.type == "qlora":
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=self.rc.training.gradient_checkpointing
+            )
+        targets: Any = method.lora.target_modules
+        if targets == ["all-linear"]:
+            targets = "all-linear"
+        config = LoraConfig(
+            r=method.lora.r,
+            lora_alpha=method.lora.alpha,
+            lora_dropout=method.lora.dropout,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, config)
+
+    # --- resume -------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        info = self.checkpoints.latest()
+        if info is None:
+            return
+        local = self.checkpoints.download(info)
+        import torch
+
+        state = json.loads((local / "state.json").read_text())
+        if state.get("totalSteps") != self.total_steps:
+            log.warning(
+                "checkpoint planned %s steps, this run plans %s: continuing with the new plan",
+                state.get("totalSteps"),
+                self.total_steps,
+            )
+        if self.engine is not None:
+            self.engine.load_checkpoint(str(local / "deepspeed"), tag="ckpt", load_module_strict=False)
+        else:
+            from safetensors.torch import load_file
+
+            trainable = load_file(str(local / "trainable.safetensors"))
+            missing = self._trainable_names() - set(trainable)
+            if missing:
+                raise RuntimeError(f"checkpoint step {info.step} lacks parameters: {sorted(missing)[:5]}")
+            self.model.load_state_dict(trainable, strict=False)
+            self.optimizer.load_state_dict(torch.load(local / "optimizer.pt", map_location=self.rt.device, weights_only=True))
+            self.scheduler.load_state_dict(torch.load(local / "scheduler.pt", weights_only=True))
+        rng_file = local / f"rng-rank{self.rt.rank}.pt"
+        if rng_file.exists():
+            set_rng_state(torch.load(rng_file, weights_only=False))  # our own file; numpy state needs pickle
+        s = state["trainState"]
+        self.state = TrainState(**s)
+        self.resumed_from_step = info.step
+        self._last_ckpt_step = info.step
+        log.info("resumed from checkpoint step %d (epoch %d, micro-batch %d)", info.step, self.state.epoch, self.state.micro_batch)
+        if self.rt.is_main:
+            print(f"[kubetune] resumed from checkpoint at step {info.step}", file=self.reporter.stream, flush=True)
+
+    def _trainable_names(self) -> set[str]:
+        return {n for n, p in self.model.named_parameters() if p.requires_grad}
+
+    # --- checkpoint ---------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        """Write this rank's part of a checkpoint and commit it (all ranks call this)."""
+        import torch
+
+        step = self.state.step
+        local = self.checkpoints.local_dir(step)
+        if self.engine is not None:
+            self.engine.save_checkpoint(str(local / "deepspeed"), tag="ckpt")
+        elif self.rt.is_main:
+            from safetensors.torch import save_file
+
+            tensors = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+            save_file(tensors, str(local / "trainable.safetensors"))
+            torch.save(self.optimizer.state_dict(), local / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), local / "scheduler.pt")
+        torch.save(rng_state(), local / f"rng-rank{self.rt.rank}.pt")
+        if self.rt.is_main:
+            (local / "state.json").write_text(
+                json.dumps({"trainState": self.state.__dict__, "totalSteps": self.total_steps}, default=float)
+            )
+        self.checkpoints.commit(step, local, {"configDigest": self.rc.config_digest(), "strategy": self.rt.strategy})
+        self._last_ckpt_time = time.monotonic()
+        self._last_ckpt_step = step
+
+    def _checkpoint_due(self) -> bool:
+        ck = self.rc.training.checkpoint
+        if ck.every_steps and self.state.step % ck.every_steps == 0:
+            return True
+        minutes = ck.every_minutes
+        due = bool(minutes and time.monotonic() - self._last_ckpt_time >= minutes * 60)
+        # Every rank must agree, or the collective inside commit() would hang.
+        return bool(self.rt.broadcast(due))
+
+    def _install_sigterm(self) -> None:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            self._sigterm = True
+
+        try:
+            signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread (e.g. embedded in a test runner thread)
+            pass
+
+    # --- train --------------------------------------------------------------------------------
+    def _forward(self, batch: dict[str, Any]) -> Any:
+        import torch
+
+        inputs = {k: v.to(self.rt.device) for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+        if self.rt.precision in ("bf16", "fp16") and self.engine is None:
+            with torch.autocast(device_type=self.rt.device.type, dtype=self.rt.dtype):
+                return self.forward_model(**inputs).loss
+        return self.forward_model(**inputs).loss
+
+    def evaluate_loss(self) -> float | None:
+        """Token-weighted mean loss on the eval set (all ranks; each takes its shard)."""
+        import torch
+
+        if not self.eval_examples:
+            return None
+        t = self.rc.training
+        self.forward_model.eval()
+        total = count = 0.0
+        with torch.no_grad():
+            for batch in iter_batches(
+                self.eval_examples,
+                batch_size=t.batch_size,
+                max_seq_length=t.max_seq_length,
+                packing=t.packing,
+                pad_token_id=self.pad_token_id,
+                seed=t.seed,
+                epoch=0,
+                rank=self.rt.rank,
+                world_size=self.rt.world_size,
+                shuffle=False,
+            ):
+                n = float(batch["num_label_tokens"])
+                total += float(self._forward(batch)) * n
+                count += n
+        self.forward_model.train()
+        total, count = self.rt.all_reduce_sum([total, count])
+        return total / count if count else None
+
+    def train(self) -> TrainOutcome:
+        """Run the optimisation loop to the planned step count (or early stop), then save."""
+        t = self.rc.training
+        gas = t.gradient_accumulation_steps
+        self.forward_model.train()
+        self.reporter.open_bar(self.total_steps, self.state.step)
+        metrics_path = self.workdir / "training" / "metrics.jsonl"
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.rt.is_main:
+            # Rebuild the log from the checkpointed history so a resumed run has the whole curve.
+            metrics_path.write_text("".join(json.dumps(row) + "\n" for row in self.state.history))
+        started = time.monotonic()
+        window_start, window_tokens, window_steps = time.monotonic(), 0, 0
+        loss_window: list[float] = []
+        ema: float | None = None
+        best_ema: float | None = None
+        last_loss: float | None = None
+        warmup_steps = int(round(t.warmup_ratio * self.total_steps))
+        done = self.state.step >= self.total_steps
+        while not done:
+            epoch = self.state.epoch
+            accum_loss, accum_n = 0.0, 0
+            batches = iter_batches(
+                self.train_examples,
+                batch_size=t.batch_size,
+                max_seq_length=t.max_seq_length,
+                packing=t.packing,
+                pad_token_id=self.pad_token_id,
+                seed=t.seed,
+                epoch=epoch,
+                rank=self.rt.rank,
+                world_size=self.rt.world_size,
+                start_batch=self.state.micro_batch,
+            )
+            for batch in batches:
+                self.state.micro_batch += 1
+                boundary = self.state.micro_batch % gas == 0 or self.state.micro_batch == self.micro_batches_per_epoch
+                loss = self._forward(batch)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise TrainingDivergedError(
+                        f"loss became {value} at step {self.state.step + 1} (lr {self._lr():.2e}): lower "
+                        "training.learningRate, keep maxGradNorm, or use fp32/bf16 instead of fp16"
+                    )
+                if self.engine is not None:
+                    self.engine.backward(loss)
+                    self.engine.step()
+                else:
+                    # Mean over the micro-batches of one optimizer step; DDP syncs on the last.
+                    scaled = loss / gas
+                    if self.rt.distributed and not boundary:
+                        with self.forward_model.no_sync():
+                            scaled.backward()
+                    else:
+                        scaled.backward()
+                accum_loss += value
+                accum_n += 1
+                window_tokens += int(batch["num_tokens"])
+                if not boundary:
+                    continue
+                if self.engine is None:
+                    import torch
+
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for p in self.model.parameters() if p.requires_grad], t.max_grad_norm
+                    )
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                self.state.step += 1
+                window_steps += 1
+                step_loss = self.rt.all_reduce_sum([accum_loss / max(accum_n, 1)])[0] / self.rt.world_size
+                accum_loss, accum_n = 0.0, 0
+                last_loss = step_loss
+                loss_window.append(step_loss)
+                ema = step_loss if ema is None else 0.9 * ema + 0.1 * step_loss
+                if self.state.step > max(warmup_steps, 10):
+                    best_ema = ema if best_ema is None else min(best_ema, ema)
+                    if ema > 4 * best_ema and ema - best_ema > 2:
+                        raise TrainingDivergedError(
+                            f"loss diverged: smoothed loss {ema:.3f} vs best {best_ema:.3f} at step {self.state.step}; "
+                            f"lower training.learningRate (now {self.rc.learning_rate:g}) or raise warmupRatio"
+                        )
+                if self.state.step % t.log_every_steps == 0 or self.state.step == self.total_steps:
+                    window_start, window_tokens, window_steps = self._log(
+                        loss_window, window_start, window_tokens, window_steps, started, metrics_path
+                    )
+                    loss_window = []
+                if t.eval_every_steps and self.state.step % t.eval_every_steps == 0:
+                    if self._eval_and_check_early_stop(metrics_path):
+                        done = True
+                if self.state.step >= self.total_steps:
+                    done = True
+                stop = bool(self.rt.broadcast(self._sigterm))
+                if stop or done or self._checkpoint_due():
+                    self.save_checkpoint()
+                if stop:
+                    raise PreemptedError(f"stopped by SIGTERM after saving a checkpoint at step {self.state.step}")
+                if done:
+                    break
+            if not done:
+                self.state.epoch += 1
+                self.state.micro_batch = 0
+                if not t.eval_every_steps and self._eval_and_check_early_stop(metrics_path):
+                    done = True
+        self.reporter.close_bar()
+        final_eval = self.evaluate_loss()
+        if self.rt.is_main and final_eval is not None:
+            self._append_metrics(metrics_path, {"step": self.state.step, "eval_loss": final_eval})
+        saved = self._save_final()
+        return TrainOutcome(
+            saved_dir=saved,
+            steps=self.state.step,
+            final_loss=last_loss,
+            final_eval_loss=final_eval,
+            resumed_from_step=self.resumed_from_step,
+            stopped_early=self.state.stopped_early,
+            metrics_path=metrics_path,
+            tokens_seen=self.state.tokens_seen,
+            train_seconds=time.monotonic() - started,
+        )
+
+    def _lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def _append_metrics(self, path: Path, row: dict[str, Any]) -> None:
+        self.state.history.append(row)
+        with path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def _log(
+        self,
+        losses: list[float],
+        window_start: float,
+        window_tokens: int,
+        window_steps: int,
+        started: float,
+        metrics_path: Path,
+    ) -> tuple[float, int, int]:
+        now = time.monotonic()
+        tokens = int(self.rt.all_reduce_sum([float(window_tokens)])[0])
+        self.state.tokens_seen += tokens
+        elapsed = max(now - window_start, 1e-9)
+        tps = tokens / elapsed
+        step_time = elapsed / max(window_steps, 1)
+        loss = sum(losses) / len(losses) if losses else None
+        eta = (self.total_steps - self.state.step) * step_time
+        epoch = self.state.epoch + self.state.micro_batch / self.micro_batches_per_epoch
+        pct = 100.0 * self.state.step / self.total_steps
+        if self.rt.is_main:
+            row = {"step": self.state.step, "epoch": round(epoch, 4), "loss": loss, "learning_rate": self._lr(),
+                   "tokens_per_second": round(tps, 1), "elapsed_s": round(now - started, 2)}
+            self._append_metrics(metrics_path, row)
+        self.reporter.progress(
+            Progress(
+                stage="Training",
+                step=self.state.step,
+                total_steps=self.total_steps,
+                percent=round(pct, 1),
+                epoch=round(epoch, 3),
+                loss=loss,
+                learning_rate=self._lr(),
+                tokens_per_second=round(tps, 1),
+                eta_seconds=round(eta, 1),
+                summary=f"{self.state.step}/{self.total_steps} ({pct:.0f}%)",
+            ),
+            force=self.state.step == self.total_steps,
+        )
+        return now, 0, 0
+
+    def _eval_and_check_early_stop(self, metrics_path: Path) -> bool:
+        eval_loss = self.evaluate_loss()
+        if eval_loss is None:
+            return False
+        if self.rt.is_main:
+            self._append_metrics(metrics_path, {"step": self.state.step, "eval_loss": eval_loss})
+            print(f"[kubetune] step {self.state.step}: eval_loss {eval_loss:.4f}", file=self.reporter.stream, flush=True)
+        es = self.rc.training.early_stopping
+        best = self.state.best_eval_loss
+        if best is None or eval_loss < best - (es.min_delta if es else 0.0):
+            self.state.best_eval_loss = eval_loss
+            self.state.evals_without_improvement = 0
+        else:
+            self.state.evals_without_improvement += 1
+        if es and self.state.evals_without_improvement >= es.patience:
+            self.state.stopped_early = True
+            if self.rt.is_main:
+                print(
+                    f"[kubetune] early stopping at step {self.state.step}: eval loss did not improve for "
+                    f"{es.patience} evaluations (best {self.state.best_eval_loss:.4f})",
+                    file=self.reporter.stream,
+                    flush=True,
+                )
+            return True
+        return False
+
+    # --- save ---------------------------------------------------------------------------------
+    def _save_final(self) -> Path:
+        """Rank 0 writes adapter/ (lora, qlora) or merged/ (full) under workdir/staging."""
+        staging = self.workdir / "staging"
+        out = staging / ("merged" if self.rc.method.type == "full" else "adapter")
+        if self.engine is not None and self.rc.distributed.strategy == "deepspeed-zero3":
+            import deepspeed
+
+            params = [p for p in self.model.parameters() if p.requires_grad or self.rc.method.type == "full"]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                if self.rt.is_main:
+                    self._save_model(out)
+        elif self.rt.is_main:
+            self._save_model(out)
+        self.rt.barrier()
+        return out
+
+    def _save_model(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        model = self.model
+        if self.rc.method.type == "full":
+            model.config.use_cache = True
+        model.save_pretrained(str(out), safe_serialization=True)

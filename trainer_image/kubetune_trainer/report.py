@@ -1,0 +1,397 @@
+"""What a model version tells its users: eval/report.json, eval/samples.jsonl, the loss curve, README.md.
+
+``report.json`` layout (``schema_version`` 1)::
+
+    {"schema_version": 1,
+     "passed": bool,                      # all gates passed (the version is promotable)
+     "evaluation": EvalReport.to_dict(),  # tuned/base metrics, extra sets, skipped, memory, settings
+     "gates": GateReport.to_dict(),
+     "artifacts": [ArtifactReport.to_dict(), ...]}
+
+``samples.jsonl``: one ``SampleRow`` per line: ``{"set", "prompt", "reference", "tuned", "base"}``.
+
+matplotlib is imported inside the plotting functions with the non-interactive Agg backend, so this
+module stays importable without a display and cheap for callers that only write JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kubetune_trainer.evaluate import ALL_METRICS, EvalReport
+from kubetune_trainer.gates import GateReport
+from kubetune_trainer.quantize import ArtifactReport
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "REPORT_SCHEMA_VERSION",
+    "loss_figure",
+    "plot_loss",
+    "render_model_card",
+    "write_eval_report",
+]
+
+REPORT_SCHEMA_VERSION = 1
+
+
+def write_eval_report(
+    eval_dir: Path, report: EvalReport, gates: GateReport, artifacts: Sequence[ArtifactReport]
+) -> None:
+    """Write ``eval_dir/report.json`` and ``eval_dir/samples.jsonl`` (creating ``eval_dir``).
+
+    Raises:
+        ValueError: a value is not JSON-representable (NaN/inf that escaped the reports' cleaning).
+    """
+    eval_dir = Path(eval_dir)
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    document = {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "passed": gates.passed,
+        "evaluation": report.to_dict(),
+        "gates": gates.to_dict(),
+        "artifacts": [a.to_dict() for a in artifacts],
+    }
+    # allow_nan=False: a NaN would make the file unreadable by strict JSON parsers (jq, Go, JS).
+    (eval_dir / "report.json").write_text(
+        json.dumps(document, indent=2, allow_nan=False) + "\n", encoding="utf-8"
+    )
+    with (eval_dir / "samples.jsonl").open("w", encoding="utf-8") as fh:
+        for row in report.samples:
+            fh.write(json.dumps(row.to_dict(), ensure_ascii=False) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss curve
+
+
+def _read_metrics(metrics_jsonl: Path) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    train: list[tuple[float, float]] = []
+    evals: list[tuple[float, float]] = []
+    with Path(metrics_jsonl).open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise ValueError(f"{metrics_jsonl}:{lineno}: not valid JSON: {exc}") from None
+            if not isinstance(record, dict) or "step" not in record:
+                raise ValueError(f"{metrics_jsonl}:{lineno}: expected an object with a 'step' field")
+            if record.get("loss") is not None:
+                train.append((float(record["step"]), float(record["loss"])))
+            if record.get("eval_loss") is not None:
+                evals.append((float(record["step"]), float(record["eval_loss"])))
+    return train, evals
+
+
+def loss_figure(metrics_jsonl: Path) -> Figure:
+    """A figure with the train loss (``loss``) and eval loss (``eval_loss``) against ``step``.
+
+    Lines of ``metrics.jsonl`` with neither field are ignored (e.g. throughput records). A series
+    with a single point is drawn with a marker so it is visible.
+
+    Raises:
+        ValueError: a line is not a JSON object with ``step`` (message: ``path:line: ...``), or the
+            file has no loss at all.
+    """
+    from matplotlib.figure import Figure
+
+    train, evals = _read_metrics(metrics_jsonl)
+    if not train and not evals:
+        raise ValueError(f"{metrics_jsonl}: no 'loss' or 'eval_loss' records to plot")
+    # Figure() directly (not pyplot): no global state, no GUI backend, safe in threads.
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.add_subplot()
+    for points, label, style in ((train, "train loss", "-"), (evals, "eval loss", "o-")):
+        if points:
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, style, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def plot_loss(metrics_jsonl: Path, out_png: Path) -> None:
+    """Render :func:`loss_figure` to a PNG at ``out_png`` (parent directories created).
+
+    Raises:
+        ValueError: as :func:`loss_figure`.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fig = loss_figure(metrics_jsonl)
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, format="png")
+
+
+# --------------------------------------------------------------------------------------------------
+# Model card
+
+
+def _cell(value: Any) -> str:
+    """A Markdown table cell: numbers to 4 significant digits, pipes escaped, None as an em dash."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return "NaN" if math.isnan(value) else f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    raise AssertionError("unreachable")
+
+
+def _requirement(lo: float | None, hi: float | None) -> str:
+    parts = ([f">= {lo:g}"] if lo is not None else []) + ([f"<= {hi:g}"] if hi is not None else [])
+    return " and ".join(parts) or "(no bound)"
+
+
+def _onnx_howto(quantized_root: str) -> list[str]:
+    return [
+        f"The ONNX model (`{quantized_root}/onnx-int8/model.onnx`, int8 weights) with onnxruntime. "
+        "The graph takes `input_ids` and `attention_mask` (int64, [batch, sequence]) and returns "
+        "`logits`; it has no KV cache, so decode by feeding the whole sequence each step:",
+        "",
+        "```python",
+        "import numpy as np",
+        "import onnxruntime as ort",
+        "from transformers import AutoTokenizer",
+        "",
+        f'session = ort.InferenceSession("{quantized_root}/onnx-int8/model.onnx", providers=["CPUExecutionProvider"])',
+        f'tokenizer = AutoTokenizer.from_pretrained("{quantized_root}/onnx-int8")',
+        'ids = np.array([tokenizer("Hello").input_ids], dtype=np.int64)',
+        "for _ in range(32):",
+        '    (logits,) = session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})',
+        "    next_id = int(logits[0, -1].argmax())",
+        "    ids = np.concatenate([ids, [[next_id]]], axis=1)",
+        "    if next_id == tokenizer.eos_token_id:",
+        "        break",
+        "print(tokenizer.decode(ids[0]))",
+        "```",
+        "",
+    ]
+
+
+def render_model_card(
+    *,
+    model_name: str,
+    version: str,
+    base_model: str,
+    data_digests: Mapping[str, str],
+    hyperparameters: Mapping[str, Any],
+    report: EvalReport,
+    gates: GateReport,
+    artifacts: Sequence[ArtifactReport],
+    adapter_path: str = "adapter",
+    merged_path: str = "merged",
+    quantized_root: str = "quantized",
+    base_model_digest: str | None = None,
+    lora_rank: int | None = None,
+) -> str:
+    """The version's ``README.md``: what it is, how good, how big and fast, and how to load it.
+
+    Args:
+        model_name, version: the ModelVersion's identity (e.g. ``support-bot``, ``v3``).
+        base_model: the base model URI as the user wrote it (``hf://org/name@rev``, ``s3://...``).
+        data_digests: data name (``train``, ``eval``, extra sets) -> content digest.
+        hyperparameters: resolved training settings worth reading (method, r, alpha, lr, epochs...).
+        adapter_path, merged_path, quantized_root: paths inside the version directory.
+        lora_rank: shown in the vLLM example (``--max-lora-rank`` must be at least this).
+
+    Returns:
+        Markdown with a YAML front matter block (``base_model``, ``library_name``, ``tags``) as the
+        Hugging Face Hub expects. Pure: no I/O.
+    """
+    out: list[str] = [
+        "---",
+        f"base_model: {json.dumps(base_model)}",
+        "library_name: peft",
+        "tags: [kubetune, lora, sft]",
+        "---",
+        "",
+        f"# {model_name} {version}",
+        "",
+        f"Fine-tuned from `{base_model}` by kubetune. "
+        + (
+            "**All quality gates passed.**"
+            if gates.passed
+            else "**Quality gates FAILED: this version is not promotable.**"
+        ),
+        "",
+        "## Base model and data",
+        "",
+        _table(
+            ["Input", "Digest"],
+            [("base model " + base_model, base_model_digest or "—")]
+            + [(k, v) for k, v in data_digests.items()],
+        ),
+        "",
+        "## Hyperparameters",
+        "",
+        _table(
+            ["Setting", "Value"],
+            [(k, json.dumps(v) if isinstance(v, dict | list) else v) for k, v in hyperparameters.items()],
+        ),
+        "",
+        f"## Evaluation ({report.num_examples} examples)",
+        "",
+    ]
+    names = [m for m in ALL_METRICS if m in report.tuned] + sorted(set(report.tuned) - set(ALL_METRICS))
+    rows = []
+    for name in names:
+        base_value = report.base.get(name) if report.base else None
+        tuned_value = report.tuned[name]
+        delta = tuned_value - base_value if base_value is not None else None
+        rows.append((name, base_value, tuned_value, delta))
+    out += [_table(["Metric", "Base", "Tuned", "Δ"], rows), ""]
+    if report.skipped:
+        out += ["Not computed: " + "; ".join(f"`{k}` ({v})" for k, v in report.skipped.items()) + ".", ""]
+    for set_name, sides in report.extra_sets.items():
+        tuned_m = sides.get("tuned") or {}
+        base_m = sides.get("base") or {}
+        out += [
+            f"Extra eval set `{set_name}`:",
+            "",
+            _table(["Metric", "Base", "Tuned"], [(k, base_m.get(k), v) for k, v in tuned_m.items()]),
+            "",
+        ]
+
+    out += ["## Gates", ""]
+    if gates.results:
+        out += [
+            _table(
+                ["Metric", "Requirement", "Value", "Result", "Detail"],
+                [
+                    (r.metric, _requirement(r.min, r.max), r.value, "pass" if r.passed else "FAIL", r.message)
+                    for r in gates.results
+                ],
+            ),
+            "",
+        ]
+    else:
+        out += ["No gates were set in `spec.evaluation.gates`.", ""]
+
+    out += ["## Quantized variants", ""]
+    if artifacts:
+        out += [
+            _table(
+                [
+                    "Format",
+                    "Path",
+                    "Size",
+                    "Size vs merged",
+                    "Latency p50 (ms)",
+                    "Latency p95 (ms)",
+                    "Max logit drift",
+                    "Peak memory vs full precision",
+                ],
+                [
+                    (
+                        a.format,
+                        f"{quantized_root}/{a.path}/",
+                        _size(a.size_bytes),
+                        a.size_ratio,
+                        a.latency_p50_ms,
+                        a.latency_p95_ms,
+                        a.logit_drift_max_abs,
+                        a.peak_memory_ratio,
+                    )
+                    for a in artifacts
+                ],
+            ),
+            "",
+            "Latency: one greedy generate call per prompt, batch 1, on the trainer's hardware "
+            f"({artifacts[0].device}). Logit drift: max |logit - full precision logit| on sample prompts.",
+            "",
+        ]
+    else:
+        out += ["None requested in `spec.quantization.formats`.", ""]
+
+    # vLLM's default max_lora_rank is 16 and it accepts powers of two: round the rank up.
+    vllm_rank = 1 << (lora_rank - 1).bit_length() if lora_rank and lora_rank > 16 else None
+    rank_flag = f" --max-lora-rank {vllm_rank}" if vllm_rank else ""
+    formats = {a.format for a in artifacts}
+    out += [
+        "## How to load",
+        "",
+        f"The LoRA adapter (`{adapter_path}/`) with peft:",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'base = AutoModelForCausalLM.from_pretrained("<base model dir>")',
+        f'model = PeftModel.from_pretrained(base, "{adapter_path}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{adapter_path}")  # or the base model dir',
+        "```",
+        "",
+        f"The merged model (`{merged_path}/`) with transformers, no peft needed:",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{merged_path}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{merged_path}")',
+        "```",
+        "",
+    ]
+    if formats & {"int8", "int4"}:
+        fmt = "int8" if "int8" in formats else "int4"
+        out += [
+            f"The optimum-quanto {'/'.join(sorted(formats & {'int8', 'int4'}))} model:",
+            "",
+            "```python",
+            "from optimum.quanto import QuantizedModelForCausalLM",
+            "",
+            f'model = QuantizedModelForCausalLM.from_pretrained("{quantized_root}/{fmt}")',
+            "```",
+            "",
+        ]
+    if "onnx-int8" in formats:
+        out += _onnx_howto(quantized_root)
+    out += [
+        "The adapter with vLLM's LoRA support, served (OpenAI-compatible API; request `model` = the "
+        "adapter's name):",
+        "",
+        "```bash",
+        f"vllm serve <base model> --enable-lora --lora-modules {model_name}={adapter_path}{rank_flag}",
+        "```",
+        "",
+        "or offline:",
+        "",
+        "```python",
+        "from vllm import LLM, SamplingParams",
+        "from vllm.lora.request import LoRARequest",
+        "",
+        f'llm = LLM(model="<base model>", enable_lora=True{f", max_lora_rank={vllm_rank}" if vllm_rank else ""})',
+        "outputs = llm.generate(",
+        '    ["Hello"],',
+        "    SamplingParams(temperature=0, max_tokens=64),",
+        f'    lora_request=LoRARequest("{model_name}", 1, "{adapter_path}"),',
+        ")",
+        "```",
+        "",
+    ]
+    return "\n".join(out)
