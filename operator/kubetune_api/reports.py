@@ -82,5 +82,11 @@ class TrainerResult(ApiModel):
         text = self.model_dump_json(by_alias=True, exclude_none=True)
         if len(text.encode()) <= TERMINATION_MESSAGE_LIMIT:
             return text
-        slim = self.model_copy(update={"message": self.message[:300], "gates": None})
-        return slim.model_dump_json(by_alias=True, exclude_none=True)[:TERMINATION_MESSAGE_LIMIT]
+        # Shed detail, never validity: the operator must always be able to parse it.
+        slim = self
+        for update in ({"message": self.message[:300], "gates": None}, {"metrics": {}}, {"message": ""}):
+            slim = slim.model_copy(update=update)
+            text = slim.model_dump_json(by_alias=True, exclude_none=True)
+            if len(text.encode()) <= TERMINATION_MESSAGE_LIMIT:
+                break
+        return text

@@ -11,6 +11,7 @@ end-to-end test with the real trainer lives elsewhere.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -79,7 +80,9 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float = 60.0, log: Pa
             return last
         time.sleep(0.3)
     tail = log.read_text()[-4000:] if log and log.exists() else ""
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})\noperator log tail:\n{tail}")
+    pytest.fail(
+        f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})\noperator log tail:\n{tail}"
+    )
 
 
 def finetunejob(name: str, model: str, **spec_overrides: Any) -> dict[str, Any]:
@@ -90,7 +93,12 @@ def finetunejob(name: str, model: str, **spec_overrides: Any) -> dict[str, Any]:
         "output": {"uri": "s3://registry/models"},
     }
     spec.update(spec_overrides)
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": spec}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
 
 
 class Api:
@@ -106,7 +114,9 @@ class Api:
         self.rbac = client.RbacAuthorizationV1Api(api_client)
 
     def create_ftj(self, body: dict[str, Any]) -> dict[str, Any]:
-        return dict(self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, "finetunejobs", body))
+        return dict(
+            self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, "finetunejobs", body)
+        )
 
     def ftj(self, name: str) -> dict[str, Any]:
         return dict(self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, "finetunejobs", name))
@@ -178,7 +188,9 @@ def _without_empty_string_defaults(node: Any) -> Any:
     """The CRD minus ``default: ''`` entries, which the v1.20 API server rejects as null (reported to
     the API owner; a >= 1.29 server accepts them). Only status fields carry such defaults."""
     if isinstance(node, dict):
-        return {k: _without_empty_string_defaults(v) for k, v in node.items() if not (k == "default" and v == "")}
+        return {
+            k: _without_empty_string_defaults(v) for k, v in node.items() if not (k == "default" and v == "")
+        }
     if isinstance(node, list):
         return [_without_empty_string_defaults(v) for v in node]
     return node
@@ -197,18 +209,19 @@ def crds_installed(kube_cluster: LocalCluster) -> None:
         ext = client.ApiextensionsV1Api(api)
         for path in sorted((REPO / "crds").glob("*.yaml")):
             try:
-                ext.create_custom_resource_definition(_without_empty_string_defaults(yaml.safe_load(path.read_text())))
+                ext.create_custom_resource_definition(
+                    _without_empty_string_defaults(yaml.safe_load(path.read_text()))
+                )
             except ApiException as exc:
                 if exc.status != 409:
                     raise
+
+        def established(name: str) -> bool:
+            conditions = ext.read_custom_resource_definition(name).status.conditions or []
+            return any(c.type == "Established" and c.status == "True" for c in conditions)
+
         for name in ("finetunejobs.kubetune.io", "modelversions.kubetune.io"):
-            wait_for(
-                f"CRD {name} Established",
-                lambda n=name: any(
-                    c.type == "Established" and c.status == "True"
-                    for c in (ext.read_custom_resource_definition(n).status.conditions or [])
-                ),
-            )
+            wait_for(f"CRD {name} Established", functools.partial(established, name))
         rbac_api = client.RbacAuthorizationV1Api(api)
         for role in rbac.operator_cluster_roles():
             try:
@@ -272,14 +285,23 @@ def test_guard_rail_violation_is_invalid_with_event_and_no_children(
     op = operator_factory(KUBETUNE_OPERATOR_ALLOWED_OUTPUT_PREFIXES="s3://approved/")
     api.create_ftj(finetunejob("outside", "tiny"))
     cond = wait_for("Invalid condition", lambda: api.condition("outside", "Invalid"), log=op.log)
-    wait_for("Invalid=True", lambda: (api.condition("outside", "Invalid") or {}).get("status") == "True", log=op.log)
+    wait_for(
+        "Invalid=True",
+        lambda: (api.condition("outside", "Invalid") or {}).get("status") == "True",
+        log=op.log,
+    )
     cond = api.condition("outside", "Invalid")
     assert cond is not None and "spec.output.uri" in cond["message"]
     assert api.status("outside")["phase"] == "Failed"
-    events = wait_for("InvalidSpec event", lambda: [e for e in api.events("outside") if e.reason == "InvalidSpec"])
+    events = wait_for(
+        "InvalidSpec event", lambda: [e for e in api.events("outside") if e.reason == "InvalidSpec"]
+    )
     assert "spec.output.uri" in events[0].message
     assert api.jobs("outside") == []
-    assert api.core.list_namespaced_config_map(api.ns, label_selector="kubetune.io/finetunejob=outside").items == []
+    assert (
+        api.core.list_namespaced_config_map(api.ns, label_selector="kubetune.io/finetunejob=outside").items
+        == []
+    )
 
 
 def test_run_to_success_mirrors_status_creates_model_version_and_gc_keeps_it(
@@ -287,7 +309,9 @@ def test_run_to_success_mirrors_status_creates_model_version_and_gc_keeps_it(
 ) -> None:
     op = operator_factory()
     api.create_ftj(finetunejob("demo", "tiny-demo"))
-    wait_for("phase Succeeded", lambda: api.status("demo").get("phase") == "Succeeded", timeout=90, log=op.log)
+    wait_for(
+        "phase Succeeded", lambda: api.status("demo").get("phase") == "Succeeded", timeout=90, log=op.log
+    )
     st = api.status("demo")
     # The stub's own progress report (through its per-job Role) survived the operator's status writes.
     assert st["progress"]["summary"] == "4/4"
@@ -311,7 +335,10 @@ def test_run_to_success_mirrors_status_creates_model_version_and_gc_keeps_it(
     wait_for("children garbage-collected", lambda: not api.jobs("demo"), timeout=60)
     wait_for(
         "ServiceAccount garbage-collected",
-        lambda: all(sa.metadata.name != "demo-trainer" for sa in api.core.list_namespaced_service_account(api.ns).items),
+        lambda: all(
+            sa.metadata.name != "demo-trainer"
+            for sa in api.core.list_namespaced_service_account(api.ns).items
+        ),
         timeout=60,
     )
     assert [v["metadata"]["name"] for v in api.model_versions()] == ["tiny-demo-v1"]
@@ -334,14 +361,28 @@ def test_missing_secret_is_reported_and_recovers(
 ) -> None:
     op = operator_factory()
     api.create_ftj(finetunejob("creds", "tiny-creds", storage={"credentialsSecret": "s3-creds"}))
-    wait_for("SecretNotFound", lambda: api.status("creds").get("reason") == "SecretNotFound", timeout=90, log=op.log)
+    wait_for(
+        "SecretNotFound",
+        lambda: api.status("creds").get("reason") == "SecretNotFound",
+        timeout=90,
+        log=op.log,
+    )
     stalled = api.condition("creds", "Stalled")
     assert stalled is not None and stalled["status"] == "True" and "s3-creds" in stalled["message"]
     wait_for("SecretNotFound event", lambda: [e for e in api.events("creds") if e.reason == "SecretNotFound"])
     api.core.create_namespaced_secret(
-        api.ns, {"metadata": {"name": "s3-creds"}, "stringData": {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}}
+        api.ns,
+        {
+            "metadata": {"name": "s3-creds"},
+            "stringData": {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"},
+        },
     )
-    wait_for("Succeeded after the Secret exists", lambda: api.status("creds").get("phase") == "Succeeded", timeout=90, log=op.log)
+    wait_for(
+        "Succeeded after the Secret exists",
+        lambda: api.status("creds").get("phase") == "Succeeded",
+        timeout=90,
+        log=op.log,
+    )
     assert (api.condition("creds", "Stalled") or {}).get("status") == "False"
 
 
@@ -353,7 +394,10 @@ def test_operator_killed_mid_reconcile_leaves_exactly_one_job(
     # Kill it as soon as the first child exists: the rest of the reconcile has not happened yet.
     wait_for(
         "first child",
-        lambda: any(sa.metadata.name == "crash-trainer" for sa in api.core.list_namespaced_service_account(api.ns).items),
+        lambda: any(
+            sa.metadata.name == "crash-trainer"
+            for sa in api.core.list_namespaced_service_account(api.ns).items
+        ),
         log=op.log,
     )
     op.kill()

@@ -113,7 +113,7 @@ def test_modelversion_downloads_merged_weights_verified(tmp_path: Path) -> None:
 
     with pytest.raises(FetchError, match="no published version 'v9'"):
         fetch("modelversion://general/v9", tmp_path / "x", StoreSettings(), registry_output_uri=output)
-    with pytest.raises(FetchError, match="output.uri"):
+    with pytest.raises(FetchError, match=r"output\.uri"):
         fetch("modelversion://general/v1", tmp_path / "x", StoreSettings())
 
 
@@ -140,7 +140,7 @@ def test_weights_safety(tmp_path: Path) -> None:
     os.unlink(model / "pytorch_model.bin")
 
     (model / "model.safetensors").unlink()
-    with pytest.raises(UnsafeModelError, match="no \\*.safetensors"):
+    with pytest.raises(UnsafeModelError, match=r"no \*\.safetensors"):
         check_weights_safety(model, allow_pickle=False, trust_remote_code=False)
     (model / "model.safetensors").write_bytes(b"\x00")
 

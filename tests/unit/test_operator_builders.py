@@ -26,7 +26,7 @@ EXAMPLE = "examples/quickstart/finetunejob.yaml"
 MULTINODE = "examples/lora-7b-multinode/finetunejob.yaml"
 
 
-def make_job(path: str = EXAMPLE, **spec_updates: Any) -> FineTuneJob:
+def make_job(path: str = EXAMPLE, /, **spec_updates: Any) -> FineTuneJob:
     job = load_finetunejob(path)
     data = job.model_dump(by_alias=True, exclude_none=True)
     data["metadata"].update({"name": "quickstart", "namespace": "team-a", "uid": "uid-1234", "generation": 3})
@@ -119,7 +119,13 @@ def test_single_process_command_and_run_config_mount() -> None:
     obj = builders.build_job(job, OperatorSettings())
     pod = obj["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    assert container["command"] == ["python", "-m", "kubetune_trainer", "--run-config", "/etc/kubetune/run-config.json"]
+    assert container["command"] == [
+        "python",
+        "-m",
+        "kubetune_trainer",
+        "--run-config",
+        "/etc/kubetune/run-config.json",
+    ]
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert mounts["/etc/kubetune"]["readOnly"] is True
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -215,7 +221,9 @@ def test_secret_is_referenced_never_inlined() -> None:
 
 
 def test_image_override_and_default() -> None:
-    settings = OperatorSettings(trainer_image="registry.local/kubetune/trainer:1", allowed_images=("registry.local/",))
+    settings = OperatorSettings(
+        trainer_image="registry.local/kubetune/trainer:1", allowed_images=("registry.local/",)
+    )
     default = builders.build_job(make_job(), settings)["spec"]["template"]["spec"]["containers"][0]["image"]
     assert default == "registry.local/kubetune/trainer:1"
     custom = builders.build_job(make_job(image="registry.local/me/trainer:2"), settings)
@@ -285,7 +293,11 @@ RESULT = TrainerResult.model_validate(
         "model": "tiny-demo-reverser",
         "base": "s3://kubetune-demo/base-models/tiny-llama-demo",
         "method": "lora",
-        "version": {"name": "v1", "uri": "s3://kubetune-demo/models/tiny-demo-reverser/versions/v1/", "manifestDigest": "sha256:" + "a" * 64},
+        "version": {
+            "name": "v1",
+            "uri": "s3://kubetune-demo/models/tiny-demo-reverser/versions/v1/",
+            "manifestDigest": "sha256:" + "a" * 64,
+        },
         "inputsDigest": "sha256:" + "b" * 64,
         "metrics": {"eval_loss": 1.2345, "bleu": 12.0},
         "gates": {"passed": True, "summary": "passed", "results": []},
@@ -302,7 +314,12 @@ def test_model_version_record_is_valid_unowned_and_named_model_version() -> None
     assert record["metadata"]["labels"]["kubetune.io/model"] == "tiny-demo-reverser"
     assert record["metadata"]["labels"]["kubetune.io/finetunejob"] == "quickstart"
     assert record["spec"]["keyMetric"] == "eval_loss=1.234"
-    assert record["spec"]["source"] == {"name": "quickstart", "namespace": "team-a", "uid": "uid-1234", "generation": 3}
+    assert record["spec"]["source"] == {
+        "name": "quickstart",
+        "namespace": "team-a",
+        "uid": "uid-1234",
+        "generation": 3,
+    }
 
 
 def test_model_version_needs_a_version() -> None:
@@ -321,3 +338,14 @@ def test_job_dict_is_json_serialisable_and_deterministic() -> None:
     a = builders.build_job(make_job(), OperatorSettings())
     b = builders.build_job(copy.deepcopy(make_job()), OperatorSettings())
     assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def test_children_order_and_compat_suspend_creates_no_job() -> None:
+    from kubetune_operator.reconcile import desired_children
+
+    kinds = [o["kind"] for o in desired_children(make_job(), OperatorSettings())]
+    assert kinds == ["ServiceAccount", "Role", "RoleBinding", "Service", "ConfigMap", "Job"]
+    # >= 1.29: a suspended Job is created (suspend: true); v1.20 cannot, so none is created yet.
+    suspended = make_job(**{"runPolicy.suspend": True})
+    assert "Job" in [o["kind"] for o in desired_children(suspended, OperatorSettings())]
+    assert "Job" not in [o["kind"] for o in desired_children(suspended, OperatorSettings(compat_k8s_1_20=True))]

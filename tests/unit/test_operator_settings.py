@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -89,14 +90,44 @@ def test_cross_field_rule_names_the_field() -> None:
 @pytest.mark.parametrize(
     ("spec", "settings", "field", "words"),
     [
-        ({"distributed": {"nodes": 4, "gpusPerNode": 1, "strategy": "ddp"}}, {"max_nodes": 2}, "spec.distributed.nodes", "limit of 2"),
-        ({"distributed": {"nodes": 2, "gpusPerNode": 8, "strategy": "ddp"}}, {"max_gpus_per_job": 8}, "spec.distributed.gpusPerNode", "16 GPUs"),
-        ({"output": {"uri": "s3://elsewhere/x"}}, {"allowed_output_prefixes": ("s3://registry/",)}, "spec.output.uri", "allowed prefix"),
-        ({"model": {"name": "t", "base": {"uri": "hf://org/m"}}}, {"allowed_base_model_prefixes": ("s3://models/",)}, "spec.model.base.uri", "allowed prefix"),
+        (
+            {"distributed": {"nodes": 4, "gpusPerNode": 1, "strategy": "ddp"}},
+            {"max_nodes": 2},
+            "spec.distributed.nodes",
+            "limit of 2",
+        ),
+        (
+            {"distributed": {"nodes": 2, "gpusPerNode": 8, "strategy": "ddp"}},
+            {"max_gpus_per_job": 8},
+            "spec.distributed.gpusPerNode",
+            "16 GPUs",
+        ),
+        (
+            {"output": {"uri": "s3://elsewhere/x"}},
+            {"allowed_output_prefixes": ("s3://registry/",)},
+            "spec.output.uri",
+            "allowed prefix",
+        ),
+        (
+            {"model": {"name": "t", "base": {"uri": "hf://org/m"}}},
+            {"allowed_base_model_prefixes": ("s3://models/",)},
+            "spec.model.base.uri",
+            "allowed prefix",
+        ),
         ({"image": "evil/trainer:1"}, {}, "spec.image", "disabled"),
         ({"image": "evil/trainer:1"}, {"allowed_images": ("reg/",)}, "spec.image", "allowed prefix"),
-        ({"model": {"name": "t", "base": {"uri": "s3://models/m", "trustRemoteCode": True}}}, {}, "spec.model.base.trustRemoteCode", "disabled"),
-        ({"distributed": {"nodes": 2, "gpusPerNode": 0, "strategy": "ddp"}}, {"compat_k8s_1_20": True}, "spec.distributed.nodes", "Indexed"),
+        (
+            {"model": {"name": "t", "base": {"uri": "s3://models/m", "trustRemoteCode": True}}},
+            {},
+            "spec.model.base.trustRemoteCode",
+            "disabled",
+        ),
+        (
+            {"distributed": {"nodes": 2, "gpusPerNode": 0, "strategy": "ddp"}},
+            {"compat_k8s_1_20": True},
+            "spec.distributed.nodes",
+            "Indexed",
+        ),
     ],
 )
 def test_guard_rails(spec: dict[str, Any], settings: dict[str, Any], field: str, words: str) -> None:
@@ -107,8 +138,12 @@ def test_guard_rails(spec: dict[str, Any], settings: dict[str, Any], field: str,
 
 
 def test_guard_rails_allow_what_is_within_limits() -> None:
-    settings = OperatorSettings(allowed_images=("reg/",), allowed_output_prefixes=("s3://registry/",), max_nodes=2)
-    validate_job(body(image="reg/trainer:2", distributed={"nodes": 2, "gpusPerNode": 1, "strategy": "ddp"}), settings)
+    settings = OperatorSettings(
+        allowed_images=("reg/",), allowed_output_prefixes=("s3://registry/",), max_nodes=2
+    )
+    validate_job(
+        body(image="reg/trainer:2", distributed={"nodes": 2, "gpusPerNode": 1, "strategy": "ddp"}), settings
+    )
 
 
 # --- the operator's RBAC ----------------------------------------------------------------------
@@ -123,14 +158,16 @@ def test_operator_rbac_is_valid_least_privilege_and_has_no_secret_access() -> No
             for key in ("apiGroups", "resources", "verbs"):
                 assert "*" not in rule[key], rule
             assert "secrets" not in rule["resources"]
-    text = (rbac.__file__ or "").replace("rbac.py", "rbac.yaml")
-    rules_with_reason = open(text).read().count("  # ")
+    text = Path(rbac.__file__).with_name("rbac.yaml").read_text()
+    rules_with_reason = text.count("  # ")
     assert rules_with_reason >= sum(len(r["rules"]) for r in roles)
 
 
 def test_operator_holds_what_the_trainer_role_grants() -> None:
     """RBAC forbids creating a Role with rights its creator lacks (escalation check)."""
-    namespaced = next(r for r in rbac.operator_cluster_roles() if r["metadata"]["name"] == rbac.NAMESPACED_ROLE)
+    namespaced = next(
+        r for r in rbac.operator_cluster_roles() if r["metadata"]["name"] == rbac.NAMESPACED_ROLE
+    )
     status_rule = next(r for r in namespaced["rules"] if r["resources"] == ["finetunejobs/status"])
     assert {"get", "patch"} <= set(status_rule["verbs"])
 
@@ -140,9 +177,15 @@ def test_bindings(namespaces: tuple[str, ...]) -> None:
     bindings = rbac.operator_bindings("kubetune-system", "kubetune-operator", namespaces)
     for binding in bindings:
         kubernetes_validate.validate(binding, "1.31.0", strict=True)
-        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubetune-operator", "namespace": "kubetune-system"}]
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "kubetune-operator", "namespace": "kubetune-system"}
+        ]
     kinds = [b["kind"] for b in bindings]
-    assert kinds == (["ClusterRoleBinding", "ClusterRoleBinding"] if not namespaces else ["ClusterRoleBinding", "RoleBinding", "RoleBinding"])
+    assert kinds == (
+        ["ClusterRoleBinding", "ClusterRoleBinding"]
+        if not namespaces
+        else ["ClusterRoleBinding", "RoleBinding", "RoleBinding"]
+    )
 
 
 # --- metrics ----------------------------------------------------------------------------------
@@ -182,10 +225,12 @@ def test_register_attaches_handlers_without_import_time_side_effects() -> None:
     ids = {h.id for h in registry._changing.get_all_handlers()}  # kopf has no public listing
     assert {"reconcile", "forget"} <= ids
     timers = list(registry._spawning.get_all_handlers())
-    assert [t.interval for t in timers] == [7]
+    assert [getattr(t, "interval", None) for t in timers] == [7]
 
 
-def test_main_refuses_bad_settings(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_main_refuses_bad_settings(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from kubetune_operator.__main__ import main
 
     monkeypatch.setenv("KUBETUNE_OPERATOR_MAX_NODS", "3")

@@ -30,10 +30,14 @@ PUBLISHED = TrainerResult.model_validate(
 )
 
 
-def job(*, active: int = 0, failed: int = 0, suspend: bool = False, condition: tuple[str, str] | None = None) -> dict[str, Any]:
+def job(
+    *, active: int = 0, failed: int = 0, suspend: bool = False, condition: tuple[str, str] | None = None
+) -> dict[str, Any]:
     st: dict[str, Any] = {"active": active, "failed": failed, "startTime": "2026-11-22T09:00:00Z"}
     if condition:
-        st["conditions"] = [{"type": condition[0], "status": "True", "reason": condition[1], "message": "job says so"}]
+        st["conditions"] = [
+            {"type": condition[0], "status": "True", "reason": condition[1], "message": "job says so"}
+        ]
         if condition[0] == "Complete":
             st["completionTime"] = "2026-11-22T09:30:00Z"
     return {"metadata": {"name": ATTEMPT}, "spec": {"suspend": suspend}, "status": st}
@@ -55,7 +59,10 @@ def pod(
     else:
         state["running"] = {"startedAt": "2026-11-22T09:01:00Z"}
     return {
-        "metadata": {"name": f"{ATTEMPT}-{index}-abcde", "annotations": {status.COMPLETION_INDEX_ANNOTATION: index}},
+        "metadata": {
+            "name": f"{ATTEMPT}-{index}-abcde",
+            "annotations": {status.COMPLETION_INDEX_ANNOTATION: index},
+        },
         "status": {
             "phase": phase,
             "conditions": conditions or [],
@@ -64,7 +71,9 @@ def pod(
     }
 
 
-def observed(j: dict[str, Any] | None, pods: list[dict[str, Any]], current: dict[str, Any] | None = None, **kw: Any) -> Observed:
+def observed(
+    j: dict[str, Any] | None, pods: list[dict[str, Any]], current: dict[str, Any] | None = None, **kw: Any
+) -> Observed:
     return Observed(generation=4, attempt=ATTEMPT, job=j, pods=pods, status=current or {}, now=NOW, **kw)
 
 
@@ -154,11 +163,16 @@ def failed_result(reason: str, message: str) -> str:
 
 @pytest.mark.parametrize(
     ("exit_code", "reason", "message"),
-    [(3, "InvalidData", "train.jsonl:3: missing field output"), (5, "Diverged", "loss became NaN at step 12")],
+    [
+        (3, "InvalidData", "train.jsonl:3: missing field output"),
+        (5, "Diverged", "loss became NaN at step 12"),
+    ],
 )
 def test_trainer_failures_fail_with_the_trainers_reason(exit_code: int, reason: str, message: str) -> None:
     term = {"exitCode": exit_code, "reason": "Error", "message": failed_result(reason, message)}
-    patch = reduce_status(observed(job(condition=("Failed", "PodFailurePolicy")), [pod("Failed", terminated=term)]))
+    patch = reduce_status(
+        observed(job(condition=("Failed", "PodFailurePolicy")), [pod("Failed", terminated=term)])
+    )
     assert (patch["phase"], patch["reason"]) == ("Failed", reason)
     assert message in patch["message"]
     assert conditions(patch)["Failed"]["reason"] == reason
@@ -174,51 +188,83 @@ def test_fail_fast_exit_is_terminal_even_before_the_job_notices() -> None:
 
 def test_gate_failure_is_failed_but_keeps_the_published_version() -> None:
     result = PUBLISHED.model_copy(
-        update={"outcome": "Failed", "reason": "GateFailed", "message": "eval_loss 1.5 > max 1.0", "gates": None}
+        update={
+            "outcome": "Failed",
+            "reason": "GateFailed",
+            "message": "eval_loss 1.5 > max 1.0",
+            "gates": None,
+        }
     )
     term = {"exitCode": 4, "reason": "Error", "message": result.to_termination_message()}
-    patch = reduce_status(observed(job(condition=("Failed", "PodFailurePolicy")), [pod("Failed", terminated=term)]))
+    patch = reduce_status(
+        observed(job(condition=("Failed", "PodFailurePolicy")), [pod("Failed", terminated=term)])
+    )
     assert (patch["phase"], patch["reason"]) == ("Failed", "GateFailed")
     assert patch["version"]["name"] == "v2"
 
 
 def test_oom_killed_gives_a_hint() -> None:
     term = {"exitCode": 137, "reason": "OOMKilled", "message": ""}
-    patch = reduce_status(observed(job(condition=("Failed", "BackoffLimitExceeded")), [pod("Failed", terminated=term)]))
+    patch = reduce_status(
+        observed(job(condition=("Failed", "BackoffLimitExceeded")), [pod("Failed", terminated=term)])
+    )
     assert (patch["phase"], patch["reason"]) == ("Failed", "OOMKilled")
     assert "spec.resources.memory" in patch["message"] and "batchSize" in patch["message"]
 
 
 def test_deadline_exceeded() -> None:
-    patch = reduce_status(observed(job(condition=("Failed", "DeadlineExceeded")), [pod("Failed", terminated={"exitCode": 143, "reason": "Error"})]))
+    patch = reduce_status(
+        observed(
+            job(condition=("Failed", "DeadlineExceeded")),
+            [pod("Failed", terminated={"exitCode": 143, "reason": "Error"})],
+        )
+    )
     assert (patch["phase"], patch["reason"]) == ("Failed", "DeadlineExceeded")
     assert "activeDeadlineSeconds" in patch["message"]
 
 
 def test_backoff_limit_exceeded_quotes_the_last_log() -> None:
     term = {"exitCode": 1, "reason": "Error", "message": "Traceback...\nRuntimeError: NCCL timeout"}
-    patch = reduce_status(observed(job(failed=4, condition=("Failed", "BackoffLimitExceeded")), [pod("Failed", terminated=term)]))
+    patch = reduce_status(
+        observed(
+            job(failed=4, condition=("Failed", "BackoffLimitExceeded")), [pod("Failed", terminated=term)]
+        )
+    )
     assert (patch["phase"], patch["reason"]) == ("Failed", "BackoffLimitExceeded")
     assert "NCCL timeout" in patch["message"] and "backoffLimit" in patch["message"]
     assert patch["restarts"] == 4
 
 
 def test_image_pull_backoff_stalls() -> None:
-    patch = reduce_status(observed(job(active=1), [pod("Pending", waiting=("ImagePullBackOff", 'Back-off pulling image "x"'))]))
+    patch = reduce_status(
+        observed(job(active=1), [pod("Pending", waiting=("ImagePullBackOff", 'Back-off pulling image "x"'))])
+    )
     assert (patch["phase"], patch["reason"]) == ("Pending", "ImagePullBackOff")
     assert conditions(patch)["Stalled"]["status"] == "True"
     assert "spec.image" in patch["message"]
 
 
 def test_missing_secret_stalls_with_its_name() -> None:
-    patch = reduce_status(observed(job(active=1), [pod("Pending", waiting=("CreateContainerConfigError", 'secret "s3-creds" not found'))]))
+    patch = reduce_status(
+        observed(
+            job(active=1),
+            [pod("Pending", waiting=("CreateContainerConfigError", 'secret "s3-creds" not found'))],
+        )
+    )
     assert (patch["phase"], patch["reason"]) == ("Pending", "SecretNotFound")
-    assert 's3-creds' in patch["message"] and "credentialsSecret" in patch["message"]
+    assert "s3-creds" in patch["message"] and "credentialsSecret" in patch["message"]
     assert conditions(patch)["Stalled"]["reason"] == "SecretNotFound"
 
 
 def test_unschedulable_stalls() -> None:
-    unsched = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/3 nodes: Insufficient nvidia.com/gpu"}]
+    unsched = [
+        {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": "0/3 nodes: Insufficient nvidia.com/gpu",
+        }
+    ]
     patch = reduce_status(observed(job(active=1), [pod("Pending", conditions=unsched)]))
     assert (patch["phase"], patch["reason"]) == ("Pending", "Unschedulable")
 
@@ -230,7 +276,13 @@ def test_restarts_count_replaced_pods_including_evictions() -> None:
 
 
 def test_finished_job_deleted_by_ttl_keeps_its_outcome() -> None:
-    before = {"phase": "Succeeded", "reason": "Published", "message": "published v2", "jobName": ATTEMPT, "restarts": 2}
+    before = {
+        "phase": "Succeeded",
+        "reason": "Published",
+        "message": "published v2",
+        "jobName": ATTEMPT,
+        "restarts": 2,
+    }
     patch = reduce_status(observed(None, [], before))
     assert (patch["phase"], patch["reason"], patch["restarts"]) == ("Succeeded", "Published", 2)
 
@@ -249,11 +301,20 @@ def test_invalid_spec_status_names_the_field() -> None:
 
 def test_last_transition_time_moves_only_when_status_flips() -> None:
     first = reduce_status(observed(job(active=1), [pod()]))
-    same = reduce_status(Observed(generation=4, attempt=ATTEMPT, job=job(active=1), pods=[pod()], status=first, now=LATER))
+    same = reduce_status(
+        Observed(generation=4, attempt=ATTEMPT, job=job(active=1), pods=[pod()], status=first, now=LATER)
+    )
     assert conditions(same)["Running"]["lastTransitionTime"] == NOW
     term = {"exitCode": 0, "reason": "Completed", "message": PUBLISHED.to_termination_message()}
     done = reduce_status(
-        Observed(generation=4, attempt=ATTEMPT, job=job(condition=("Complete", "")), pods=[pod("Succeeded", terminated=term)], status=first, now=LATER)
+        Observed(
+            generation=4,
+            attempt=ATTEMPT,
+            job=job(condition=("Complete", "")),
+            pods=[pod("Succeeded", terminated=term)],
+            status=first,
+            now=LATER,
+        )
     )
     assert conditions(done)["Running"]["lastTransitionTime"] == LATER
     assert conditions(done)["Succeeded"]["lastTransitionTime"] == LATER
@@ -262,9 +323,15 @@ def test_last_transition_time_moves_only_when_status_flips() -> None:
 
 def test_transition_events() -> None:
     running = reduce_status(observed(job(active=1), [pod()]))
-    assert status.transition({}, running) == status.Transition("Normal", "Running", "Running: training pods are running")
+    assert status.transition({}, running) == status.Transition(
+        "Normal", "Running", "Running: training pods are running"
+    )
     assert status.transition(running, running) is None
-    stalled = reduce_status(observed(job(active=1), [pod("Pending", waiting=("CreateContainerConfigError", 'secret "s" not found'))]))
+    stalled = reduce_status(
+        observed(
+            job(active=1), [pod("Pending", waiting=("CreateContainerConfigError", 'secret "s" not found'))]
+        )
+    )
     event = status.transition(running, stalled)
     assert event is not None and event.type == "Warning" and event.reason == "SecretNotFound"
 
@@ -281,14 +348,24 @@ def test_new_attempt_clears_previous_outcome_and_merge_semantics() -> None:
     "case",
     [
         (job(active=1), [pod()]),
-        (job(condition=("Failed", "BackoffLimitExceeded")), [pod("Failed", terminated={"exitCode": 137, "reason": "OOMKilled"})]),
-        (job(condition=("Complete", "")), [pod("Succeeded", terminated={"exitCode": 0, "message": PUBLISHED.to_termination_message()})]),
+        (
+            job(condition=("Failed", "BackoffLimitExceeded")),
+            [pod("Failed", terminated={"exitCode": 137, "reason": "OOMKilled"})],
+        ),
+        (
+            job(condition=("Complete", "")),
+            [pod("Succeeded", terminated={"exitCode": 0, "message": PUBLISHED.to_termination_message()})],
+        ),
         (job(active=1), [pod("Pending", waiting=("ImagePullBackOff", "x"))]),
     ],
 )
 def test_reducers_do_not_mutate_their_inputs(case: tuple[dict[str, Any], list[dict[str, Any]]]) -> None:
     j, pods = case
-    current = {"phase": "Running", "conditions": [{"type": "Running", "status": "True", "lastTransitionTime": NOW}], "progress": {"step": 1}}
+    current = {
+        "phase": "Running",
+        "conditions": [{"type": "Running", "status": "True", "lastTransitionTime": NOW}],
+        "progress": {"step": 1},
+    }
     snapshot = json.dumps([j, pods, current], sort_keys=True)
     obs = observed(j, pods, current)
     patch = reduce_status(obs)

@@ -16,6 +16,7 @@ from kubetune_trainer.registry import (
     AliasConflict,
     IntegrityError,
     ModelRegistry,
+    RegistryError,
     VersionNotFound,
 )
 from kubetune_trainer.storage import StoreSettings
@@ -282,7 +283,7 @@ def test_bad_model_names_are_refused(name: str, tmp_path: Path) -> None:
 def test_staged_paths_must_be_safe_and_manifest_is_reserved(registry: ModelRegistry, tmp_path: Path) -> None:
     staging = make_staging(tmp_path / "s", "x")
     (staging / "manifest.json").write_text("{}")
-    with pytest.raises(Exception, match="manifest.json is written by the registry"):
+    with pytest.raises(RegistryError, match=r"manifest\.json is written by the registry"):
         registry.publish(staging, inputs={}, inputs_digest=DIGEST_A, metrics={}, gates={}, parent=None)
     assert registry.list_versions() == []
 

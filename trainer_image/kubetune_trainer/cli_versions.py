@@ -233,7 +233,7 @@ def _store_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--region", default=None, help="S3 region")
 
 
-def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``versions list|show|diff|verify`` and ``alias set|history`` to a ``kubetune`` parser."""
     versions = subparsers.add_parser("versions", help="published model versions")
     vsub = versions.add_subparsers(dest="versions_command", required=True)

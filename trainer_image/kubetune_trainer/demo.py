@@ -8,7 +8,7 @@ about a minute on toy word tasks so that a LoRA fine-tune has a prior to build o
 random model barely learns; see shared/FACTS.md).
 
 The toy language: sixteen English words and their made-up "Zorbish" counterparts. The base model
-learns to repeat and reverse word lists (both languages); the fine-tuning task,
+learns to repeat three-word lists (both languages); the fine-tuning task,
 ``synthetic_records(task="translate")``, maps English word lists to Zorbish word by word — related
 (same words, same format, position-wise copying) but new (the word mapping).
 """
@@ -50,7 +50,7 @@ TASKS: dict[str, str] = {
 }
 """Toy tasks and their instructions; ``translate`` is the fine-tuning task, the others the base's prior."""
 
-BASE_TASKS = ("copy", "reverse")
+BASE_TASKS = ("copy",)
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>")
 
@@ -75,8 +75,10 @@ def synthetic_records(n: int, *, seed: int, task: str = "translate") -> list[dic
     """``n`` instruction/input/output records of a toy task (DEMO data), deterministic for ``seed``.
 
     Tasks: ``translate`` (English word list -> Zorbish, word by word), ``copy`` and ``reverse``
-    (word lists drawn from both languages). Lists are 2-5 words long. Raises ValueError for an
-    unknown task.
+    (word lists drawn from both languages). Lists are always three words long: every answer word
+    then sits at a fixed distance from its source word, which a two-layer model finds within a
+    minute of CPU training; with varying lengths it needs many times longer. Raises ValueError for
+    an unknown task.
     """
     if task not in TASKS:
         raise ValueError(f"unknown demo task {task!r}; expected one of {sorted(TASKS)}")
@@ -239,10 +241,10 @@ def pretrain_demo_base(
     *,
     seconds_budget: float = 60,
     seed: int = 0,
-    max_steps: int = 400,
+    max_steps: int = 2000,
     log: bool = False,
 ) -> Path:
-    """Build the DEMO base model: a tiny Llama fully trained on the copy/reverse toy tasks.
+    """Build the DEMO base model: a tiny Llama fully trained on the toy copy task.
 
     Plain torch loop, fp32, one thread (restored afterwards), packed batches of the ChatML-templated
     records, AdamW with warm-up and cosine decay, ``max_steps`` steps or until ``seconds_budget``
@@ -261,7 +263,7 @@ def pretrain_demo_base(
         with tempfile.TemporaryDirectory(prefix="kubetune-demo-") as tmp:
             work = Path(tmp)
             build_demo_tokenizer(work / "tokenizer")
-            build_tiny_llama(out_dir, work / "tokenizer", hidden_size=128, num_layers=4, intermediate_size=256, seed=seed)
+            build_tiny_llama(out_dir, work / "tokenizer", seed=seed)
             tokenizer = AutoTokenizer.from_pretrained(out_dir)
             records = [r for task in BASE_TASKS for r in synthetic_records(3000, seed=seed, task=task)]
             data_file = write_jsonl(work / "base.jsonl", records)
@@ -285,7 +287,7 @@ def pretrain_demo_base(
         while step < max_steps and time.monotonic() - started < seconds_budget:
             for batch in iter_batches(
                 prepared.train,
-                batch_size=4,
+                batch_size=2,
                 max_seq_length=256,
                 packing=True,
                 pad_token_id=tokenizer.pad_token_id,
@@ -301,7 +303,7 @@ def pretrain_demo_base(
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                loss_value = float(loss)
+                loss_value = float(loss.detach())
                 if log and step % 50 == 0:
                     print(f"demo base step {step} loss {loss_value:.4f} {time.monotonic() - started:.1f}s")
                 if step >= max_steps or time.monotonic() - started >= seconds_budget:
@@ -328,7 +330,7 @@ def pretrain_demo_base(
         out_dir,
         params,
         len(tokenizer),
-        f"It was trained for {step} steps on toy copy/reverse word tasks (eval loss {eval_loss:.3f}).",
+        f"It was trained for {step} steps on a toy word-copying task (eval loss {eval_loss:.3f}).",
     )
     return out_dir
 

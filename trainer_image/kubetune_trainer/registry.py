@@ -400,10 +400,12 @@ class ModelRegistry:
             try:
                 self.store.put_bytes(join_key(prefix, MANIFEST_NAME), data, if_none_match=True)
             except PreconditionFailed:
-                raise RegistryError(
-                    f"{self.version_uri(version)}/{MANIFEST_NAME} already exists although this publisher claimed "
-                    f"{version}: the registry was modified outside kubetune"
-                ) from None
+                # A retried PUT whose first attempt landed answers 412 too: that is our manifest.
+                if self._manifest_bytes(version) != data:
+                    raise RegistryError(
+                        f"{self.version_uri(version)}/{MANIFEST_NAME} already exists although this publisher claimed "
+                        f"{version}: the registry was modified outside kubetune"
+                    ) from None
         except BaseException:
             # No manifest -> nothing is visible; drop what we uploaded so the gap costs no storage.
             with contextlib.suppress(Exception):
@@ -417,6 +419,12 @@ class ModelRegistry:
             reused=False,
             manifest=manifest,
         )
+
+    def _manifest_bytes(self, version: str) -> bytes | None:
+        try:
+            return self.store.get_bytes(join_key(self._version_prefix(version), MANIFEST_NAME))[0]
+        except ObjectNotFound:
+            return None
 
     def _hash_staging(self, staging_dir: Path) -> list[dict[str, Any]]:
         if not staging_dir.is_dir():

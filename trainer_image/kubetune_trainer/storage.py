@@ -36,7 +36,7 @@ import shutil
 import tempfile
 import unicodedata
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -352,9 +352,21 @@ class LocalStore(_DirTransfers):
     def _path(self, key: str) -> Path:
         return safe_join(self.root, key)
 
-    def _tmp_path(self, target: Path) -> Path:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return target.parent / f".{target.name}{_TMP_MARKER}{uuid.uuid4().hex}"
+    def _write_tmp(self, target: Path, fill: Callable[[IO[bytes]], None]) -> Path:
+        """A fully written, fsynced temporary file next to ``target`` (same filesystem: rename is atomic)."""
+        for _ in range(3):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.parent / f".{target.name}{_TMP_MARKER}{uuid.uuid4().hex}"
+            try:
+                with open(tmp, "xb") as fh:
+                    fill(fh)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                return tmp
+            except FileNotFoundError:
+                # A concurrent delete() pruned the just-created empty folder: create it again.
+                continue
+        raise StorageError(f"could not create a file in {target.parent}: it keeps disappearing")
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -374,11 +386,7 @@ class LocalStore(_DirTransfers):
         if if_none_match and if_match is not None:
             raise ValueError("pass if_none_match or if_match, not both")
         target = self._path(key)
-        tmp = self._tmp_path(target)
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        tmp = self._write_tmp(target, lambda fh: fh.write(data) and None)
         try:
             if if_none_match:
                 try:
@@ -422,9 +430,15 @@ class LocalStore(_DirTransfers):
 
     def upload_file(self, path: Path, key: str) -> None:
         target = self._path(key)
-        tmp = self._tmp_path(target)
+        if not Path(path).is_file():
+            raise StorageError(f"{path} is not a file")
+
+        def copy(out: IO[bytes]) -> None:
+            with open(path, "rb") as src:
+                shutil.copyfileobj(src, out, length=4 * MiB)
+
+        tmp = self._write_tmp(target, copy)
         try:
-            shutil.copyfile(path, tmp)
             os.replace(tmp, target)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -685,7 +699,8 @@ def make_s3_client(settings: StoreSettings) -> Any:
     config = Config(
         retries={"mode": settings.retry_mode, "max_attempts": settings.max_attempts},
         s3={"addressing_style": settings.addressing_style},
-        max_pool_connections=max(10, settings.max_concurrency * 2),
+        # Files go up in parallel and each large one in parallel parts: room for both.
+        max_pool_connections=max(10, settings.max_concurrency * 4),
         connect_timeout=settings.connect_timeout_s,
         read_timeout=settings.read_timeout_s,
         # Only send/validate checksums where S3 requires them: many S3-compatible stores reject
