@@ -31,6 +31,8 @@ readonly GO_ROOT_IN_DEB="usr/lib/go-1.19"
 
 log() { printf 'build-kube: %s\n' "$*" >&2; }
 die() { printf 'build-kube: ERROR: %s\n' "$*" >&2; exit 1; }
+# Anything set -e stops on without a die() of its own still says where and what.
+trap 'printf "build-kube: ERROR: line %s: \"%s\" failed\n" "$LINENO" "$BASH_COMMAND" >&2' ERR
 
 script_path="$(readlink -f "${BASH_SOURCE[0]}")"
 key="$(sha256sum "$script_path" | cut -c1-16)"
@@ -110,11 +112,13 @@ export GOROOT="$tools/root/$GO_ROOT_IN_DEB"
 [[ -x "$GOROOT/bin/go" ]] || die "Go toolchain not found at $GOROOT/bin/go after unpacking"
 go_version="$("$GOROOT/bin/go" version)"
 log "using $go_version"
-etcd_version="$("$tools/root/usr/bin/etcd" --version | head -n1)"
+# No `| head` under pipefail: the writer's SIGPIPE would end the script without a word.
+etcd_version="$("$tools/root/usr/bin/etcd" --version)"
+etcd_version="${etcd_version%%$'\n'*}"
 log "using $etcd_version"
 
 if ((need_rsync)); then
-  libdir="$(dirname "$(find "$tools/root" -name 'libpopt.so.0' | head -n1)")"
+  libdir="$(dirname "$(find "$tools/root" -name 'libpopt.so.0' -print -quit)")"
   cat >"$tools/bin/rsync" <<WRAPPER
 #!/bin/sh
 LD_LIBRARY_PATH="$libdir\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}" exec "$tools/root/usr/bin/rsync" "\$@"
@@ -130,7 +134,7 @@ src_parent="$work/src"
 mkdir -p "$src_parent"
 (cd "$src_parent" && apt-get "${apt_opts[@]}" -qq source --download-only "$KUBE_SOURCE_PACKAGE") >>"$build_log" 2>&1 \
   || die "apt-get source $KUBE_SOURCE_PACKAGE failed; see $build_log"
-dsc="$(find "$src_parent" -maxdepth 1 -name "${KUBE_SOURCE_PACKAGE}_*.dsc" | head -n1)"
+dsc="$(find "$src_parent" -maxdepth 1 -name "${KUBE_SOURCE_PACKAGE}_*.dsc" -print -quit)"
 [[ -n "$dsc" ]] || die "no .dsc downloaded for $KUBE_SOURCE_PACKAGE"
 src="$src_parent/kubernetes"
 (cd "$src_parent" && dpkg-source -x "$dsc" "$src") >>"$build_log" 2>&1 || die "dpkg-source -x failed; see $build_log"

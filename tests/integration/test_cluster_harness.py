@@ -252,11 +252,9 @@ def test_missing_secret_and_image_pull_failure_keep_the_pod_waiting(
 ) -> None:
     core = client.CoreV1Api(kube_api)
     fake_kubelet.set_image_pull_failure("kubetune/missing:1")
-    base = {"apiVersion": "v1", "kind": "Pod", "spec": {"restartPolicy": "Never"}}
     core.create_namespaced_pod(
         namespace,
-        base
-        | {
+        {
             "metadata": {"name": "no-image"},
             "spec": {
                 "restartPolicy": "Never",
@@ -268,8 +266,7 @@ def test_missing_secret_and_image_pull_failure_keep_the_pod_waiting(
     )
     core.create_namespaced_pod(
         namespace,
-        base
-        | {
+        {
             "metadata": {"name": "no-secret"},
             "spec": {
                 "restartPolicy": "Never",

@@ -15,7 +15,7 @@ from kubetune_trainer.fetch import fetch
 from kubetune_trainer.registry import AliasConflict, ModelRegistry, VersionNotFound
 from kubetune_trainer.storage import PreconditionFailed, S3Store, StoreSettings, UnsafeKeyError, open_uri
 from tests.fixtures.s3 import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY
-from tests.unit.test_registry import inputs, make_staging
+from tests.unit.test_registry import inputs, make_staging, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -264,3 +264,39 @@ def test_modelversion_chain_and_no_credentials_in_any_object(
     for key, data in bucket_objects(endpoint, bucket).items():
         assert FAKE_SECRET_ACCESS_KEY.encode() not in data, key
         assert FAKE_ACCESS_KEY_ID.encode() not in data, key
+
+
+def test_cli_against_the_s3_endpoint(
+    s3_bucket: tuple[str, str],
+    s3_settings: StoreSettings,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    endpoint, bucket = s3_bucket
+    monkeypatch.setenv("COLUMNS", "200")
+    registry = ModelRegistry(f"s3://{bucket}/r", "support-bot", s3_settings)
+    registry.publish(
+        make_staging(tmp_path / "s", "x"),
+        inputs={},
+        inputs_digest="8" * 64,
+        metrics={},
+        gates={},
+        parent=None,
+    )
+    common = [
+        "--output",
+        f"s3://{bucket}/r",
+        "--model",
+        "support-bot",
+        "--endpoint",
+        endpoint,
+        "--region",
+        "us-east-1",
+    ]
+    assert run_cli(["versions", "verify", *common, "v1"]) == 0
+    raw_client(endpoint).delete_object(Bucket=bucket, Key="r/support-bot/versions/v1/eval/report.json")
+    assert run_cli(["versions", "verify", *common, "v1"]) == 1
+    out = capsys.readouterr().out
+    assert "missing" in out and "eval/report.json" in out
+    assert FAKE_SECRET_ACCESS_KEY not in out

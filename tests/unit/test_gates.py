@@ -67,3 +67,14 @@ def test_bounds_are_inclusive_and_no_gates_pass() -> None:
     assert check_gates({"accuracy": 0.92}, {"accuracy": Gate(min=0.92, max=0.92)}).passed
     empty = check_gates({"accuracy": 0.1}, None)
     assert empty.passed and empty.results == []
+
+
+def test_missing_metric_message_quotes_the_reason() -> None:
+    report = check_gates(
+        {},
+        {"json_validity": {"min": 0.99}},
+        not_computed={"json_validity": "spec.evaluation.jsonSchema is not set"},
+    )
+    assert report.results[0].message == (
+        "json_validity was not computed, so its gate (>= 0.99) cannot pass (spec.evaluation.jsonSchema is not set)"
+    )

@@ -45,18 +45,25 @@ def test_int8_and_onnx_int8_land_on_disk_and_report(
 ) -> None:
     out = merged["root"] / "quantized"
     assert sorted(p.name for p in out.iterdir()) == ["int8", "onnx-int8"]  # no temporary export left
-    int8, onnx = cpu_artifacts["int8"], cpu_artifacts["onnx-int8"]
+    int8, onnx_report = cpu_artifacts["int8"], cpu_artifacts["onnx-int8"]
     assert {"model.safetensors", "quanto_qmap.json", "tokenizer.json"} <= set(int8.files)
-    assert {"model.onnx", "kubetune-onnx.json", "tokenizer.json", "config.json"} <= set(onnx.files)
-    for report in (int8, onnx):
-        assert 0 < report.size_ratio < 1  # int8 weights: smaller than fp32 even for a tiny model
+    assert {"model.onnx", "kubetune-onnx.json", "tokenizer.json", "config.json"} <= set(onnx_report.files)
+    assert 0 < int8.size_ratio < 1  # int8 weights: smaller than fp32 even for a tiny model
+    # For a tiny model the ONNX graph itself (ops, RoPE tables) outweighs the weights, so no size
+    # claim here; what must hold is that the matmul weights really are int8.
+    import onnx
+
+    graph = onnx.load(str(out / "onnx-int8" / "model.onnx")).graph
+    assert sum(init.data_type == onnx.TensorProto.INT8 for init in graph.initializer) >= 14  # 7 per layer
+    for report in (int8, onnx_report):
+        assert report.size_ratio > 0
         assert report.size_bytes == sum((out / report.path / f).stat().st_size for f in report.files)
         # Quantization error is visible but small relative to logits of order 1.
         assert 0 < report.logit_drift_mean_abs <= report.logit_drift_max_abs < 0.5
         assert 0 < report.latency_p50_ms <= report.latency_p95_ms
         assert report.new_tokens >= 2
         assert report.peak_memory_ratio is None  # not measured here
-    assert json.loads(json.dumps(onnx.to_dict()))["format"] == "onnx-int8"
+    assert json.loads(json.dumps(onnx_report.to_dict()))["format"] == "onnx-int8"
 
 
 @pytest.mark.parametrize(("fmt", "kind"), [("int8", "quanto"), ("onnx-int8", "onnx")])
@@ -83,7 +90,7 @@ def test_nf4_on_cpu_is_refused_before_any_work(tmp_path: Path, merged: dict[str,
 
 def test_unknown_format_lists_supported_ones() -> None:
     with pytest.raises(
-        UnsupportedFormatError, match="unknown quantization format 'fp8'.*int8, int4, onnx-int8, nf4"
+        UnsupportedFormatError, match=r"unknown quantization format 'fp8'.*int8, int4, onnx-int8, nf4"
     ):
         check_formats_supported(["fp8"])
 

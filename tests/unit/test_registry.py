@@ -19,7 +19,7 @@ from kubetune_trainer.registry import (
     RegistryError,
     VersionNotFound,
 )
-from kubetune_trainer.storage import StoreSettings
+from kubetune_trainer.storage import PreconditionFailed, StoreSettings
 
 DIGEST_A = "a" * 64
 DIGEST_B = "b" * 64
@@ -147,6 +147,24 @@ def test_interrupted_upload_leaves_no_version_and_a_retry_completes(
     assert not (tmp_path / "registry" / "support-bot" / "versions" / "v1").exists(), (
         "partial files cleaned up"
     )
+
+
+def test_a_retried_manifest_write_that_already_landed_still_publishes(
+    registry: ModelRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # botocore retries a PUT whose response was lost; the retry then meets its own object: 412.
+    real_put = registry.store.put_bytes
+
+    def put_then_412(key: str, data: bytes, **kw: Any) -> str:
+        etag = real_put(key, data, **kw)
+        if key.endswith("/manifest.json"):
+            raise PreconditionFailed(f"{key} already exists (If-None-Match)")
+        return etag
+
+    monkeypatch.setattr(registry.store, "put_bytes", put_then_412)
+    pv = publish(registry, tmp_path, "one", DIGEST_A)
+    assert pv.name == "v1" and registry.verify("v1").ok
+    assert [v.name for v in registry.list_versions()] == ["v1"]
 
 
 def test_concurrent_publishers_get_distinct_versions(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from kubetune_trainer.storage import (
     ObjectNotFound,
     PreconditionFailed,
     S3Store,
+    StorageError,
     StoreSettings,
     UnsafeKeyError,
     _DirTransfers,
@@ -250,3 +251,20 @@ def test_digest_json_is_canonical() -> None:
     assert digest_json({"x": 1}) != digest_json({"x": 2})
     with pytest.raises(ValueError):
         digest_json({"x": float("nan")})
+
+
+def test_unreachable_endpoint_is_a_storage_error_without_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.fixtures.s3 import FAKE_SECRET_ACCESS_KEY, fake_credentials_env
+
+    for key, value in fake_credentials_env().items():
+        monkeypatch.setenv(key, value)
+    settings = StoreSettings(
+        endpoint="http://127.0.0.1:9", region="us-east-1", max_attempts=1, connect_timeout_s=1
+    )
+    store = S3Store("some-bucket", settings)
+    with pytest.raises(StorageError) as info:
+        store.get_bytes("models/config.json")
+    message = str(info.value)
+    assert message.startswith("reading s3://some-bucket/models/config.json failed: EndpointConnectionError")
+    assert "127.0.0.1:9" in message
+    assert FAKE_SECRET_ACCESS_KEY not in message

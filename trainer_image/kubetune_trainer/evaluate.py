@@ -85,17 +85,8 @@ ALL_METRICS: tuple[str, ...] = (
     "latency_p95_ms",
     "peak_memory_ratio",
 )
-#: What is computed when ``spec.evaluation.metrics`` is empty.
-DEFAULT_METRICS: tuple[str, ...] = (
-    "eval_loss",
-    "perplexity",
-    "exact_match",
-    "accuracy",
-    "bleu",
-    "rouge_l",
-    "latency_p50_ms",
-    "latency_p95_ms",
-)
+#: What is computed when ``spec.evaluation.metrics`` is empty (kubetune_api's default list).
+DEFAULT_METRICS: tuple[str, ...] = ("eval_loss", "perplexity", "exact_match", "bleu", "rouge_l")
 _TEXT_METRICS = frozenset({"exact_match", "accuracy", "bleu", "rouge_l"})
 _GENERATION_METRICS = _TEXT_METRICS | {"json_validity", "latency_p50_ms", "latency_p95_ms"}
 
@@ -303,7 +294,7 @@ def loss_and_perplexity(
     was_training = getattr(model, "training", False)
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.no_grad():
             for start in range(0, len(examples), batch_size):
                 batch = examples[start : start + batch_size]
                 width = max(len(ex.input_ids) for ex in batch)
@@ -371,7 +362,9 @@ def generate_token_ids(
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     sampling: dict[str, Any] = {"temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {}
     torch.manual_seed(seed)
-    with torch.inference_mode():
+    # no_grad, not inference_mode: optimum-quanto's int4 tensors fail under inference_mode
+    # ("Cannot set version_counter for inference tensor").
+    with torch.no_grad():
         out = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
@@ -739,7 +732,7 @@ def evaluate_model(
     device: str = "cpu",
     seed: int = 0,
     batch_size: int = 8,
-    consistency_prompts: int = 32,
+    consistency_prompts: int | None = None,
     tuned_source: ModelSource | None = None,
     base_source: ModelSource | None = None,
 ) -> EvalReport:
@@ -753,7 +746,8 @@ def evaluate_model(
         eval_cfg: ``spec.evaluation`` (pydantic model, object or dict): metrics, maxSamples,
             maxNewTokens, jsonSchema, consistency {samples, temperature}, compareBase, gates.
         extra_sets: name -> examples of the optional extra eval sets (metrics reported, not gated).
-        consistency_prompts: consistency samples only the first N prompts (N x samples generations).
+        consistency_prompts: consistency samples only the first N prompts (N x samples generations);
+            default ``consistency.prompts`` from the spec, else 20.
         tuned_source, base_source: where the two models live on disk; when both are given the
             peak memory of each is measured in a fresh process and ``peak_memory_ratio`` computed.
 
@@ -770,6 +764,7 @@ def evaluate_model(
     cons_cfg = _cfg(eval_cfg, "consistency", None)
     cons_samples = int(_cfg(cons_cfg, "samples", 5))
     cons_temperature = float(_cfg(cons_cfg, "temperature", 0.7))
+    cons_prompts = int(consistency_prompts or _cfg(cons_cfg, "prompts", 20))
     adapter_disabled_base = base is None and hasattr(tuned, "disable_adapter")
     compare_base = bool(_cfg(eval_cfg, "compare_base", True)) and (base is not None or adapter_disabled_base)
     examples = list(examples)[:max_samples]
@@ -785,7 +780,7 @@ def evaluate_model(
         "json_schema": json_schema,
         "consistency_samples": cons_samples,
         "consistency_temperature": cons_temperature,
-        "consistency_prompts": consistency_prompts,
+        "consistency_prompts": cons_prompts,
         "seed": seed,
         "batch_size": batch_size,
     }
@@ -862,7 +857,7 @@ def evaluate_model(
             "consistency": {
                 "samples": cons_samples,
                 "temperature": cons_temperature,
-                "prompts": consistency_prompts,
+                "prompts": cons_prompts,
             },
             "compare_base": compare_base,
             "seed": seed,

@@ -89,7 +89,9 @@ def _fmt(x: float) -> str:
     return f"{x:.6g}"
 
 
-def _check_one(metric: str, lo: float | None, hi: float | None, value: float | None) -> GateResult:
+def _check_one(
+    metric: str, lo: float | None, hi: float | None, value: float | None, why_missing: str | None
+) -> GateResult:
     def result(passed: bool, message: str) -> GateResult:
         return GateResult(metric=metric, min=lo, max=hi, value=value, passed=passed, message=message)
 
@@ -101,11 +103,10 @@ def _check_one(metric: str, lo: float | None, hi: float | None, value: float | N
     if lo is None and hi is None:
         return result(False, f"gate on {metric} sets neither min nor max; set at least one bound")
     if value is None:
-        return result(
-            False,
-            f"{metric} was not computed, so its gate ({bounds}) cannot pass; "
-            f"add {metric} to spec.evaluation.metrics or remove the gate",
-        )
+        missing = f"{metric} was not computed, so its gate ({bounds}) cannot pass"
+        if why_missing:
+            return result(False, f"{missing} ({why_missing})")
+        return result(False, f"{missing}; add {metric} to spec.evaluation.metrics or remove the gate")
     if math.isnan(value):
         return result(False, f"{metric} is NaN (required {bounds})")
     if lo is not None and value < lo:
@@ -115,7 +116,12 @@ def _check_one(metric: str, lo: float | None, hi: float | None, value: float | N
     return result(True, f"{metric} = {_fmt(value)} meets {bounds}")
 
 
-def check_gates(metrics: Mapping[str, float], gates: Mapping[str, Any] | None) -> GateReport:
+def check_gates(
+    metrics: Mapping[str, float],
+    gates: Mapping[str, Any] | None,
+    *,
+    not_computed: Mapping[str, str] | None = None,
+) -> GateReport:
     """Check every gate against the computed metrics.
 
     Args:
@@ -123,6 +129,8 @@ def check_gates(metrics: Mapping[str, float], gates: Mapping[str, Any] | None) -
             :meth:`kubetune_trainer.evaluate.EvalReport.gate_metrics`).
         gates: metric name -> gate; a gate is any object or dict with optional ``min``/``max``
             (``kubetune_api`` Gate models, plain dicts from YAML). ``None`` or empty means no gates.
+        not_computed: metric -> why it was not computed (``EvalReport.skipped``), quoted in the
+            failure message of a gate on that metric.
 
     Returns:
         A :class:`GateReport` with one result per gate in the order given. Never raises for a
@@ -137,6 +145,7 @@ def check_gates(metrics: Mapping[str, float], gates: Mapping[str, Any] | None) -
             _bound(gate, "min"),
             _bound(gate, "max"),
             None if metrics.get(metric) is None else float(metrics[metric]),
+            (not_computed or {}).get(metric),
         )
         for metric, gate in (gates or {}).items()
     ]

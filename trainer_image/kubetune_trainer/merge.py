@@ -83,7 +83,7 @@ def max_logit_difference(model_a: Any, model_b: Any, input_ids: torch.Tensor) ->
     """
     import torch
 
-    with torch.inference_mode():
+    with torch.no_grad():
         a = model_a.eval()(input_ids=input_ids).logits.float()
         b = model_b.eval()(input_ids=input_ids).logits.float()
     if a.shape != b.shape:

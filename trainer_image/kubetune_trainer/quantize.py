@@ -302,7 +302,7 @@ def _logits(model: Any, input_ids: Sequence[int]) -> np.ndarray:
         device = next(model.parameters()).device
     except (AttributeError, StopIteration):
         device = torch.device("cpu")
-    with torch.inference_mode():
+    with torch.no_grad():
         ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
         return model(input_ids=ids).logits[0].float().cpu().numpy()
 

@@ -352,7 +352,7 @@ class LocalStore(_DirTransfers):
     def _path(self, key: str) -> Path:
         return safe_join(self.root, key)
 
-    def _write_tmp(self, target: Path, fill: Callable[[IO[bytes]], None]) -> Path:
+    def _write_tmp(self, target: Path, fill: Callable[[IO[bytes]], object]) -> Path:
         """A fully written, fsynced temporary file next to ``target`` (same filesystem: rename is atomic)."""
         for _ in range(3):
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -386,7 +386,7 @@ class LocalStore(_DirTransfers):
         if if_none_match and if_match is not None:
             raise ValueError("pass if_none_match or if_match, not both")
         target = self._path(key)
-        tmp = self._write_tmp(target, lambda fh: fh.write(data) and None)
+        tmp = self._write_tmp(target, lambda fh: fh.write(data))
         try:
             if if_none_match:
                 try:
@@ -558,29 +558,34 @@ class S3Store(_DirTransfers):
 
     def _fail(self, action: str, key: str, exc: Exception) -> StorageError:
         code, status = _error_code(exc)
-        detail = f"{code or type(exc).__name__} (HTTP {status})" if status else (code or type(exc).__name__)
+        if code or status:
+            detail = f"{code or type(exc).__name__} (HTTP {status})"
+        else:
+            # botocore's own errors (no endpoint, no credentials, timeouts) say what went wrong and
+            # name the endpoint, never a credential.
+            detail = f"{type(exc).__name__}: {exc}"
         return StorageError(f"{action} {self.uri_for(key)} failed: {detail}")
 
     def exists(self, key: str) -> bool:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             self._client.head_object(Bucket=self.bucket, Key=key)
             return True
-        except ClientError as exc:
+        except (ClientError, BotoCoreError) as exc:
             code, status = _error_code(exc)
             if status == 404 or code in ("404", "NoSuchKey", "NotFound"):
                 return False
             raise self._fail("checking", key, exc) from None
 
     def get_bytes(self, key: str) -> tuple[bytes, str]:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             response = self._client.get_object(Bucket=self.bucket, Key=key)
             with contextlib.closing(response["Body"]) as body:
                 return body.read(), str(response["ETag"])
-        except ClientError as exc:
+        except (ClientError, BotoCoreError) as exc:
             code, status = _error_code(exc)
             if status == 404 or code in ("NoSuchKey", "404"):
                 raise self._not_found(key) from None
@@ -589,7 +594,7 @@ class S3Store(_DirTransfers):
     def put_bytes(
         self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
     ) -> str:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         if if_none_match and if_match is not None:
             raise ValueError("pass if_none_match or if_match, not both")
@@ -601,7 +606,7 @@ class S3Store(_DirTransfers):
             kwargs["IfMatch"] = if_match
         try:
             response = self._client.put_object(**kwargs)
-        except ClientError as exc:
+        except (ClientError, BotoCoreError) as exc:
             code, status = _error_code(exc)
             conditional = if_none_match or if_match is not None
             if conditional and (
@@ -616,11 +621,11 @@ class S3Store(_DirTransfers):
 
     @contextlib.contextmanager
     def open_read(self, key: str) -> Iterator[IO[bytes]]:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             response = self._client.get_object(Bucket=self.bucket, Key=key)
-        except ClientError as exc:
+        except (ClientError, BotoCoreError) as exc:
             code, status = _error_code(exc)
             if status == 404 or code in ("NoSuchKey", "404"):
                 raise self._not_found(key) from None
@@ -630,49 +635,49 @@ class S3Store(_DirTransfers):
 
     def upload_file(self, path: Path, key: str) -> None:
         from boto3.exceptions import S3UploadFailedError
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         validate_key(key)
         try:
             self._client.upload_file(str(path), self.bucket, key, Config=self.transfer_config)
-        except (ClientError, S3UploadFailedError) as exc:
+        except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
             raise self._fail(f"uploading {path} to", key, exc) from None
 
     def download_file(self, key: str, path: Path) -> None:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             # s3transfer writes to a temporary name and renames it into place when complete.
             self._client.download_file(self.bucket, key, str(path), Config=self.transfer_config)
-        except ClientError as exc:
+        except (ClientError, BotoCoreError) as exc:
             code, status = _error_code(exc)
             if status == 404 or code in ("NoSuchKey", "404"):
                 raise self._not_found(key) from None
             raise self._fail("downloading", key, exc) from None
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         paginator = self._client.get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
                 for item in page.get("Contents", []):
                     yield ObjectInfo(key=item["Key"], size=int(item["Size"]), etag=str(item.get("ETag", "")))
-        except ClientError as exc:
+        except (ClientError, BotoCoreError) as exc:
             raise self._fail("listing", prefix, exc) from None
 
     def delete(self, key: str) -> None:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             self._client.delete_object(Bucket=self.bucket, Key=key)
-        except ClientError as exc:
+        except (ClientError, BotoCoreError) as exc:
             raise self._fail("deleting", key, exc) from None
 
     def delete_prefix(self, prefix: str) -> int:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         keys = [info.key for info in self.list(prefix)]
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
@@ -681,7 +686,7 @@ class S3Store(_DirTransfers):
                 response = self._client.delete_objects(
                     Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
                 )
-            except ClientError as exc:
+            except (ClientError, BotoCoreError) as exc:
                 raise self._fail("deleting under", prefix, exc) from None
             if response.get("Errors"):
                 first = response["Errors"][0]

@@ -10,7 +10,7 @@ Public entry points (import them from here):
 Importing this package does not import torch or transformers.
 """
 
-from kubetune_trainer.data.batching import MODEL_INPUT_KEYS, count_batches, iter_batches, pack_rows
+from kubetune_trainer.data.batching import MODEL_INPUT_KEYS, count_batches, iter_batches, model_inputs, pack_rows
 from kubetune_trainer.data.prepare import (
     DataReport,
     FileReport,
@@ -68,6 +68,7 @@ __all__ = [
     "count_batches",
     "encode",
     "iter_batches",
+    "model_inputs",
     "pack_rows",
     "prepare_data",
     "read_file",

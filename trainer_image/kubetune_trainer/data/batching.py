@@ -21,18 +21,21 @@ block (positions restart at 0, labels -100). The first label of every example is
 after the causal shift it would be the target of the previous example's last token.
 Packing is exact only for models whose attention goes through those utilities (the Llama, Qwen2,
 Mistral, ... families in transformers 5); the trainer should use padded batches otherwise.
+It also needs the model called with ``use_cache=False``: with a KV cache (the default of most
+configs, even in training mode) transformers skips packed-sequence detection and the examples
+of a row attend to each other. :func:`model_inputs` adds it; tests prove the equivalence.
 
 Both kinds carry ``num_tokens`` (real, non-pad tokens: throughput is measured in these) and
 ``num_label_tokens`` (tokens that contribute to the loss after the causal shift) as 0-d tensors.
-Only the keys in :data:`MODEL_INPUT_KEYS` go to the model.
+Only the keys in :data:`MODEL_INPUT_KEYS` go to the model; :func:`model_inputs` picks them.
 """
 
 from __future__ import annotations
 
 import bisect
 import random
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kubetune_trainer.data.templates import IGNORE_INDEX
 
@@ -41,6 +44,15 @@ if TYPE_CHECKING:
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "labels")
 """Batch keys that are model inputs; the others (``num_tokens``, ...) are bookkeeping."""
+
+
+def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The keyword arguments for ``model(**...)`` from a batch: model inputs only, ``use_cache=False``.
+
+    ``use_cache=False`` is what makes packed rows exact (see the module docstring); training never
+    needs the KV cache anyway.
+    """
+    return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch} | {"use_cache": False}
 
 
 class Example(Protocol):
