@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,7 +111,9 @@ def test_ranks_split_the_data_evenly() -> None:
     per_rank = [
         list(iter_batches(data, packing=False, epoch=0, rank=r, world_size=2, **ARGS)) for r in range(2)
     ]
-    assert len(per_rank[0]) == len(per_rank[1]) == count_batches(data, packing=False, world_size=2, **ARGS) == 2
+    assert (
+        len(per_rank[0]) == len(per_rank[1]) == count_batches(data, packing=False, world_size=2, **ARGS) == 2
+    )
     sizes = [sum(b["input_ids"].shape[0] for b in batches) for batches in per_rank]
     assert sizes == [6, 6]  # 11 examples padded by wrap-around to 12
 
@@ -142,17 +145,22 @@ def test_packing_is_exact_on_a_tiny_llama(tiny_model_dir: Path, attn: str) -> No
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attn)
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, attn_implementation=attn
+    )
     model.eval()
     data = examples(9, seed=3)
-    [batch] = list(iter_batches(data, batch_size=8, max_seq_length=64, packing=True, pad_token_id=0, seed=0, epoch=0))
+    [batch] = list(
+        iter_batches(data, batch_size=8, max_seq_length=64, packing=True, pad_token_id=0, seed=0, epoch=0)
+    )
     assert batch["input_ids"].shape[0] < len(data)  # really packed: several examples share rows
     with torch.no_grad():
         packed = model(**model_inputs(batch)).logits
         matched = 0
         for r in range(batch["input_ids"].shape[0]):
-            starts = (batch["position_ids"][r] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
-            for s, e in zip(starts, starts[1:], strict=False):
+            width = batch["input_ids"].shape[1]
+            starts = [*(batch["position_ids"][r] == 0).nonzero().flatten().tolist(), width]
+            for s, e in itertools.pairwise(starts):
                 ids = batch["input_ids"][r, s:e]
                 source = next((x for x in data if x.input_ids == ids.tolist()), None)
                 if source is None:
@@ -161,7 +169,9 @@ def test_packing_is_exact_on_a_tiny_llama(tiny_model_dir: Path, attn: str) -> No
                 torch.testing.assert_close(packed[r, s:e], alone, atol=1e-4, rtol=0)
                 labels = torch.tensor(source.labels)
                 loss_alone = torch.nn.functional.cross_entropy(alone[:-1], labels[1:], reduction="none")
-                loss_packed = torch.nn.functional.cross_entropy(packed[r, s : e - 1], labels[1:], reduction="none")
+                loss_packed = torch.nn.functional.cross_entropy(
+                    packed[r, s : e - 1], labels[1:], reduction="none"
+                )
                 torch.testing.assert_close(loss_packed, loss_alone, atol=1e-4, rtol=0)
                 matched += 1
     assert matched == len(data)
@@ -174,7 +184,9 @@ def test_packing_leaks_across_examples_with_a_kv_cache(tiny_model_dir: Path) -> 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model.eval()
     data = examples(9, seed=3)
-    [batch] = list(iter_batches(data, batch_size=8, max_seq_length=64, packing=True, pad_token_id=0, seed=0, epoch=0))
+    [batch] = list(
+        iter_batches(data, batch_size=8, max_seq_length=64, packing=True, pad_token_id=0, seed=0, epoch=0)
+    )
     with torch.no_grad():
         exact = model(**model_inputs(batch)).logits
         cached = model(**{**model_inputs(batch), "use_cache": True}).logits

@@ -30,7 +30,10 @@ INSTRUCTION = [
     {"instruction": "Add the numbers.", "input": "2 3", "output": "5"},
     {"instruction": "Say hi.", "input": "", "output": "hi"},
 ]
-PROMPT_COMPLETION = [{"prompt": "Capital of France?", "completion": "Paris"}, {"prompt": "2+2?", "completion": "4"}]
+PROMPT_COMPLETION = [
+    {"prompt": "Capital of France?", "completion": "Paris"},
+    {"prompt": "2+2?", "completion": "4"},
+]
 CHAT = [
     {
         "messages": [
@@ -99,15 +102,19 @@ def test_declared_form_is_used(tmp_path: Path, suffix: str) -> None:
 
 def test_field_mapping_renames_columns(tmp_path: Path) -> None:
     path = write(tmp_path / "d.jsonl", [{"question": "Why?", "response": "Because."}])
-    result = read_file(path, spec(format="instruction", fields={"instruction": "question", "output": "response"}))
+    result = read_file(
+        path, spec(format="instruction", fields={"instruction": "question", "output": "response"})
+    )
     assert result.records[0].messages[-1].content == "Because."
 
 
 def test_bom_and_crlf_are_accepted(tmp_path: Path) -> None:
     jsonl = tmp_path / "d.jsonl"
-    jsonl.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "a", "completion": "b"}\r\n{"prompt": "c", "completion": "d"}\r\n')
+    jsonl.write_bytes(
+        b"\xef\xbb\xbf" + b'{"prompt": "a", "completion": "b"}\r\n{"prompt": "c", "completion": "d"}\r\n'
+    )
     csv_path = tmp_path / "d.csv"
-    csv_path.write_bytes(b"\xef\xbb\xbfprompt,completion\r\na,\"multi\r\nline\"\r\nc,d\r\n")
+    csv_path.write_bytes(b'\xef\xbb\xbfprompt,completion\r\na,"multi\r\nline"\r\nc,d\r\n')
     js = tmp_path / "d.json"
     js.write_bytes(b"\xef\xbb\xbf" + json.dumps({"data": PROMPT_COMPLETION}).encode())
     for path in (jsonl, csv_path, js):
@@ -157,7 +164,13 @@ def test_chat_errors(tmp_path: Path) -> None:
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]},
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]},
         {"messages": "hello"},
-        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "t"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a"},
+                {"role": "user", "content": "t"},
+            ]
+        },
     ]
     result = read_file(write(tmp_path / "chat.jsonl", rows), spec())
     got = [(e.line, e.field, e.message) for e in result.errors]
@@ -208,7 +221,11 @@ def test_parquet_missing_columns_is_one_error_naming_them(tmp_path: Path) -> Non
 
 
 def test_parquet_row_errors_use_row_numbers(tmp_path: Path) -> None:
-    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": None}, {"prompt": "e", "completion": ""}]
+    rows = [
+        {"prompt": "a", "completion": "b"},
+        {"prompt": "c", "completion": None},
+        {"prompt": "e", "completion": ""},
+    ]
     result = read_file(write(tmp_path / "d.parquet", rows), spec())
     assert [(e.line, e.field, e.message) for e in result.errors] == [
         (2, "completion", "missing field"),
@@ -225,10 +242,15 @@ def test_unsupported_file_type(tmp_path: Path) -> None:
 
 def test_cleaning() -> None:
     c = spec().cleaning
-    assert clean_text("\u201cHi\u201d \uff02there\uff02 \u2018x\u2019", c) == "\"Hi\" \"there\" 'x'"
+    assert clean_text("\u201cHi\u201d \uff02there\uff02 \u2018x\u2019", c) == '"Hi" "there" \'x\''
     assert clean_text("a\x00b\x1bc\r\nd\re", c) == "abc\nd\ne"
-    assert clean_text("  word   and\u3000word  \n\n\n\n    indented\t\tcode  ", c) == "word and word\n\n    indented code"
-    off = spec(cleaning={"stripControlChars": False, "normalizeWhitespace": False, "normalizeQuotes": False}).cleaning
+    assert (
+        clean_text("  word   and\u3000word  \n\n\n\n    indented\t\tcode  ", c)
+        == "word and word\n\n    indented code"
+    )
+    off = spec(
+        cleaning={"stripControlChars": False, "normalizeWhitespace": False, "normalizeQuotes": False}
+    ).cleaning
     assert clean_text(" \u201cx\u201d\x00  ", off) == " \u201cx\u201d\x00  "
 
 

@@ -44,7 +44,12 @@ CHAT = Record(
     "f.jsonl",
     2,
     "chat",
-    (Message("user", "Hi"), Message("assistant", "Hello"), Message("user", "Bye"), Message("assistant", "Ciao")),
+    (
+        Message("user", "Hi"),
+        Message("assistant", "Hello"),
+        Message("user", "Bye"),
+        Message("assistant", "Ciao"),
+    ),
 )
 
 GOLDEN = {
@@ -136,14 +141,20 @@ def test_prepare_data_truncates_and_drops_over_long_examples(tmp_path: Path, tok
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     eval_path = tmp_path / "e.jsonl"
     eval_path.write_text(json.dumps({"prompt": "ok?", "completion": "yes"}) + "\n", encoding="utf-8")
-    prepared = prepare_data([path], [eval_path], tokenizer, spec(template="chatml"), max_seq_length=32, seed=0)
+    prepared = prepare_data(
+        [path], [eval_path], tokenizer, spec(template="chatml"), max_seq_length=32, seed=0
+    )
     report = prepared.report
     assert (report.truncated, report.dropped_too_long) == (1, 1)
     assert [e.line for e in prepared.train] == [1, 3]
     cut = prepared.train[0]
     assert cut.truncated and len(cut.input_ids) == 32 and cut.num_label_tokens > 0
     assert cut.prompt_ids == cut.input_ids[: len(cut.prompt_ids)]
-    assert tokenizer.decode(cut.prompt_ids) == cut.prompt_text == "<|im_start|>user\nshort<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        tokenizer.decode(cut.prompt_ids)
+        == cut.prompt_text
+        == "<|im_start|>user\nshort<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert prepared.eval[0].answer_text == "yes"
     d = report.to_dict()
     assert d["truncated"] == 1 and d["droppedTooLong"] == 1 and d["template"] == "chatml"

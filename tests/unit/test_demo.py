@@ -23,7 +23,9 @@ def test_demo_tokenizer_reloads_with_its_special_tokens(demo_tokenizer_dir: Path
     assert len(tok("red cat zar", add_special_tokens=False)["input_ids"]) == 3
     text = "Ünïcode — 数据 ok"
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
-    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -124,7 +126,13 @@ def test_lora_on_the_demo_base_clearly_lowers_eval_loss(demo_base_dir: Path, tas
         total, count = 0.0, 0
         with torch.no_grad():
             for b in iter_batches(
-                prepared.eval, batch_size=64, max_seq_length=64, packing=False, pad_token_id=0, seed=0, epoch=0
+                prepared.eval,
+                batch_size=64,
+                max_seq_length=64,
+                packing=False,
+                pad_token_id=0,
+                seed=0,
+                epoch=0,
             ):
                 n = int(b["num_label_tokens"])
                 total += float(model(**model_inputs(b)).loss) * n
@@ -133,14 +141,21 @@ def test_lora_on_the_demo_base_clearly_lowers_eval_loss(demo_base_dir: Path, tas
 
     base = eval_loss()
     model = get_peft_model(
-        model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+        model,
+        LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
     )
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     model.train()
     steps = 0
     for epoch in range(10):
         for b in iter_batches(
-            prepared.train, batch_size=8, max_seq_length=64, packing=False, pad_token_id=0, seed=0, epoch=epoch
+            prepared.train,
+            batch_size=8,
+            max_seq_length=64,
+            packing=False,
+            pad_token_id=0,
+            seed=0,
+            epoch=epoch,
         ):
             model(**model_inputs(b)).loss.backward()
             opt.step()

@@ -419,7 +419,7 @@ def _evaluate_and_publish(
         base_source=base_source if measure else None,
     )
     del tuned, base
-    gates = check_gates(report.gate_metrics(), rc.evaluation.gates)
+    gates = check_gates(report.gate_metrics(), rc.evaluation.gates, not_computed=report.skipped)
     print(f"[kubetune] eval: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(report.tuned.items())), file=reporter.stream)
     if report.base:
         print(f"[kubetune] base: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(report.base.items())), file=reporter.stream)
@@ -444,9 +444,6 @@ def _evaluate_and_publish(
         )
 
     reporter.stage("Publishing")
-    # The registry allocates the name at publish time; the card names the expected one.
-    expected = max((v.number for v in registry.list_versions()), default=0) + 1
-    _write_reports(rc, staging, outcome, report, gates, artifacts, record, precision, f"v{expected}")
     version = registry.publish(
         staging,
         inputs=record,
@@ -465,6 +462,10 @@ def _evaluate_and_publish(
             "resumedFromStep": outcome.resumed_from_step,
             "precision": precision,
         },
+        # The card names its own version, which the registry allocates: write it once claimed.
+        before_upload=lambda name, _uri: _write_reports(
+            rc, staging, outcome, report, gates, artifacts, record, precision, name
+        ),
     )
     gates_status = _gates_status(gates)
     promoted: str | None = None

@@ -37,7 +37,7 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -338,8 +338,13 @@ class ModelRegistry:
         gates: dict[str, Any],
         parent: str | None,
         extra: dict[str, Any] | None = None,
+        before_upload: Callable[[str, str], None] | None = None,
     ) -> PublishedVersion:
         """Publish ``staging_dir`` as the next version, or reuse the version with the same inputs.
+
+        ``before_upload(version, version_uri)`` runs once the name is claimed and before anything is
+        hashed or uploaded, so files that name their own version (the model card) can be written
+        into ``staging_dir`` then.
 
         Steps: reuse check -> hash every staged file -> claim the next free ``vN`` (If-None-Match;
         losers move on to ``vN+1``) -> index it by inputs digest -> upload all files in parallel ->
@@ -363,10 +368,12 @@ class ModelRegistry:
         if existing is not None:
             return existing
 
-        files = self._hash_staging(staging_dir)
         version = self._claim_next_version(inputs_digest)
         prefix = self._version_prefix(version)
         try:
+            if before_upload is not None:
+                before_upload(version, self.version_uri(version))
+            files = self._hash_staging(staging_dir)
             self.store.put_bytes(
                 self._key("index", "inputs", inputs_digest, f"{version}.json"),
                 _dump({"version": version, "inputsDigest": inputs_digest}),

@@ -10,7 +10,13 @@ Public entry points (import them from here):
 Importing this package does not import torch or transformers.
 """
 
-from kubetune_trainer.data.batching import MODEL_INPUT_KEYS, count_batches, iter_batches, model_inputs, pack_rows
+from kubetune_trainer.data.batching import (
+    MODEL_INPUT_KEYS,
+    count_batches,
+    iter_batches,
+    model_inputs,
+    pack_rows,
+)
 from kubetune_trainer.data.prepare import (
     DataReport,
     FileReport,
