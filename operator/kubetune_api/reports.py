@@ -18,7 +18,7 @@ instead of burning ``backoffLimit``.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -84,7 +84,12 @@ class TrainerResult(ApiModel):
             return text
         # Shed detail, never validity: the operator must always be able to parse it.
         slim = self
-        for update in ({"message": self.message[:300], "gates": None}, {"metrics": {}}, {"message": ""}):
+        updates: tuple[dict[str, Any], ...] = (
+            {"message": self.message[:300], "gates": None},
+            {"metrics": {}},
+            {"message": ""},
+        )
+        for update in updates:
             slim = slim.model_copy(update=update)
             text = slim.model_dump_json(by_alias=True, exclude_none=True)
             if len(text.encode()) <= TERMINATION_MESSAGE_LIMIT:

@@ -74,7 +74,9 @@ def test_quickstart_learns_publishes_a_whole_version_and_reuses_it(
     tuned, base = report["tuned"]["eval_loss"], report["base"]["eval_loss"]
     assert tuned < 0.8 * base, (tuned, base)
     assert m["gates"]["passed"] is True
-    alias = json.loads((demo_store / "kubetune-demo/models" / MODEL / "aliases" / "candidate.json").read_text())
+    alias = json.loads(
+        (demo_store / "kubetune-demo/models" / MODEL / "aliases" / "candidate.json").read_text()
+    )
     assert alias["version"] == "v1"
     assert "[kubetune] Published" in proc.stderr and str(vdir) in proc.stderr
     # Checkpoints are removed once the version is published.
@@ -82,7 +84,9 @@ def test_quickstart_learns_publishes_a_whole_version_and_reuses_it(
 
     # A re-sync of the same spec trains nothing and reuses v1.
     started = time.monotonic()
-    again = run_kubetune("run", str(job), "--store-dir", str(demo_store), "--workdir", str(tmp_path / "work2"))
+    again = run_kubetune(
+        "run", str(job), "--store-dir", str(demo_store), "--workdir", str(tmp_path / "work2")
+    )
     assert_ok(again)
     assert "Reused" in again.stderr and "stage Training" not in again.stderr
     assert not version_dir(demo_store, "v2").exists()
@@ -95,7 +99,9 @@ def test_bad_data_fails_before_training_with_file_and_line(
     bad = demo_store / "kubetune-demo" / "datasets" / "bad" / "train.jsonl"
     bad.parent.mkdir(parents=True)
     good = (demo_store / "kubetune-demo/datasets/quickstart/train.jsonl").read_text().splitlines()
-    bad.write_text("\n".join([good[0], "{not json", good[1], '{"instruction": "x", "output": ""}', *good[2:50]]) + "\n")
+    bad.write_text(
+        "\n".join([good[0], "{not json", good[1], '{"instruction": "x", "output": ""}', *good[2:50]]) + "\n"
+    )
     job = write_job(
         tmp_path / "job.yaml",
         small_job(**{"data.train": {"uri": "s3://kubetune-demo/datasets/bad/train.jsonl"}}),
@@ -176,15 +182,25 @@ def _planned_steps(stderr: str) -> int:
 
 @pytest.mark.slow
 def test_ddp_two_processes_split_the_data(demo_store: Path, tmp_path: Path, run_kubetune: Runner) -> None:
-    common = {"training.maxSteps": None, "training.epochs": 1, "training.batchSize": 2,
-              "training.gradientAccumulationSteps": 1}
+    common = {
+        "training.maxSteps": None,
+        "training.epochs": 1,
+        "training.batchSize": 2,
+        "training.gradientAccumulationSteps": 1,
+    }
     single = write_job(tmp_path / "single.yaml", small_job(**common))
     one = run_kubetune("run", str(single), "--store-dir", str(demo_store), "--workdir", str(tmp_path / "w1"))
     assert_ok(one)
     ddp_job = small_job(**common, **{"distributed.strategy": "ddp", "model.name": "ddp-translator"})
     ddp = run_kubetune(
-        "run", str(write_job(tmp_path / "ddp.yaml", ddp_job)), "--nproc", "2",
-        "--store-dir", str(demo_store), "--workdir", str(tmp_path / "w2"),
+        "run",
+        str(write_job(tmp_path / "ddp.yaml", ddp_job)),
+        "--nproc",
+        "2",
+        "--store-dir",
+        str(demo_store),
+        "--workdir",
+        str(tmp_path / "w2"),
     )
     assert_ok(ddp)
     # Each rank trains on half the rows: half the optimizer steps per epoch.
@@ -195,11 +211,21 @@ def test_ddp_two_processes_split_the_data(demo_store: Path, tmp_path: Path, run_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["deepspeed-zero2", "deepspeed-zero3"])
-def test_deepspeed_zero_two_processes(strategy: str, demo_store: Path, tmp_path: Path, run_kubetune: Runner) -> None:
-    job = small_job(**{"training.maxSteps": 6, "distributed.strategy": strategy, "model.name": f"ds-{strategy}"})
+def test_deepspeed_zero_two_processes(
+    strategy: str, demo_store: Path, tmp_path: Path, run_kubetune: Runner
+) -> None:
+    job = small_job(
+        **{"training.maxSteps": 6, "distributed.strategy": strategy, "model.name": f"ds-{strategy}"}
+    )
     proc = run_kubetune(
-        "run", str(write_job(tmp_path / "ds.yaml", job)), "--nproc", "2",
-        "--store-dir", str(demo_store), "--workdir", str(tmp_path / "w"),
+        "run",
+        str(write_job(tmp_path / "ds.yaml", job)),
+        "--nproc",
+        "2",
+        "--store-dir",
+        str(demo_store),
+        "--workdir",
+        str(tmp_path / "w"),
     )
     assert_ok(proc)
     vdir = demo_store / "kubetune-demo/models" / f"ds-{strategy}" / "versions" / "v1"
@@ -235,10 +261,19 @@ def test_full_run_against_a_real_s3_endpoint_leaks_no_secret(
         }
     )
     env = trainer_env(**fake_credentials_env())
-    proc = run_kubetune("run", str(write_job(tmp_path / "s3.yaml", job)), "--remote", "--workdir",
-                        str(tmp_path / "w"), env=env)
+    proc = run_kubetune(
+        "run",
+        str(write_job(tmp_path / "s3.yaml", job)),
+        "--remote",
+        "--workdir",
+        str(tmp_path / "w"),
+        env=env,
+    )
     assert_ok(proc)
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"registry/{MODEL}/versions/v1/")["Contents"]]
+    keys = [
+        o["Key"]
+        for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"registry/{MODEL}/versions/v1/")["Contents"]
+    ]
     assert f"registry/{MODEL}/versions/v1/manifest.json" in keys
     assert f"registry/{MODEL}/versions/v1/adapter/adapter_model.safetensors" in keys
     # Secrets never appear in logs or in anything published.

@@ -73,7 +73,7 @@ def examples(n: int, seed: int = 0) -> list[Ex]:
     return out
 
 
-ARGS = {"batch_size": 3, "max_seq_length": 32, "pad_token_id": 0, "seed": 5}
+ARGS: dict[str, Any] = {"batch_size": 3, "max_seq_length": 32, "pad_token_id": 0, "seed": 5}
 
 
 @pytest.mark.parametrize("packing", [False, True])
@@ -200,7 +200,7 @@ def test_packed_batch_loss_equals_unpacked_loss(tiny_model_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model.eval()
     data = examples(9, seed=4)
-    common = {"max_seq_length": 64, "pad_token_id": 0, "seed": 0, "epoch": 0}
+    common: dict[str, Any] = {"max_seq_length": 64, "pad_token_id": 0, "seed": 0, "epoch": 0}
     [packed] = list(iter_batches(data, batch_size=9, packing=True, **common))
     [padded] = list(iter_batches(data, batch_size=9, packing=False, **common))
     with torch.no_grad():

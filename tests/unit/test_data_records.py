@@ -46,10 +46,14 @@ CHAT = [
     },
     {"messages": [{"role": "user", "content": "Ping"}, {"role": "assistant", "content": "Pong"}]},
 ]
-FORMS = {"instruction": INSTRUCTION, "prompt-completion": PROMPT_COMPLETION, "chat": CHAT}
+FORMS: dict[str, list[dict[str, Any]]] = {
+    "instruction": INSTRUCTION,
+    "prompt-completion": PROMPT_COMPLETION,
+    "chat": CHAT,
+}
 
 
-def write(path: Path, rows: list[dict[str, Any]]) -> Path:
+def write(path: Path, rows: list[Any]) -> Path:
     suffix = path.suffix
     if suffix == ".jsonl":
         path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -285,7 +289,7 @@ def test_more_invalid_records_than_allowed_fails_before_tokenising(tmp_path: Pat
             raise AssertionError("the tokenizer must not be touched when validation fails")
 
     with pytest.raises(DataValidationError) as info:
-        prepare_data([path], None, NoTokenizer(), spec(maxInvalidRecords=11), max_seq_length=64, seed=0)  # type: ignore[arg-type]
+        prepare_data([path], None, NoTokenizer(), spec(maxInvalidRecords=11), max_seq_length=64, seed=0)
     err = info.value
     assert isinstance(err, ValueError)
     assert len(err.errors) == 12

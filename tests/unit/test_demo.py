@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -119,7 +120,7 @@ def test_lora_on_the_demo_base_clearly_lowers_eval_loss(demo_base_dir: Path, tas
         max_seq_length=64,
         seed=0,
     )
-    model = AutoModelForCausalLM.from_pretrained(demo_base_dir, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(demo_base_dir, dtype=torch.float32)
 
     def eval_loss() -> float:
         model.eval()

@@ -22,12 +22,16 @@ REPO = Path(__file__).resolve().parents[2]
 def _runtime(world: int = 1) -> Runtime:
     import torch
 
-    return Runtime(rank=0, world_size=world, local_rank=0, device=torch.device("cpu"), precision="fp32", strategy="none")
+    return Runtime(
+        rank=0, world_size=world, local_rank=0, device=torch.device("cpu"), precision="fp32", strategy="none"
+    )
 
 
 def _manager(tmp_path: Path, keep: int = 2, world: int = 1) -> tuple[CheckpointManager, LocalStore]:
     store = LocalStore(tmp_path / "store")
-    return CheckpointManager(store, "m/checkpoints/run1", keep=keep, runtime=_runtime(world), scratch=tmp_path / "s"), store
+    return CheckpointManager(
+        store, "m/checkpoints/run1", keep=keep, runtime=_runtime(world), scratch=tmp_path / "s"
+    ), store
 
 
 def _save(mgr: CheckpointManager, step: int) -> None:
@@ -97,13 +101,32 @@ def test_progress_lines_and_termination_message(tmp_path: Path) -> None:
     term = tmp_path / "termination-log"
     rep = Reporter(termination_message_path=str(term), stream=out)
     rep.stage("Training")
-    rep.progress(Progress(step=5, total_steps=20, percent=25, loss=1.5, learning_rate=1e-4, tokens_per_second=900,
-                          eta_seconds=75, summary="5/20 (25%)"))
+    rep.progress(
+        Progress(
+            step=5,
+            total_steps=20,
+            percent=25,
+            loss=1.5,
+            learning_rate=1e-4,
+            tokens_per_second=900,
+            eta_seconds=75,
+            summary="5/20 (25%)",
+        )
+    )
     text = out.getvalue()
     assert "step 5/20 (25%) | loss 1.5000 | lr 1.00e-04 | 900 tok/s | ETA 0:01:15" in text
-    progress = json.loads(next(line for line in text.splitlines() if line.startswith("KUBETUNE_PROGRESS ")).split(" ", 1)[1])
+    progress = json.loads(
+        next(line for line in text.splitlines() if line.startswith("KUBETUNE_PROGRESS ")).split(" ", 1)[1]
+    )
     assert progress["stage"] == "Training" and progress["totalSteps"] == 20
-    rep.result(TrainerResult(outcome="Failed", reason="InvalidData", message="x" * 1500, metrics={f"metric_{i}": 1.0 for i in range(600)}))
+    rep.result(
+        TrainerResult(
+            outcome="Failed",
+            reason="InvalidData",
+            message="x" * 1500,
+            metrics={f"metric_{i}": 1.0 for i in range(600)},
+        )
+    )
     written = term.read_text()
     assert len(written.encode()) <= TERMINATION_MESSAGE_LIMIT
     assert json.loads(written)["reason"] == "InvalidData"

@@ -44,7 +44,9 @@ class CheckpointInfo:
 class CheckpointManager:
     """Save, find, load and prune the checkpoints of one run."""
 
-    def __init__(self, store: ObjectStore, prefix: str, *, keep: int, runtime: Runtime, scratch: Path) -> None:
+    def __init__(
+        self, store: ObjectStore, prefix: str, *, keep: int, runtime: Runtime, scratch: Path
+    ) -> None:
         self.store = store
         self.prefix = prefix.strip("/")
         self.keep = keep

@@ -54,7 +54,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or Path(DEFAULT_WORK) / rc.job.name).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     where = "the spec's object store" if args.remote else f"local object store {store_dir}"
-    print(f"[kubetune] running FineTuneJob {rc.job.name!r} (model {rc.model.name}) against {where}", file=sys.stderr)
+    print(
+        f"[kubetune] running FineTuneJob {rc.job.name!r} (model {rc.model.name}) against {where}",
+        file=sys.stderr,
+    )
     env_extra: dict[str, str] = {}
     if rc.distributed.strategy.startswith("deepspeed"):
         env_extra["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR") or _ds_accelerator()
@@ -67,8 +70,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         config.write_text(rc.to_json())
         torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
         cmd = [
-            torchrun, "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "kubetune_trainer", "--run-config", str(config), "--workdir", str(workdir),
+            torchrun,
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "kubetune_trainer",
+            "--run-config",
+            str(config),
+            "--workdir",
+            str(workdir),
         ]
         code = subprocess.run(cmd, env={**os.environ, **env_extra}, check=False).returncode
         _print_local_summary(rc, store_dir, args.remote, workdir)
@@ -76,7 +86,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ.update(env_extra)
     if rc.distributed.strategy.startswith("deepspeed"):
         # DeepSpeed wants a process group even for one process (shared/FACTS.md).
-        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        for key, value in (
+            ("RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("LOCAL_RANK", "0"),
+            ("MASTER_ADDR", "127.0.0.1"),
+        ):
             os.environ.setdefault(key, value)
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     from kubetune_trainer.pipeline import run
@@ -93,7 +108,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if local is not None:
             print(f"[kubetune] files:   {local}", file=sys.stderr)
         if r.metrics:
-            print("[kubetune] metrics: " + ", ".join(f"{k}={val:.4g}" for k, val in sorted(r.metrics.items())), file=sys.stderr)
+            print(
+                "[kubetune] metrics: " + ", ".join(f"{k}={val:.4g}" for k, val in sorted(r.metrics.items())),
+                file=sys.stderr,
+            )
         if r.gates is not None:
             print(f"[kubetune] gates:   {r.gates.summary}", file=sys.stderr)
         if r.promoted_alias:
@@ -118,7 +136,9 @@ def cmd_demo_prepare(args: argparse.Namespace) -> int:
     from kubetune_trainer.demo import prepare_quickstart
 
     uris = prepare_quickstart(Path(args.store_dir).resolve())
-    print(f"[kubetune] DEMO inputs ready in {Path(args.store_dir).resolve()} (a tiny synthetic model, not a real LLM):")
+    print(
+        f"[kubetune] DEMO inputs ready in {Path(args.store_dir).resolve()} (a tiny synthetic model, not a real LLM):"
+    )
     for name, uri in uris.items():
         print(f"  {name}: {uri}")
     return 0
@@ -130,16 +150,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     run_p = sub.add_parser("run", help="run a FineTuneJob YAML on this machine")
     run_p.add_argument("job", type=Path, help="FineTuneJob YAML (the same file you would kubectl apply)")
-    run_p.add_argument("--store-dir", default=DEFAULT_STORE, help=f"local object store root (default {DEFAULT_STORE})")
+    run_p.add_argument(
+        "--store-dir", default=DEFAULT_STORE, help=f"local object store root (default {DEFAULT_STORE})"
+    )
     run_p.add_argument("--remote", action="store_true", help="use the spec's real object store instead")
-    run_p.add_argument("--nproc", type=int, default=None, help="processes (torchrun, DDP/DeepSpeed) on this machine")
+    run_p.add_argument(
+        "--nproc", type=int, default=None, help="processes (torchrun, DDP/DeepSpeed) on this machine"
+    )
     run_p.add_argument("--workdir", default=None, help=f"scratch directory (default {DEFAULT_WORK}/<job>)")
     run_p.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="the quickstart's demo inputs")
     demo_sub = demo.add_subparsers(dest="demo_command", required=True)
     prep = demo_sub.add_parser("prepare", help="build the tiny demo base model and data (idempotent)")
-    prep.add_argument("--store-dir", default=DEFAULT_STORE, help=f"local object store root (default {DEFAULT_STORE})")
+    prep.add_argument(
+        "--store-dir", default=DEFAULT_STORE, help=f"local object store root (default {DEFAULT_STORE})"
+    )
     prep.set_defaults(func=cmd_demo_prepare)
 
     try:

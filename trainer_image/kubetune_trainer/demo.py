@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -166,7 +166,7 @@ def build_tiny_llama(
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    im_end = cast(int, tokenizer.convert_tokens_to_ids("<|im_end|>"))
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,

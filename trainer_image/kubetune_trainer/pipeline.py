@@ -28,6 +28,7 @@ from kubetune_api.reports import (
     EXIT_ERROR,
     EXIT_GATES_FAILED,
     EXIT_OK,
+    Reason,
     TrainerResult,
 )
 from kubetune_api.runconfig import RunConfig
@@ -172,7 +173,9 @@ def _fetch_inputs(rc: RunConfig, runtime: Runtime, workdir: Path) -> _Inputs:
         shutil.rmtree(inputs_dir, ignore_errors=True)
         base_dir = fetch(base_uri, inputs_dir / "base", settings, registry_output_uri=rc.output.uri)
         check_weights_safety(
-            base_dir, allow_pickle=rc.model.base.allow_pickle, trust_remote_code=rc.model.base.trust_remote_code
+            base_dir,
+            allow_pickle=rc.model.base.allow_pickle,
+            trust_remote_code=rc.model.base.trust_remote_code,
         )
         paths["base"] = str(base_dir.relative_to(workdir))
         paths["train"] = str(fetch(rc.data.train.uri, inputs_dir / "train", settings).relative_to(workdir))
@@ -258,12 +261,16 @@ def _reused_result(rc: RunConfig, version: Any, inputs_digest: str, parent: str 
         base=rc.model.base.uri,
         parent=parent,
         method=rc.method.type,
-        version=VersionRef(name=version.name, uri=version.uri, manifest_digest=version.manifest_digest, reused=True),
+        version=VersionRef(
+            name=version.name, uri=version.uri, manifest_digest=version.manifest_digest, reused=True
+        ),
         inputs_digest=inputs_digest,
         metrics=_finite(manifest.get("metrics", {})),
         gates=GatesStatus(
             passed=bool(gates.get("passed", True)),
-            summary="none" if not gate_results else ("passed" if not failed else f"failed {failed}/{len(gate_results)}"),
+            summary="none"
+            if not gate_results
+            else ("passed" if not failed else f"failed {failed}/{len(gate_results)}"),
             results=gate_results,
         ),
         quantized=list((manifest.get("extra") or {}).get("quantized", [])),
@@ -293,7 +300,9 @@ def _run(rc: RunConfig, runtime: Runtime, workdir: Path, reporter: Reporter) -> 
 
     from kubetune_trainer.data import DataValidationError, TemplateError, prepare_data
 
-    tokenizer = AutoTokenizer.from_pretrained(str(inputs.base_dir), trust_remote_code=rc.model.base.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(inputs.base_dir), trust_remote_code=rc.model.base.trust_remote_code
+    )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     try:
@@ -314,11 +323,17 @@ def _run(rc: RunConfig, runtime: Runtime, workdir: Path, reporter: Reporter) -> 
     if runtime.is_main:
         shutil.rmtree(staging, ignore_errors=True)
         (staging / "training").mkdir(parents=True)
-        (staging / "training" / "data-report.json").write_text(json.dumps(prepared.report.to_dict(), indent=2))
+        (staging / "training" / "data-report.json").write_text(
+            json.dumps(prepared.report.to_dict(), indent=2)
+        )
         r = prepared.report
         print(
             f"[kubetune] data: {len(prepared.train)} train / {len(prepared.eval)} eval examples"
-            + (f", {r.to_dict().get('invalid', 0)} invalid records skipped" if r.to_dict().get("invalid") else ""),
+            + (
+                f", {r.to_dict().get('invalid', 0)} invalid records skipped"
+                if r.to_dict().get("invalid")
+                else ""
+            ),
             file=reporter.stream,
             flush=True,
         )
@@ -329,11 +344,17 @@ def _run(rc: RunConfig, runtime: Runtime, workdir: Path, reporter: Reporter) -> 
     from kubetune_trainer.storage import join_key, open_uri
 
     out_store, out_prefix = open_uri(rc.output.uri, settings)
-    ckpt_prefix = join_key(out_prefix, rc.model.name, "checkpoints", inputs_digest[:16]) if out_prefix else join_key(
-        rc.model.name, "checkpoints", inputs_digest[:16]
+    ckpt_prefix = (
+        join_key(out_prefix, rc.model.name, "checkpoints", inputs_digest[:16])
+        if out_prefix
+        else join_key(rc.model.name, "checkpoints", inputs_digest[:16])
     )
     checkpoints = CheckpointManager(
-        out_store, ckpt_prefix, keep=rc.training.checkpoint.keep, runtime=runtime, scratch=workdir / "checkpoints"
+        out_store,
+        ckpt_prefix,
+        keep=rc.training.checkpoint.keep,
+        runtime=runtime,
+        scratch=workdir / "checkpoints",
     )
     recipe = SFTRecipe(
         rc,
@@ -355,7 +376,17 @@ def _run(rc: RunConfig, runtime: Runtime, workdir: Path, reporter: Reporter) -> 
 
     tokenizer.save_pretrained(str(outcome.saved_dir))
     result, version_uri = _evaluate_and_publish(
-        rc, runtime, workdir, reporter, registry, inputs, record or {}, inputs_digest, prepared, tokenizer, outcome,
+        rc,
+        runtime,
+        workdir,
+        reporter,
+        registry,
+        inputs,
+        record or {},
+        inputs_digest,
+        prepared,
+        tokenizer,
+        outcome,
         precision,
     )
     out_store.delete_prefix(ckpt_prefix + "/")  # the version is published: its checkpoints are spent
@@ -393,7 +424,11 @@ def _evaluate_and_publish(
         tuned_source = ModelSource("peft", outcome.saved_dir, base_path=inputs.base_dir)
     base_source = ModelSource("transformers", inputs.base_dir)
     tuned = load_model(tuned_source, device=device)
-    base = load_model(base_source, device=device) if rc.method.type == "full" and rc.evaluation.compare_base else None
+    base = (
+        load_model(base_source, device=device)
+        if rc.method.type == "full" and rc.evaluation.compare_base
+        else None
+    )
     extra_sets = {}
     if inputs.extra_files:
         from kubetune_trainer.data import prepare_data
@@ -401,7 +436,12 @@ def _evaluate_and_publish(
         no_split = rc.data.model_copy(update={"eval_split": None})
         for name, files in inputs.extra_files.items():
             extra_sets[name] = prepare_data(
-                files, files, tokenizer, no_split, max_seq_length=rc.training.max_seq_length, seed=rc.training.seed,
+                files,
+                files,
+                tokenizer,
+                no_split,
+                max_seq_length=rc.training.max_seq_length,
+                seed=rc.training.seed,
                 display_names=inputs.display_names,
             ).eval
     measure = "peak_memory_ratio" in rc.evaluation.metrics
@@ -419,10 +459,17 @@ def _evaluate_and_publish(
         base_source=base_source if measure else None,
     )
     del tuned, base
-    gates = check_gates(report.gate_metrics(), rc.evaluation.gates, not_computed=report.skipped)
-    print(f"[kubetune] eval: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(report.tuned.items())), file=reporter.stream)
+    gate_specs: dict[str, Any] = dict(rc.evaluation.gates.items())
+    gates = check_gates(report.gate_metrics(), gate_specs, not_computed=report.skipped)
+    print(
+        "[kubetune] eval: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(report.tuned.items())),
+        file=reporter.stream,
+    )
     if report.base:
-        print(f"[kubetune] base: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(report.base.items())), file=reporter.stream)
+        print(
+            "[kubetune] base: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(report.base.items())),
+            file=reporter.stream,
+        )
     print(f"[kubetune] gates: {gates.summary()}", file=reporter.stream, flush=True)
 
     merged_dir: Path | None = None
@@ -472,7 +519,7 @@ def _evaluate_and_publish(
     if rc.output.promote and not version.reused:
         moved = registry.promote(rc.output.promote.alias, version.name, gates.passed, rc.output.promote.when)
         promoted = rc.output.promote.alias if moved is not None else None
-    reason = "GateFailed" if not gates.passed else ("Reused" if version.reused else "Published")
+    reason: Reason = "GateFailed" if not gates.passed else ("Reused" if version.reused else "Published")
     message = f"published {version.uri}" if not version.reused else f"reused {version.uri}"
     if not gates.passed:
         message = f"published {version.uri} but it is not promotable: {gates.summary()}"
@@ -521,7 +568,9 @@ def _write_reports(
     reports.plot_loss(training / "metrics.jsonl", training / "loss.png")
     reports.write_eval_report(staging / "eval", report, gates, artifacts)
     data_digests = {
-        f"{role} {name}": digest for role, files in record.get("data", {}).items() for name, digest in files.items()
+        f"{role} {name}": digest
+        for role, files in record.get("data", {}).items()
+        for name, digest in files.items()
     }
     t = rc.training
     hyper = {

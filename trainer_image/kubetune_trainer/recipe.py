@@ -26,6 +26,7 @@ Raises
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -41,7 +42,13 @@ from kubetune_api.runconfig import RunConfig
 from kubetune_trainer.checkpoint import CheckpointManager
 from kubetune_trainer.data import MODEL_INPUT_KEYS, TokenizedExample, count_batches, iter_batches
 from kubetune_trainer.reporting import Reporter
-from kubetune_trainer.runtime import Runtime, UnsupportedHardwareError, rng_state, seed_everything, set_rng_state
+from kubetune_trainer.runtime import (
+    Runtime,
+    UnsupportedHardwareError,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 
 log = logging.getLogger("kubetune.trainer")
 
@@ -87,7 +94,11 @@ def deepspeed_config(rc: RunConfig, runtime: Runtime) -> dict[str, Any]:
     """The DeepSpeed config generated from the spec (ZeRO stage from distributed.strategy)."""
     t = rc.training
     stage = 3 if rc.distributed.strategy == "deepspeed-zero3" else 2
-    zero: dict[str, Any] = {"stage": stage, "overlap_comm": runtime.device.type == "cuda", "contiguous_gradients": True}
+    zero: dict[str, Any] = {
+        "stage": stage,
+        "overlap_comm": runtime.device.type == "cuda",
+        "contiguous_gradients": True,
+    }
     if stage == 3:
         zero.update({"stage3_gather_16bit_weights_on_model_save": True})
     return {
@@ -160,12 +171,14 @@ class SFTRecipe:
             raise ValueError("no training batches: the training set is empty after preparation")
         self.steps_per_epoch = math.ceil(self.micro_batches_per_epoch / t.gradient_accumulation_steps)
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
-        warmup = int(round(t.warmup_ratio * self.total_steps))
+        warmup = round(t.warmup_ratio * self.total_steps)
         optimizer = torch.optim.AdamW(trainable, lr=self.rc.learning_rate, weight_decay=t.weight_decay)
         from transformers import get_scheduler
 
         name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[t.scheduler]
-        scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps)
+        scheduler = get_scheduler(
+            name, optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps
+        )
         self.engine: Any = None
         if self.rc.distributed.strategy.startswith("deepspeed"):
             import deepspeed
@@ -271,7 +284,9 @@ class SFTRecipe:
             if missing:
                 raise RuntimeError(f"checkpoint step {info.step} lacks parameters: {sorted(missing)[:5]}")
             self.model.load_state_dict(trainable, strict=False)
-            self.optimizer.load_state_dict(torch.load(local / "optimizer.pt", map_location=self.rt.device, weights_only=True))
+            self.optimizer.load_state_dict(
+                torch.load(local / "optimizer.pt", map_location=self.rt.device, weights_only=True)
+            )
             self.scheduler.load_state_dict(torch.load(local / "scheduler.pt", weights_only=True))
         rng_file = local / f"rng-rank{self.rt.rank}.pt"
         if rng_file.exists():
@@ -280,9 +295,18 @@ class SFTRecipe:
         self.state = TrainState(**s)
         self.resumed_from_step = info.step
         self._last_ckpt_step = info.step
-        log.info("resumed from checkpoint step %d (epoch %d, micro-batch %d)", info.step, self.state.epoch, self.state.micro_batch)
+        log.info(
+            "resumed from checkpoint step %d (epoch %d, micro-batch %d)",
+            info.step,
+            self.state.epoch,
+            self.state.micro_batch,
+        )
         if self.rt.is_main:
-            print(f"[kubetune] resumed from checkpoint at step {info.step}", file=self.reporter.stream, flush=True)
+            print(
+                f"[kubetune] resumed from checkpoint at step {info.step}",
+                file=self.reporter.stream,
+                flush=True,
+            )
 
     def _trainable_names(self) -> set[str]:
         return {n for n, p in self.model.named_parameters() if p.requires_grad}
@@ -299,7 +323,9 @@ class SFTRecipe:
         elif self.rt.is_main:
             from safetensors.torch import save_file
 
-            tensors = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+            tensors = {
+                n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad
+            }
             save_file(tensors, str(local / "trainable.safetensors"))
             torch.save(self.optimizer.state_dict(), local / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), local / "scheduler.pt")
@@ -308,7 +334,9 @@ class SFTRecipe:
             (local / "state.json").write_text(
                 json.dumps({"trainState": self.state.__dict__, "totalSteps": self.total_steps}, default=float)
             )
-        self.checkpoints.commit(step, local, {"configDigest": self.rc.config_digest(), "strategy": self.rt.strategy})
+        self.checkpoints.commit(
+            step, local, {"configDigest": self.rc.config_digest(), "strategy": self.rt.strategy}
+        )
         self._last_ckpt_time = time.monotonic()
         self._last_ckpt_step = step
 
@@ -325,10 +353,9 @@ class SFTRecipe:
         def handler(signum: int, frame: FrameType | None) -> None:
             self._sigterm = True
 
-        try:
+        # Only the main thread may install handlers (not when embedded in a test runner thread).
+        with contextlib.suppress(ValueError):
             signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not the main thread (e.g. embedded in a test runner thread)
-            pass
 
     # --- train --------------------------------------------------------------------------------
     def _forward(self, batch: dict[str, Any]) -> Any:
@@ -386,7 +413,7 @@ class SFTRecipe:
         ema: float | None = None
         best_ema: float | None = None
         last_loss: float | None = None
-        warmup_steps = int(round(t.warmup_ratio * self.total_steps))
+        warmup_steps = round(t.warmup_ratio * self.total_steps)
         done = self.state.step >= self.total_steps
         while not done:
             epoch = self.state.epoch
@@ -405,7 +432,10 @@ class SFTRecipe:
             )
             for batch in batches:
                 self.state.micro_batch += 1
-                boundary = self.state.micro_batch % gas == 0 or self.state.micro_batch == self.micro_batches_per_epoch
+                boundary = (
+                    self.state.micro_batch % gas == 0
+                    or self.state.micro_batch == self.micro_batches_per_epoch
+                )
                 loss = self._forward(batch)
                 value = float(loss.detach())
                 if not math.isfinite(value):
@@ -466,7 +496,9 @@ class SFTRecipe:
                 if stop or done or self._checkpoint_due():
                     self.save_checkpoint()
                 if stop:
-                    raise PreemptedError(f"stopped by SIGTERM after saving a checkpoint at step {self.state.step}")
+                    raise PreemptedError(
+                        f"stopped by SIGTERM after saving a checkpoint at step {self.state.step}"
+                    )
                 if done:
                     break
             if not done:
@@ -519,8 +551,14 @@ class SFTRecipe:
         epoch = self.state.epoch + self.state.micro_batch / self.micro_batches_per_epoch
         pct = 100.0 * self.state.step / self.total_steps
         if self.rt.is_main:
-            row = {"step": self.state.step, "epoch": round(epoch, 4), "loss": loss, "learning_rate": self._lr(),
-                   "tokens_per_second": round(tps, 1), "elapsed_s": round(now - started, 2)}
+            row = {
+                "step": self.state.step,
+                "epoch": round(epoch, 4),
+                "loss": loss,
+                "learning_rate": self._lr(),
+                "tokens_per_second": round(tps, 1),
+                "elapsed_s": round(now - started, 2),
+            }
             self._append_metrics(metrics_path, row)
         self.reporter.progress(
             Progress(
@@ -545,7 +583,11 @@ class SFTRecipe:
             return False
         if self.rt.is_main:
             self._append_metrics(metrics_path, {"step": self.state.step, "eval_loss": eval_loss})
-            print(f"[kubetune] step {self.state.step}: eval_loss {eval_loss:.4f}", file=self.reporter.stream, flush=True)
+            print(
+                f"[kubetune] step {self.state.step}: eval_loss {eval_loss:.4f}",
+                file=self.reporter.stream,
+                flush=True,
+            )
         es = self.rc.training.early_stopping
         best = self.state.best_eval_loss
         if best is None or eval_loss < best - (es.min_delta if es else 0.0):

@@ -80,7 +80,10 @@ class KubeStatusClient:
             self._url,
             data=body,
             method="PATCH",
-            headers={"Content-Type": "application/merge-patch+json", "Authorization": f"Bearer {self._token}"},
+            headers={
+                "Content-Type": "application/merge-patch+json",
+                "Authorization": f"Bearer {self._token}",
+            },
         )
         try:
             with urllib.request.urlopen(req, timeout=10, context=self._ctx) as resp:
@@ -153,7 +156,9 @@ class Reporter:
             return
         from tqdm import tqdm
 
-        self._bar = tqdm(total=total, initial=initial, desc="training", unit="step", file=self.stream, leave=False)
+        self._bar = tqdm(
+            total=total, initial=initial, desc="training", unit="step", file=self.stream, leave=False
+        )
 
     def close_bar(self) -> None:
         if self._bar is not None:
@@ -165,7 +170,11 @@ class Reporter:
         """The final outcome: log line, termination message for the operator."""
         if not self.enabled:
             return
-        print(RESULT_LOG_PREFIX + result.model_dump_json(by_alias=True, exclude_none=True), file=self.stream, flush=True)
+        print(
+            RESULT_LOG_PREFIX + result.model_dump_json(by_alias=True, exclude_none=True),
+            file=self.stream,
+            flush=True,
+        )
         if self.termination_message_path:
             try:
                 Path(self.termination_message_path).write_text(result.to_termination_message())
