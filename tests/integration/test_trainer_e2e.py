@@ -281,3 +281,56 @@ def test_full_run_against_a_real_s3_endpoint_leaks_no_secret(
         assert secret not in proc.stderr and secret not in proc.stdout
         for key in keys:
             assert secret.encode() not in s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_before_exiting_and_the_restart_resumes(
+    demo_store: Path, tmp_path: Path, run_kubetune: Runner
+) -> None:
+    # Checkpoints only every 1000 steps: any checkpoint found was written because of SIGTERM.
+    job = write_job(
+        tmp_path / "job.yaml",
+        small_job(**{"training.maxSteps": 40, "training.logEverySteps": 1,
+                     "training.checkpoint": {"everySteps": 1000, "keep": 2}}),
+    )
+    proc = subprocess.Popen(
+        kubetune_cmd("run", str(job), "--store-dir", str(demo_store), "--workdir", str(tmp_path / "w")),
+        env=trainer_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if line.startswith("[kubetune] step 3/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 143, rest[-3000:]
+    markers = list((demo_store / "kubetune-demo" / "models" / MODEL / "checkpoints").rglob("COMPLETE.json"))
+    assert len(markers) == 1
+    saved_at = json.loads(markers[0].read_text())["step"]
+    assert 3 <= saved_at < 40
+    resumed = run_kubetune("run", str(job), "--store-dir", str(demo_store), "--workdir", str(tmp_path / "w"))
+    assert_ok(resumed)
+    assert f"resumed from checkpoint at step {saved_at}" in resumed.stderr
+
+
+def test_early_stopping_on_eval_loss(demo_store: Path, tmp_path: Path, run_kubetune: Runner) -> None:
+    # A learning rate too small to move the eval loss: patience 2 stops at the third evaluation.
+    job = small_job(**{"training.maxSteps": 40, "training.evalEverySteps": 2, "training.learningRate": 1e-12,
+                       "training.earlyStopping": {"patience": 2, "minDelta": 0.001}})
+    proc = run_kubetune("run", str(write_job(tmp_path / "j.yaml", job)), "--store-dir", str(demo_store),
+                        "--workdir", str(tmp_path / "w"))
+    assert_ok(proc)
+    assert "early stopping at step 6" in proc.stderr
+    assert manifest(demo_store)["extra"]["steps"] == 6
+
+
+def test_qlora_on_a_cpu_node_fails_with_a_clear_message(demo_store: Path, tmp_path: Path, run_kubetune: Runner) -> None:
+    job = small_job(**{"method": {"type": "qlora"}, "distributed.gpusPerNode": 1})
+    proc = run_kubetune("run", str(write_job(tmp_path / "j.yaml", job)), "--store-dir", str(demo_store),
+                        "--workdir", str(tmp_path / "w"))
+    assert_ok(proc, 3)
+    assert "qlora" in proc.stderr and "needs a CUDA GPU" in proc.stderr
+    assert "Traceback" not in proc.stderr

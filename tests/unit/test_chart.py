@@ -63,7 +63,9 @@ def render(values: dict[str, Any] | None = None, namespace: str = "kubetune-syst
     return chart.render(values or {}, name="kubetune", namespace=namespace, is_install=True)
 
 
-def render_objects(values: dict[str, Any] | None = None, namespace: str = "kubetune-system") -> list[dict[str, Any]]:
+def render_objects(
+    values: dict[str, Any] | None = None, namespace: str = "kubetune-system"
+) -> list[dict[str, Any]]:
     """Every rendered Kubernetes object (NOTES.txt left out)."""
     out: list[dict[str, Any]] = []
     for path, text in sorted(render(values, namespace).items()):
@@ -89,7 +91,11 @@ def settings_from(objs: list[dict[str, Any]]) -> OperatorSettings:
     """What the operator would load from the chart's ConfigMap plus the container's own env."""
     (cm,) = by_kind(objs, "ConfigMap")
     (deploy,) = by_kind(objs, "Deployment")
-    env = {e["name"]: e["value"] for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e}
+    env = {
+        e["name"]: e["value"]
+        for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]
+        if "value" in e
+    }
     return OperatorSettings.from_env({**cm["data"], **env})
 
 
@@ -108,7 +114,9 @@ def _rule_set(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
 
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
 def test_chart_lints_clean_in_strict_mode(name: str) -> None:
-    report = helm.lint(CHART, VALUE_SETS[name], strict=True, namespace="kubetune-system", kube_version="v1.31.0")
+    report = helm.lint(
+        CHART, VALUE_SETS[name], strict=True, namespace="kubetune-system", kube_version="v1.31.0"
+    )
     problems = [m for m in report["messages"] if m["severity"] >= 2]
     assert report["errors"] == [] and problems == [], problems
 
@@ -233,7 +241,9 @@ def test_cluster_wide_mode_binds_everywhere_namespaced_mode_only_listed_namespac
     assert [p["metadata"]["name"] for p in by_kind(wide, "ClusterKopfPeering")] == ["kubetune-operator"]
 
     narrow = render_objects(VALUE_SETS["namespaced"])
-    assert {b["roleRef"]["name"] for b in by_kind(narrow, "ClusterRoleBinding")} == {"kubetune-operator-cluster"}
+    assert {b["roleRef"]["name"] for b in by_kind(narrow, "ClusterRoleBinding")} == {
+        "kubetune-operator-cluster"
+    }
     bindings = by_kind(narrow, "RoleBinding")
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     for b in bindings:
@@ -256,7 +266,14 @@ def test_settings_configmap_is_what_the_operator_loads() -> None:
     assert defaults.metrics_port == 9090 and defaults.default_ephemeral_storage is None
     # The chart's defaults are the operator's own defaults, so the docs describe one behaviour.
     code_defaults = OperatorSettings()
-    for field in ("max_nodes", "max_gpus_per_job", "default_cpu", "default_memory", "run_as_user", "resync_seconds"):
+    for field in (
+        "max_nodes",
+        "max_gpus_per_job",
+        "default_cpu",
+        "default_memory",
+        "run_as_user",
+        "resync_seconds",
+    ):
         assert getattr(defaults, field) == getattr(code_defaults, field), field
 
     tuned = settings_from(render_objects(VALUE_SETS["ha-locked-down"]))
@@ -306,7 +323,11 @@ def test_replicas_get_distinct_peering_priorities(tmp_path: Path) -> None:
     fake.write_text('#!/bin/sh\necho "$KUBETUNE_OPERATOR_PRIORITY"\n')
     fake.chmod(0o755)
     priorities = set()
-    for pod_name in ("kubetune-operator-7d9f-abcde", "kubetune-operator-7d9f-fghij", "kubetune-operator-7d9f-klmno"):
+    for pod_name in (
+        "kubetune-operator-7d9f-abcde",
+        "kubetune-operator-7d9f-fghij",
+        "kubetune-operator-7d9f-klmno",
+    ):
         env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "KUBETUNE_POD_NAME": pod_name}
         out = subprocess.run(container["command"], env=env, capture_output=True, text=True, check=True).stdout
         priority = OperatorSettings.from_env({"KUBETUNE_OPERATOR_PRIORITY": out.strip()}).priority
@@ -319,7 +340,9 @@ def test_network_policy_admits_only_probes_and_scrapes() -> None:
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
     ingress_ports = [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]]
     assert ingress_ports == ["health", "metrics"]
-    assert policy["spec"]["ingress"][1]["from"] == [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]
+    assert policy["spec"]["ingress"][1]["from"] == [
+        {"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}
+    ]
     egress_ports = sorted(p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"])
     assert egress_ports == [53, 53, 443, 6443]
     assert by_kind(render_objects(), "NetworkPolicy") == []

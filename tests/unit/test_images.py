@@ -15,6 +15,7 @@ import shlex
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -93,12 +94,14 @@ def all_dockerfiles() -> list[Path]:
     return [*TRAINER_DOCKERFILES, OPERATOR_DOCKERFILE]
 
 
-def pyproject() -> dict:  # type: ignore[type-arg]
+def pyproject() -> dict[str, Any]:
     return tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
 def pinned_torch() -> str:
-    (pin,) = [d for d in pyproject()["project"]["optional-dependencies"]["trainer"] if d.startswith("torch==")]
+    (pin,) = [
+        d for d in pyproject()["project"]["optional-dependencies"]["trainer"] if d.startswith("torch==")
+    ]
     return pin
 
 
@@ -122,7 +125,9 @@ def _final_user(df: Dockerfile) -> tuple[int, int]:
     users = [a for (op, a, _) in df.final().instructions if op == "USER"]
     assert users, f"{df.path.name}: the final stage has no USER (it would run as root)"
     uid, _, gid = users[-1].partition(":")
-    assert uid.isdigit(), f"{df.path.name}: USER {users[-1]} must be numeric (runAsNonRoot can only verify a UID)"
+    assert uid.isdigit(), (
+        f"{df.path.name}: USER {users[-1]} must be numeric (runAsNonRoot can only verify a UID)"
+    )
     return int(uid), int(gid or uid)
 
 
@@ -154,7 +159,7 @@ def test_trainer_install_is_the_projects_own_with_torch_pinned_first(path: Path)
     torch_at = runs.find(pinned_torch())
     project_at = runs.find('pip install ".[trainer]"')
     assert torch_at >= 0, f"{path.name}: torch is not installed as {pinned_torch()} (pyproject's pin)"
-    assert project_at >= 0, f"{path.name}: no `pip install \".[trainer]\"` (the project's own install)"
+    assert project_at >= 0, f'{path.name}: no `pip install ".[trainer]"` (the project\'s own install)'
     assert torch_at < project_at, f"{path.name}: torch must be installed before the rest (FACTS: CPU wheel)"
     assert "--index-url" in runs[max(0, torch_at - 200) : torch_at], "torch must come from an explicit index"
     assert "pip check" in runs
@@ -165,16 +170,19 @@ def test_trainer_install_is_the_projects_own_with_torch_pinned_first(path: Path)
 def test_cuda_variant_compiles_deepspeed_ops_at_build_time() -> None:
     df = parse_dockerfile(REPO / "trainer_image" / "Dockerfile.cuda")
     runs = " && ".join(a for a, _ in df.all("RUN"))
-    ds_pin = next(d for d in pyproject()["project"]["optional-dependencies"]["trainer"] if d.startswith("deepspeed=="))
+    ds_pin = next(
+        d for d in pyproject()["project"]["optional-dependencies"]["trainer"] if d.startswith("deepspeed==")
+    )
     assert ds_pin in runs, "DeepSpeed must be built at the version pyproject pins"
     assert re.search(r"DS_BUILD_(FUSED_ADAM|CPU_ADAM|OPS)=1", runs), "no DeepSpeed op is pre-compiled"
     assert "--no-build-isolation" in runs and "ds_report" in runs
     assert "cuda" in df.stages[-1].base and "runtime" in df.stages[-1].base
     assert any("devel" in s.base for s in df.stages), "ops need nvcc: a -devel build stage"
     cpu = " && ".join(a for a, _ in parse_dockerfile(REPO / "trainer_image" / "Dockerfile").all("RUN"))
-    assert "download.pytorch.org/whl/cpu" in parse_dockerfile(REPO / "trainer_image" / "Dockerfile").args[
-        "TORCH_INDEX_URL"
-    ]
+    assert (
+        "download.pytorch.org/whl/cpu"
+        in parse_dockerfile(REPO / "trainer_image" / "Dockerfile").args["TORCH_INDEX_URL"]
+    )
     assert "cuda" not in cpu.lower()
 
 
@@ -217,7 +225,7 @@ def test_copy_sources_exist(path: Path) -> None:
 
 def test_parser_catches_an_unpinned_root_image(tmp_path: Path) -> None:
     bad = tmp_path / "Dockerfile"
-    bad.write_text("FROM python:latest\nRUN pip install torch\nENTRYPOINT [\"python\"]\n")
+    bad.write_text('FROM python:latest\nRUN pip install torch\nENTRYPOINT ["python"]\n')
     df = parse_dockerfile(bad)
     assert df.stages[0].base == "python:latest"
     with pytest.raises(AssertionError, match="no USER"):

@@ -90,6 +90,41 @@ class TrainOutcome:
     train_seconds: float
 
 
+class LossMonitor:
+    """Stops a run whose loss is NaN/inf or running away, with a reason a user can act on.
+
+    Divergence = after warm-up (and at least 10 steps), the smoothed loss (EMA, 0.9) is both more
+    than 4x and more than 2.0 above the best smoothed loss seen so far. Both conditions keep
+    noisy small-batch runs from tripping it.
+    """
+
+    def __init__(self, warmup_steps: int, learning_rate: float) -> None:
+        self.warmup_steps = warmup_steps
+        self.learning_rate = learning_rate
+        self.ema: float | None = None
+        self.best: float | None = None
+
+    def check_finite(self, step: int, loss: float, lr: float) -> None:
+        if not math.isfinite(loss):
+            raise TrainingDivergedError(
+                f"loss became {loss} at step {step} (lr {lr:.2e}): lower training.learningRate, keep "
+                "maxGradNorm, or use fp32/bf16 instead of fp16"
+            )
+
+    def update(self, step: int, loss: float) -> None:
+        """Feed one optimizer step's loss. Raises TrainingDivergedError."""
+        self.check_finite(step, loss, self.learning_rate)
+        self.ema = loss if self.ema is None else 0.9 * self.ema + 0.1 * loss
+        if step <= max(self.warmup_steps, 10):
+            return
+        self.best = self.ema if self.best is None else min(self.best, self.ema)
+        if self.ema > 4 * self.best and self.ema - self.best > 2:
+            raise TrainingDivergedError(
+                f"loss diverged: smoothed loss {self.ema:.3f} vs best {self.best:.3f} at step {step}; "
+                f"lower training.learningRate (now {self.learning_rate:g}) or raise warmupRatio"
+            )
+
+
 def deepspeed_config(rc: RunConfig, runtime: Runtime) -> dict[str, Any]:
     """The DeepSpeed config generated from the spec (ZeRO stage from distributed.strategy)."""
     t = rc.training
@@ -410,10 +445,8 @@ class SFTRecipe:
         started = time.monotonic()
         window_start, window_tokens, window_steps = time.monotonic(), 0, 0
         loss_window: list[float] = []
-        ema: float | None = None
-        best_ema: float | None = None
         last_loss: float | None = None
-        warmup_steps = round(t.warmup_ratio * self.total_steps)
+        monitor = LossMonitor(round(t.warmup_ratio * self.total_steps), self.rc.learning_rate)
         done = self.state.step >= self.total_steps
         while not done:
             epoch = self.state.epoch
@@ -438,11 +471,7 @@ class SFTRecipe:
                 )
                 loss = self._forward(batch)
                 value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise TrainingDivergedError(
-                        f"loss became {value} at step {self.state.step + 1} (lr {self._lr():.2e}): lower "
-                        "training.learningRate, keep maxGradNorm, or use fp32/bf16 instead of fp16"
-                    )
+                monitor.check_finite(self.state.step + 1, value, self._lr())
                 if self.engine is not None:
                     self.engine.backward(loss)
                     self.engine.step()
@@ -474,22 +503,15 @@ class SFTRecipe:
                 accum_loss, accum_n = 0.0, 0
                 last_loss = step_loss
                 loss_window.append(step_loss)
-                ema = step_loss if ema is None else 0.9 * ema + 0.1 * step_loss
-                if self.state.step > max(warmup_steps, 10):
-                    best_ema = ema if best_ema is None else min(best_ema, ema)
-                    if ema > 4 * best_ema and ema - best_ema > 2:
-                        raise TrainingDivergedError(
-                            f"loss diverged: smoothed loss {ema:.3f} vs best {best_ema:.3f} at step {self.state.step}; "
-                            f"lower training.learningRate (now {self.rc.learning_rate:g}) or raise warmupRatio"
-                        )
+                monitor.update(self.state.step, step_loss)
                 if self.state.step % t.log_every_steps == 0 or self.state.step == self.total_steps:
                     window_start, window_tokens, window_steps = self._log(
                         loss_window, window_start, window_tokens, window_steps, started, metrics_path
                     )
                     loss_window = []
-                if t.eval_every_steps and self.state.step % t.eval_every_steps == 0:
-                    if self._eval_and_check_early_stop(metrics_path):
-                        done = True
+                eval_due = bool(t.eval_every_steps) and self.state.step % (t.eval_every_steps or 1) == 0
+                if eval_due and self._eval_and_check_early_stop(metrics_path):
+                    done = True
                 if self.state.step >= self.total_steps:
                     done = True
                 stop = bool(self.rt.broadcast(self._sigterm))

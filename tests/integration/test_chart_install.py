@@ -1,0 +1,225 @@
+"""The chart installed into a real kube-apiserver (v1.20, tests/cluster) with the real Helm engine.
+
+Then a `kubectl auth can-i` matrix, asked by the operator's own ServiceAccount token through
+SelfSubjectAccessReview: the account can do what the operator needs and nothing more (no Secrets,
+no pods/exec, nothing outside its namespaces in namespaced mode).
+
+v1.20 limits (tests/cluster/README.md): no scheduler or kubelet here, so the operator pod stays
+Pending (its probes and runtime are not exercised by this test); CEL rules in the CRDs are ignored;
+and v1.20 rejects the FineTuneJob CRD's ``default: ''`` entries (status fields) that >= 1.29
+accepts. So :func:`install_crds` creates the chart's CRDs without those entries first, and Helm,
+as it always does for CRDs that exist, skips its own crds/ copy.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cluster.cluster import LocalCluster
+from tests.unit.test_chart import CHART, chart_crds
+
+pytestmark = pytest.mark.integration
+
+#: (verb, group, resource, subresource, namespaced?) the operator needs.
+ALLOWED = [
+    ("list", "apiextensions.k8s.io", "customresourcedefinitions", "", False),
+    ("watch", "", "namespaces", "", False),
+    ("patch", "kopf.dev", "clusterkopfpeerings", "", False),
+    ("watch", "kubetune.io", "finetunejobs", "", True),
+    ("patch", "kubetune.io", "finetunejobs", "status", True),
+    ("create", "kubetune.io", "modelversions", "", True),
+    ("create", "batch", "jobs", "", True),
+    ("delete", "batch", "jobs", "", True),
+    ("list", "", "pods", "", True),
+    ("create", "", "configmaps", "", True),
+    ("create", "", "services", "", True),
+    ("create", "", "serviceaccounts", "", True),
+    ("create", "rbac.authorization.k8s.io", "roles", "", True),
+    ("create", "rbac.authorization.k8s.io", "rolebindings", "", True),
+    ("create", "", "events", "", True),
+]
+#: What the operator must never be able to do.
+DENIED = [
+    ("get", "", "secrets", "", True),
+    ("list", "", "secrets", "", True),
+    ("watch", "", "secrets", "", True),
+    ("create", "", "pods", "exec", True),
+    ("create", "", "pods", "attach", True),
+    ("get", "", "pods", "log", True),
+    ("create", "", "pods", "", True),
+    ("delete", "kubetune.io", "finetunejobs", "", True),
+    ("update", "kubetune.io", "finetunejobs", "", True),
+    ("delete", "kubetune.io", "modelversions", "", True),
+    ("update", "kubetune.io", "modelversions", "", True),
+    ("create", "rbac.authorization.k8s.io", "clusterroles", "", False),
+    ("create", "rbac.authorization.k8s.io", "clusterrolebindings", "", False),
+    ("escalate", "rbac.authorization.k8s.io", "roles", "", True),
+    ("bind", "rbac.authorization.k8s.io", "clusterroles", "", False),
+    ("impersonate", "", "serviceaccounts", "", True),
+    ("create", "apiextensions.k8s.io", "customresourcedefinitions", "", False),
+    ("delete", "", "namespaces", "", False),
+    ("create", "apps", "deployments", "", True),
+]
+
+
+def _without_empty_string_defaults(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {
+            k: _without_empty_string_defaults(v) for k, v in node.items() if not (k == "default" and v == "")
+        }
+    if isinstance(node, list):
+        return [_without_empty_string_defaults(v) for v in node]
+    return node
+
+
+def install_crds(kube_api: Any) -> None:
+    """The chart's CRDs (see the module docstring for the v1.20 adjustment), Established. Idempotent."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    ext = client.ApiextensionsV1Api(kube_api)
+    for crd in chart_crds():
+        try:
+            ext.create_custom_resource_definition(_without_empty_string_defaults(crd))
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+    for crd in chart_crds():
+        _wait_established(kube_api, crd["metadata"]["name"])
+
+
+def helm_config(cluster: LocalCluster, namespace: str) -> Any:
+    import helm_python as helm
+
+    return helm.Config(kubeconfig_path=cluster.kubeconfig, namespace=namespace)
+
+
+@pytest.fixture
+def release(kube_cluster: LocalCluster, kube_api: Any) -> Iterator[tuple[str, str, list[str]]]:
+    """The chart installed in namespaced mode for two fresh team namespaces; uninstalled afterwards."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(kube_api)
+    suffix = uuid.uuid4().hex[:6]
+    system, teams = f"kubetune-{suffix}", [f"team-a-{suffix}", f"team-b-{suffix}"]
+    for ns in (system, *teams, f"other-{suffix}"):
+        core.create_namespace({"metadata": {"name": ns}})
+    name = f"kt-{suffix}"
+    install_crds(kube_api)
+    config = helm_config(kube_cluster, system)
+    try:
+        config.install(CHART, name, {"watchNamespaces": teams}, namespace=system, timeout=120)
+        yield name, system, teams
+    finally:
+        try:
+            config.uninstall(name)
+        finally:
+            config.close()
+            for ns in (system, *teams, f"other-{suffix}"):
+                core.delete_namespace(ns)
+
+
+def can_i(
+    cluster: LocalCluster, token: str, verb: str, group: str, resource: str, sub: str, ns: str | None
+) -> bool:
+    """`kubectl auth can-i` as the token's owner (SelfSubjectAccessReview)."""
+    from kubernetes import client
+
+    with cluster.api_client(cluster.kubeconfig_for_token(token)) as api:
+        review = client.AuthorizationV1Api(api).create_self_subject_access_review(
+            {
+                "spec": {
+                    "resourceAttributes": {
+                        "verb": verb,
+                        "group": group,
+                        "resource": resource,
+                        "subresource": sub or None,
+                        "namespace": ns,
+                    }
+                }
+            }
+        )
+        return bool(review.status.allowed)
+
+
+def _wait_established(kube_api: Any, name: str, timeout: float = 30) -> None:
+    from kubernetes import client
+
+    ext = client.ApiextensionsV1Api(kube_api)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        crd = ext.read_custom_resource_definition(name)
+        if any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or []):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"CRD {name} not Established after {timeout}s")
+
+
+def test_chart_installs_and_the_operator_account_can_do_exactly_what_it_needs(
+    kube_cluster: LocalCluster, kube_api: Any, release: tuple[str, str, list[str]]
+) -> None:
+    from kubernetes import client
+
+    name, system, teams = release
+    for crd in ("finetunejobs.kubetune.io", "modelversions.kubetune.io", "kopfpeerings.kopf.dev"):
+        _wait_established(kube_api, crd)
+    apps = client.AppsV1Api(kube_api)
+    deploy = apps.read_namespaced_deployment(f"{name}-kubetune-operator", system)
+    assert deploy.spec.template.spec.security_context.run_as_non_root is True
+    cm = client.CoreV1Api(kube_api).read_namespaced_config_map(f"{name}-kubetune-operator-settings", system)
+    assert cm.data["KUBETUNE_OPERATOR_NAMESPACES"] == f'["{teams[0]}","{teams[1]}"]'
+    custom = client.CustomObjectsApi(kube_api)
+    for ns in teams:
+        peering = custom.get_namespaced_custom_object(
+            "kopf.dev", "v1", ns, "kopfpeerings", f"{name}-kubetune-operator"
+        )
+        assert peering["metadata"]["name"] == cm.data["KUBETUNE_OPERATOR_PEERING_NAME"]
+
+    token = kube_cluster.service_account_token(system, f"{name}-kubetune-operator")
+    other = teams[0].replace("team-a", "other")
+    problems = []
+    for verb, group, resource, sub, namespaced in ALLOWED:
+        for ns in teams if namespaced else [None]:
+            if not can_i(kube_cluster, token, verb, group, resource, sub, ns):
+                problems.append(f"cannot {verb} {group}/{resource}/{sub} in {ns}")
+    for verb, group, resource, sub, namespaced in DENIED:
+        for ns in [*teams, system] if namespaced else [None]:
+            if can_i(kube_cluster, token, verb, group, resource, sub, ns):
+                problems.append(f"CAN {verb} {group}/{resource}/{sub} in {ns}")
+    # Namespaced mode: nothing in a namespace it does not serve.
+    for verb, group, resource, sub, namespaced in ALLOWED:
+        if namespaced and can_i(kube_cluster, token, verb, group, resource, sub, other):
+            problems.append(f"CAN {verb} {group}/{resource}/{sub} in unserved namespace {other}")
+    assert problems == []
+
+
+def test_chart_upgrade_to_cluster_wide_mode(
+    kube_cluster: LocalCluster, kube_api: Any, release: tuple[str, str, list[str]]
+) -> None:
+    name, system, _teams = release
+    config = helm_config(kube_cluster, system)
+    try:
+        rel = config.upgrade(CHART, name, {"watchNamespaces": []}, namespace=system, timeout=120)
+    finally:
+        config.close()
+    assert "kind: ClusterKopfPeering" in rel["manifest"]
+    token = kube_cluster.service_account_token(system, f"{name}-kubetune-operator")
+    fresh = f"fresh-{uuid.uuid4().hex[:6]}"
+    from kubernetes import client
+
+    client.CoreV1Api(kube_api).create_namespace({"metadata": {"name": fresh}})
+    try:
+        assert can_i(kube_cluster, token, "watch", "kubetune.io", "finetunejobs", "", fresh)
+        assert not can_i(kube_cluster, token, "get", "", "secrets", "", fresh)
+    finally:
+        client.CoreV1Api(kube_api).delete_namespace(fresh)
+
+
+def test_chart_path_is_the_repository_chart() -> None:
+    assert (Path(CHART) / "Chart.yaml").is_file()
