@@ -6,4 +6,9 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.kube", "tests.fixtures.models", "tests.fixtures.trainer"]
+pytest_plugins = [
+    "tests.fixtures.s3",
+    "tests.fixtures.kube",
+    "tests.fixtures.models",
+    "tests.fixtures.trainer",
+]

@@ -136,36 +136,36 @@ def finetunejob_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 # --- start-up ---------------------------------------------------------------------------------
 
 
-def make_startup(settings: OperatorSettings, ctx_factory: Any) -> Any:
+def make_startup(ours: OperatorSettings, ctx_factory: Any) -> Any:
     """The startup handler: configure kopf on purpose, build the context."""
 
-    def startup(settings_: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         # Our own API group for kopf's marks, so nothing of ours is named after another project.
-        settings_.persistence.finalizer = f"{names.API_GROUP}/finalizer"
+        settings.persistence.finalizer = f"{names.API_GROUP}/finalizer"
         # Annotations, not status.kopf: the status schema is ours (generated) and prunes unknown keys.
-        settings_.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.API_GROUP)
-        settings_.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.API_GROUP)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix=names.API_GROUP, key="last-handled-configuration"
         )
         # Leader election between replicas: only the highest-priority operator acts; refuse to run
         # unpeered when peering is expected, because two active replicas would both create children.
-        settings_.peering.name = settings.peering_name
-        settings_.peering.priority = settings.priority
-        settings_.peering.standalone = settings.standalone
-        settings_.peering.mandatory = not settings.standalone
+        settings.peering.name = ours.peering_name
+        settings.peering.priority = ours.priority
+        settings.peering.standalone = ours.standalone
+        settings.peering.mandatory = not ours.standalone
         # Watches end server-side, then client-side: a silently dropped connection cannot stall us.
-        settings_.watching.server_timeout = settings.watch_server_timeout
-        settings_.watching.client_timeout = settings.watch_client_timeout
-        settings_.networking.request_timeout = settings.request_timeout
+        settings.watching.server_timeout = ours.watch_server_timeout
+        settings.watching.client_timeout = ours.watch_client_timeout
+        settings.networking.request_timeout = ours.request_timeout
         # Our Events say what happened; kopf's per-handler "succeeded" Events would only add noise.
-        settings_.posting.level = logging.WARNING
-        settings_.posting.reporting_component = "kubetune-operator"
+        settings.posting.level = logging.WARNING
+        settings.posting.reporting_component = "kubetune-operator"
         # Sync handlers do blocking API calls in this pool; bounded so a burst cannot exhaust memory.
-        settings_.execution.max_workers = settings.max_workers
+        settings.execution.max_workers = ours.max_workers
         ctx = ctx_factory()
         memo["ctx"] = ctx
-        if settings.metrics_port is not None:
-            ctx.metrics.serve(settings.metrics_port, settings.metrics_address)
+        if ours.metrics_port is not None:
+            ctx.metrics.serve(ours.metrics_port, ours.metrics_address)
 
     return startup
 

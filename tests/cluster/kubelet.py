@@ -135,6 +135,14 @@ class PodProcess:
     def returncode(self) -> int | None:
         return None if self.popen is None else self.popen.poll()
 
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the process to exit; its raw return code (negative signal number when killed).
+
+        Raises ``subprocess.TimeoutExpired`` when it is still running after ``timeout`` seconds.
+        """
+        assert self.popen is not None
+        return self.popen.wait(timeout=timeout)
+
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -183,13 +183,16 @@ def test_chart_installs_and_the_operator_account_can_do_exactly_what_it_needs(
 
     token = kube_cluster.service_account_token(system, f"{name}-kubetune-operator")
     other = teams[0].replace("team-a", "other")
-    problems = []
+    problems: list[str] = []
+    scopes: list[str | None]
     for verb, group, resource, sub, namespaced in ALLOWED:
-        for ns in teams if namespaced else [None]:
+        scopes = [*teams] if namespaced else [None]
+        for ns in scopes:
             if not can_i(kube_cluster, token, verb, group, resource, sub, ns):
                 problems.append(f"cannot {verb} {group}/{resource}/{sub} in {ns}")
     for verb, group, resource, sub, namespaced in DENIED:
-        for ns in [*teams, system] if namespaced else [None]:
+        scopes = [*teams, system] if namespaced else [None]
+        for ns in scopes:
             if can_i(kube_cluster, token, verb, group, resource, sub, ns):
                 problems.append(f"CAN {verb} {group}/{resource}/{sub} in {ns}")
     # Namespaced mode: nothing in a namespace it does not serve.

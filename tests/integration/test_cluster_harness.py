@@ -169,11 +169,12 @@ def test_job_runs_for_real_with_env_and_mounts(
         namespace, {"metadata": {"name": "settings"}, "data": {"greeting": "hello"}}
     )
     # The container reads a mounted ConfigMap file, an env var from the ConfigMap and the downward API, and
-    # reports them through its termination message, exactly as a real container would.
+    # reports them through its termination message, exactly as a real container would. Container paths
+    # reach it as arguments, which is what the fake kubelet remaps to the pod's directories.
     script = (
-        "import os; "
-        "text = open('/etc/settings/greeting').read(); "
-        "open('/dev/termination-log', 'w').write(f\"{text} {os.environ['GREETING']} {os.environ['POD_NAME']}\")"
+        "import os, sys; "
+        "text = open(sys.argv[1]).read(); "
+        "open(sys.argv[2], 'w').write(f\"{text} {os.environ['GREETING']} {os.environ['POD_NAME']}\")"
     )
     manifest = job(
         "ok",
@@ -183,6 +184,7 @@ def test_job_runs_for_real_with_env_and_mounts(
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         ],
         volumeMounts=[{"name": "settings", "mountPath": "/etc/settings"}],
+        args=["/etc/settings/greeting", "/dev/termination-log"],
     )
     manifest["spec"]["template"]["spec"]["volumes"] = [
         {"name": "settings", "configMap": {"name": "settings"}}
@@ -232,6 +234,7 @@ def test_killed_pod_is_replaced_by_the_job_controller(
     batch.create_namespaced_job(namespace, job("retry", "import time; time.sleep(600)", backoff_limit=1))
     first = fake_kubelet.wait_for_process(namespace, labels={"job-name": "retry"}, timeout=60)
     fake_kubelet.kill_pod(namespace, first.name, signal.SIGKILL)
+    assert first.wait(timeout=10) == -signal.SIGKILL
     second = fake_kubelet.wait_for_process(namespace, labels={"job-name": "retry"}, timeout=60)
     assert second.name != first.name
     core = client.CoreV1Api(kube_api)
@@ -277,7 +280,8 @@ def test_missing_secret_and_image_pull_failure_keep_the_pod_waiting(
                         "command": [
                             "python",
                             "-c",
-                            "import os; open('/dev/termination-log','w').write(os.environ['KEY'])",
+                            "import os, sys; open(sys.argv[1], 'w').write(os.environ['KEY'])",
+                            "/dev/termination-log",
                         ],
                         "env": [
                             {"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "access"}}}
@@ -380,14 +384,14 @@ def test_service_account_token_is_limited_by_rbac(
 
     # The same identity from inside a pod: the mounted token and CA reach the apiserver over TLS.
     script = (
-        "import json, os, ssl, urllib.request\n"
+        "import json, os, ssl, sys, urllib.request\n"
         "sa = os.environ['KUBETUNE_SA_DIR']\n"
         "url = 'https://%s:%s/api/v1/namespaces/%s/configmaps/visible' % (os.environ['KUBERNETES_SERVICE_HOST'], "
         "os.environ['KUBERNETES_SERVICE_PORT'], open(sa + '/namespace').read())\n"
         "req = urllib.request.Request(url, headers={'Authorization': 'Bearer ' + open(sa + '/token').read()})\n"
         "ctx = ssl.create_default_context(cafile=sa + '/ca.crt')\n"
         "data = json.load(urllib.request.urlopen(req, context=ctx))['data']\n"
-        "open('/dev/termination-log', 'w').write(data['k'])\n"
+        "open(sys.argv[1], 'w').write(data['k'])\n"
     )
     core.create_namespaced_pod(
         namespace,
@@ -397,7 +401,11 @@ def test_service_account_token_is_limited_by_rbac(
                 "serviceAccountName": "reader",
                 "restartPolicy": "Never",
                 "containers": [
-                    {"name": "main", "image": "kubetune/test:1", "command": [sys.executable, "-c", script]}
+                    {
+                        "name": "main",
+                        "image": "kubetune/test:1",
+                        "command": [sys.executable, "-c", script, "/dev/termination-log"],
+                    }
                 ],
             },
         },

@@ -71,8 +71,14 @@ def test_quickstart_learns_publishes_a_whole_version_and_reuses_it(
     assert "adapter/adapter_model.safetensors" in listed and "manifest.json" not in listed
     # The tuned model is clearly better than the base on the same eval data.
     report = json.loads((vdir / "eval" / "report.json").read_text())
-    tuned, base = report["tuned"]["eval_loss"], report["base"]["eval_loss"]
-    assert tuned < 0.8 * base, (tuned, base)
+    tuned, base = report["tuned"], report["base"]
+    assert tuned["eval_loss"] < 0.2 * base["eval_loss"], (tuned, base)
+    assert tuned["exact_match"] >= 0.9 and base["exact_match"] <= 0.1, (tuned, base)
+    sample = json.loads((vdir / "eval" / "samples.jsonl").read_text().splitlines()[0])
+    assert sample["tuned"] == sample["reference"]
+    for fmt in ("int8", "onnx-int8"):
+        artifact = next(a for a in report["artifacts"] if a["format"] == fmt)
+        assert artifact["smoke_text"] and artifact["size_bytes"] > 0
     assert m["gates"]["passed"] is True
     alias = json.loads(
         (demo_store / "kubetune-demo/models" / MODEL / "aliases" / "candidate.json").read_text()
@@ -290,8 +296,13 @@ def test_sigterm_saves_a_checkpoint_before_exiting_and_the_restart_resumes(
     # Checkpoints only every 1000 steps: any checkpoint found was written because of SIGTERM.
     job = write_job(
         tmp_path / "job.yaml",
-        small_job(**{"training.maxSteps": 40, "training.logEverySteps": 1,
-                     "training.checkpoint": {"everySteps": 1000, "keep": 2}}),
+        small_job(
+            **{
+                "training.maxSteps": 40,
+                "training.logEverySteps": 1,
+                "training.checkpoint": {"everySteps": 1000, "keep": 2},
+            }
+        ),
     )
     proc = subprocess.Popen(
         kubetune_cmd("run", str(job), "--store-dir", str(demo_store), "--workdir", str(tmp_path / "w")),
@@ -318,19 +329,39 @@ def test_sigterm_saves_a_checkpoint_before_exiting_and_the_restart_resumes(
 
 def test_early_stopping_on_eval_loss(demo_store: Path, tmp_path: Path, run_kubetune: Runner) -> None:
     # A learning rate too small to move the eval loss: patience 2 stops at the third evaluation.
-    job = small_job(**{"training.maxSteps": 40, "training.evalEverySteps": 2, "training.learningRate": 1e-12,
-                       "training.earlyStopping": {"patience": 2, "minDelta": 0.001}})
-    proc = run_kubetune("run", str(write_job(tmp_path / "j.yaml", job)), "--store-dir", str(demo_store),
-                        "--workdir", str(tmp_path / "w"))
+    job = small_job(
+        **{
+            "training.maxSteps": 40,
+            "training.evalEverySteps": 2,
+            "training.learningRate": 1e-12,
+            "training.earlyStopping": {"patience": 2, "minDelta": 0.001},
+        }
+    )
+    proc = run_kubetune(
+        "run",
+        str(write_job(tmp_path / "j.yaml", job)),
+        "--store-dir",
+        str(demo_store),
+        "--workdir",
+        str(tmp_path / "w"),
+    )
     assert_ok(proc)
     assert "early stopping at step 6" in proc.stderr
     assert manifest(demo_store)["extra"]["steps"] == 6
 
 
-def test_qlora_on_a_cpu_node_fails_with_a_clear_message(demo_store: Path, tmp_path: Path, run_kubetune: Runner) -> None:
+def test_qlora_on_a_cpu_node_fails_with_a_clear_message(
+    demo_store: Path, tmp_path: Path, run_kubetune: Runner
+) -> None:
     job = small_job(**{"method": {"type": "qlora"}, "distributed.gpusPerNode": 1})
-    proc = run_kubetune("run", str(write_job(tmp_path / "j.yaml", job)), "--store-dir", str(demo_store),
-                        "--workdir", str(tmp_path / "w"))
+    proc = run_kubetune(
+        "run",
+        str(write_job(tmp_path / "j.yaml", job)),
+        "--store-dir",
+        str(demo_store),
+        "--workdir",
+        str(tmp_path / "w"),
+    )
     assert_ok(proc, 3)
     assert "qlora" in proc.stderr and "needs a CUDA GPU" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -219,13 +219,13 @@ def test_harness_runs_the_script_as_argo_does() -> None:
             FineTuneJobStatus(
                 phase="Pending",
                 observed_generation=2,
-                reason="ImagePullFailed",
+                reason="ImagePullBackOff",
                 conditions=all_conditions(
-                    Stalled=("ImagePullFailed", "ErrImagePull: registry.example.com/trainer:0.1.0")
+                    Stalled=("ImagePullBackOff", "ErrImagePull: registry.example.com/trainer:0.1.0")
                 ),
             ),
             "Degraded",
-            "ImagePullFailed: ErrImagePull",
+            "ImagePullBackOff: ErrImagePull",
         ),
         (
             # A new spec generation that the operator has not reconciled: the old Succeeded is stale.

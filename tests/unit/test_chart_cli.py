@@ -9,6 +9,7 @@ import argparse
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,7 +28,11 @@ def parser() -> argparse.ArgumentParser:
 def test_commands_parse() -> None:
     args = parser().parse_args(["status", "support", "-n", "team-a", "--watch", "--timeout", "60"])
     assert (args.func, args.name, args.namespace, args.watch, args.timeout) == (
-        cli_cluster.cmd_status, "support", "team-a", True, 60.0,
+        cli_cluster.cmd_status,
+        "support",
+        "team-a",
+        True,
+        60.0,
     )
     args = parser().parse_args(["logs", "support", "-f", "--rank", "1"])
     assert (args.func, args.follow, args.rank) == (cli_cluster.cmd_logs, True, 1)
@@ -37,7 +42,9 @@ def test_commands_parse() -> None:
     assert (args.func, args.file, args.kubeconfig) == (cli_cluster.cmd_submit, "job.yaml", "/tmp/kc")
 
 
-def test_submit_validates_locally_and_names_file_line_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_submit_validates_locally_and_names_file_line_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     job = tmp_path / "job.yaml"
     text = (REPO / "examples" / "quickstart" / "finetunejob.yaml").read_text()
     job.write_text(text.replace("batchSize: 16", "batchSize: 0"))
@@ -49,27 +56,39 @@ def test_submit_validates_locally_and_names_file_line_field(tmp_path: Path, caps
     assert f"{job}:{line}: spec.training.batchSize" in err
 
 
-def test_unusable_kubeconfig_is_reported_not_raised(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unusable_kubeconfig_is_reported_not_raised(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     args = parser().parse_args(["status", "x", "--kubeconfig", str(tmp_path / "missing")])
     assert args.func(args) == cli_cluster.EXIT_USAGE
     assert "cannot use kubeconfig" in capsys.readouterr().err
 
 
-def _obj(status: FineTuneJobStatus) -> dict:  # type: ignore[type-arg]
+def _obj(status: FineTuneJobStatus) -> dict[str, Any]:
     return {"metadata": {"name": "support"}, "status": status.to_api()}
 
 
 def test_status_line_shows_live_progress_and_outcome() -> None:
     running = FineTuneJobStatus(
-        phase="Running", stage="Training",
-        progress=Progress(step=120, total_steps=400, percent=30, summary="120/400 (30%)", loss=1.23456,
-                          tokens_per_second=5321.4, eta_seconds=754),
+        phase="Running",
+        stage="Training",
+        progress=Progress(
+            step=120,
+            total_steps=400,
+            percent=30,
+            summary="120/400 (30%)",
+            loss=1.23456,
+            tokens_per_second=5321.4,
+            eta_seconds=754,
+        ),
     )
     assert cli_cluster.status_line(_obj(running)) == (
         "support: Running, Training, 120/400 (30%), loss 1.235, 5321 tok/s, ETA 12m34s"
     )
     done = FineTuneJobStatus(
-        phase="Succeeded", reason="Published", message="published v3",
+        phase="Succeeded",
+        reason="Published",
+        message="published v3",
         version=VersionRef(name="v3", uri="s3://m/support/versions/v3", manifest_digest="sha256:x"),
         gates=GatesStatus(passed=True, summary="passed"),
     )
@@ -80,9 +99,15 @@ def test_status_line_shows_live_progress_and_outcome() -> None:
 
 
 def test_versions_table_sorts_by_version_number() -> None:
-    def mv(version: str) -> dict:  # type: ignore[type-arg]
-        spec = ModelVersionSpec(model="support", version=version, uri=f"s3://m/support/versions/{version}",
-                                manifest_digest="sha256:x", base="s3://b", key_metric="eval_loss=1.2")
+    def mv(version: str) -> dict[str, Any]:
+        spec = ModelVersionSpec(
+            model="support",
+            version=version,
+            uri=f"s3://m/support/versions/{version}",
+            manifest_digest="sha256:x",
+            base="s3://b",
+            key_metric="eval_loss=1.2",
+        )
         return {"metadata": {"name": f"support-{version}", "namespace": "team-a"}, "spec": spec.to_api()}
 
     rows = cli_cluster.versions_table([mv("v10"), mv("v2")], all_namespaces=True)

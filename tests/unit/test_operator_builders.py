@@ -348,4 +348,6 @@ def test_children_order_and_compat_suspend_creates_no_job() -> None:
     # >= 1.29: a suspended Job is created (suspend: true); v1.20 cannot, so none is created yet.
     suspended = make_job(**{"runPolicy.suspend": True})
     assert "Job" in [o["kind"] for o in desired_children(suspended, OperatorSettings())]
-    assert "Job" not in [o["kind"] for o in desired_children(suspended, OperatorSettings(compat_k8s_1_20=True))]
+    assert "Job" not in [
+        o["kind"] for o in desired_children(suspended, OperatorSettings(compat_k8s_1_20=True))
+    ]

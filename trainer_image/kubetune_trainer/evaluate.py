@@ -122,7 +122,7 @@ class TokenGenerator(Protocol):
         do_sample: bool,
         temperature: float,
         seed: int,
-        eos_token_id: int | None,
+        eos_token_id: int | list[int] | None,
     ) -> list[int]: ...
 
     def logits(self, input_ids: Sequence[int]) -> Any: ...  # numpy array [seq, vocab]
@@ -339,7 +339,7 @@ def generate_token_ids(
     do_sample: bool = False,
     temperature: float = 1.0,
     seed: int = 0,
-    eos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
 ) -> list[int]:
     """New token ids for one prompt from a transformers/peft/quanto model or a :class:`TokenGenerator`.
@@ -371,10 +371,40 @@ def generate_token_ids(
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id if pad_token_id is not None else eos_token_id,
+            pad_token_id=pad_token_id if pad_token_id is not None else _first(eos_token_id),
             **sampling,
         )
     return [int(t) for t in out[0, ids.shape[1] :].tolist()]
+
+
+def _first(ids: int | list[int] | None) -> int | None:
+    if isinstance(ids, list):
+        return ids[0] if ids else None
+    return ids
+
+
+#: End-of-turn tokens of the chat templates the data layer writes (ChatML's <|im_end|>, Llama 3's
+#: <|eot_id|>): a tuned chat model ends its answer with these, not with the tokenizer's EOS.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>")
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every id that ends an answer: the tokenizer's EOS, the model's generation_config EOS ids,
+    and the end-of-turn token of a chat template when the vocabulary has one."""
+    ids: list[int] = []
+
+    def add(value: Any) -> None:
+        for v in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(v, int) and v >= 0 and v not in ids:
+                ids.append(v)
+
+    add(getattr(tokenizer, "eos_token_id", None))
+    add(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    for token in END_OF_TURN_TOKENS:
+        if token in vocab:
+            add(vocab[token])
+    return ids
 
 
 def generate(
@@ -392,7 +422,7 @@ def generate(
     Prompt ``i`` is generated after ``torch.manual_seed(seed + i)``: deterministic under a seed.
     Latency is the wall time of the whole generate call including the prompt's prefill.
     """
-    eos = getattr(tokenizer, "eos_token_id", None)
+    eos = stop_token_ids(model, tokenizer)
     pad = getattr(tokenizer, "pad_token_id", None)
     results: list[Generation] = []
     for i, prompt in enumerate(prompt_ids_list):

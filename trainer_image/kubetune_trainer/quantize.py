@@ -169,12 +169,13 @@ class OnnxCausalLM:
         do_sample: bool,
         temperature: float,
         seed: int,
-        eos_token_id: int | None,
+        eos_token_id: int | list[int] | None,
     ) -> list[int]:
-        """Greedy (or temperature-sampled, numpy RNG seeded with ``seed``) decoding, stopping at EOS."""
+        """Greedy (or temperature-sampled, numpy RNG seeded with ``seed``) decoding, stopping at any EOS id."""
         import numpy as np
 
         rng = np.random.default_rng(seed)
+        stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
         sequence = list(prompt_ids)
         new: list[int] = []
         for _ in range(max_new_tokens):
@@ -187,7 +188,7 @@ class OnnxCausalLM:
                 token = int(last.argmax())
             new.append(token)
             sequence.append(token)
-            if eos_token_id is not None and token == eos_token_id:
+            if token in stops:
                 break
         return new
 

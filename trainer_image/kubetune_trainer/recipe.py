@@ -40,7 +40,8 @@ from typing import Any
 from kubetune_api.models import Progress
 from kubetune_api.runconfig import RunConfig
 from kubetune_trainer.checkpoint import CheckpointManager
-from kubetune_trainer.data import MODEL_INPUT_KEYS, TokenizedExample, count_batches, iter_batches
+from kubetune_trainer.data import TokenizedExample, count_batches, iter_batches
+from kubetune_trainer.data.batching import model_inputs
 from kubetune_trainer.reporting import Reporter
 from kubetune_trainer.runtime import (
     Runtime,
@@ -396,7 +397,8 @@ class SFTRecipe:
     def _forward(self, batch: dict[str, Any]) -> Any:
         import torch
 
-        inputs = {k: v.to(self.rt.device) for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+        # model_inputs adds use_cache=False: with a KV cache, packed rows would attend across examples.
+        inputs = {k: v.to(self.rt.device) if hasattr(v, "to") else v for k, v in model_inputs(batch).items()}
         if self.rt.precision in ("bf16", "fp16") and self.engine is None:
             with torch.autocast(device_type=self.rt.device.type, dtype=self.rt.dtype):
                 return self.forward_model(**inputs).loss

@@ -1,0 +1,171 @@
+"""Smoke tests of the bench scripts: each runs in its tiny mode and prints its table.
+
+The pure helpers (tables, verdicts, stage arithmetic, summaries) are tested directly and fast. The
+end-to-end smoke runs start real worker processes (torch, transformers, moto, the aws CLI), so on a
+shared 2-core machine they take tens of seconds each; they are marked ``integration``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench._common import format_table, median, verdict
+from bench._synth import SHAPES, instruction_records
+from bench.startup import MARKERS, stage_durations
+from bench.throughput import summarise
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_format_table_aligns_numbers_right_and_text_left() -> None:
+    out = format_table(["name", "tok/s"], [["kubetune", 1234.5], ["trl", 9.5]]).splitlines()
+    assert out[0].startswith("name")
+    assert out[2].endswith("1,234") and out[3].endswith("9.50")
+    assert len({len(line) for line in out[2:]}) == 1
+
+
+def test_verdict_and_median() -> None:
+    assert verdict(3.1, 3.0) == "PASS"
+    assert verdict(2.9, 3.0) == "MISS"
+    assert verdict(0.3, 0.35, higher_is_better=False) == "PASS"
+    assert verdict(None, 1.0) == "n/a"
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    with pytest.raises(ValueError):
+        median([])
+
+
+def test_generated_data_has_a_long_tail() -> None:
+    records = instruction_records(400, seed=0)
+    lengths = sorted(len((r["input"] + " " + r["output"]).split()) for r in records)
+    median_words = lengths[len(lengths) // 2]
+    assert lengths[-1] > 4 * median_words  # long right tail, as in real instruction data
+    assert instruction_records(5, seed=0) == instruction_records(5, seed=0)
+
+
+def test_model_shapes_hit_their_nominal_sizes() -> None:
+    vocab = 8192
+    assert 4e6 < SHAPES["5m"].params(vocab) < 6e6
+    assert 20e6 < SHAPES["25m"].params(vocab) < 30e6
+    assert 90e6 < SHAPES["100m"].params(vocab) < 110e6
+
+
+def test_stage_durations_are_differences_of_marker_times() -> None:
+    seen = {name: float(i + 1) for i, (name, _) in enumerate(MARKERS)}
+    out = stage_durations(seen)
+    assert out["cli+spec"] == 1.0 and all(out[n] == 1.0 for n, _ in MARKERS)
+    assert out["total"] == float(len(MARKERS))
+
+
+def _run(
+    kubetune: float, other: float, contender: str, rep: int, eval_loss: float = 9.0
+) -> dict[str, object]:
+    return {
+        "repeat": rep,
+        "size": "tiny",
+        "contender": contender,
+        "peak_rss_bytes": 2**30,
+        "trainable_params": 10,
+        "tokens_per_s": kubetune if contender == "kubetune" else other,
+        "final_train_loss": 9.0,
+        "eval_loss": eval_loss,
+        "batch": "b",
+    }
+
+
+def test_summary_ratios_are_pair_by_pair_and_verdicts_follow_targets() -> None:
+    runs = [
+        _run(300.0, 100.0, "kubetune", 0),
+        _run(300.0, 100.0, "hf-peft", 0),
+        _run(300.0, 250.0, "trl", 0),
+        _run(200.0, 100.0, "kubetune", 1),
+        _run(200.0, 50.0, "hf-peft", 1),
+        _run(200.0, 100.0, "trl", 1),
+    ]
+    data = {
+        "settings": {"sizes": ["tiny"]},
+        "models": {"tiny": {"params": 100, "non_embedding_params": 50}},
+        "peak_matmul_flops": 1e9,
+        "runs": runs,
+    }
+    s = summarise(data)["sizes"]["tiny"]
+    # Pairs: 300/100=3.0, 200/50=4.0 -> median 3.5 (not 250/75).
+    assert s["ratios"]["hf-peft"]["ratio"] == pytest.approx(3.5)
+    assert s["ratios"]["hf-peft"]["verdict"] == "PASS"
+    assert s["ratios"]["trl"]["per_repeat"] == pytest.approx([1.2, 2.0])
+    assert s["contenders"]["kubetune"]["mfu_6n"] == pytest.approx(6 * 50 * 250 / 1e9)
+
+
+def test_summary_misses_when_eval_loss_is_worse() -> None:
+    runs = [_run(300.0, 100.0, "kubetune", 0, eval_loss=9.5), _run(300.0, 100.0, "hf-peft", 0, eval_loss=9.0)]
+    data = {
+        "settings": {"sizes": ["tiny"]},
+        "models": {"tiny": {"params": 100, "non_embedding_params": 50}},
+        "peak_matmul_flops": 1e9,
+        "runs": runs,
+    }
+    r = summarise(data)["sizes"]["tiny"]["ratios"]["hf-peft"]
+    assert r["speed"] == "PASS" and r["eval_loss_ok"] is False and r["verdict"] == "MISS"
+
+
+def _bench(args: list[str], timeout: float) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={
+            "PATH": "/usr/local/bin:/usr/bin:/bin:" + str(Path(sys.executable).parent),
+            "OMP_NUM_THREADS": "1",
+            "HOME": str(Path.home()),
+        },
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.integration
+def test_throughput_quick_prints_table_and_ratios() -> None:
+    out = _bench(["bench.throughput", "--quick", "--steps", "2"], timeout=600)
+    assert "real tok/s" in out and "kubetune / hf-peft" in out and "kubetune / trl" in out
+    assert ("PASS" in out) or ("MISS" in out)
+    assert "peak matmul" in out
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("aws") is None, reason="aws CLI not installed")
+def test_storage_small_prints_rates_and_verdicts() -> None:
+    out = _bench(["bench.storage", "--size-mb", "8", "--repeats", "1"], timeout=300)
+    assert "kubetune S3Store" in out and "aws s3 cp --recursive" in out and "raw loopback TCP" in out
+    assert out.count("PASS") + out.count("MISS") == 2
+
+
+@pytest.mark.integration
+def test_quantized_tiny_prints_formats() -> None:
+    out = _bench(
+        [
+            "bench.quantized",
+            "--size",
+            "tiny",
+            "--prompts",
+            "1",
+            "--new-tokens",
+            "2",
+            "--formats",
+            "int8,onnx-int8",
+        ],
+        timeout=600,
+    )
+    assert "fp32 (merged)" in out and "int8" in out and "onnx-int8" in out
+    assert "int8 size ratio" in out
+
+
+@pytest.mark.integration
+def test_startup_quick_reaches_first_step() -> None:
+    out = _bench(["bench.startup", "--quick"], timeout=900)
+    assert "first step" in out and "model load" in out and "total" in out
