@@ -261,7 +261,7 @@ def _condition(
     status = "True" if true else "False"
     before = previous.get(kind)
     changed = before is None or before.get("status") != status
-    return {
+    condition = {
         "type": kind,
         "status": status,
         "reason": reason,
@@ -270,6 +270,8 @@ def _condition(
         "lastTransitionTime": obs.now if changed else before.get("lastTransitionTime", obs.now),  # type: ignore[union-attr]
         "observedGeneration": obs.generation,
     }
+    # Empty strings are left out: they carry nothing, and the v1.20 test server rejects them as null.
+    return {k: v for k, v in condition.items() if v != ""}
 
 
 def conditions_for(v: Verdict, obs: Observed, *, invalid_message: str | None = None) -> list[dict[str, Any]]:
@@ -343,8 +345,9 @@ def reduce_status(obs: Observed) -> dict[str, Any]:
     job_status = (obs.job or {}).get("status", {})
     patch: dict[str, Any] = {
         "phase": v.phase,
-        "reason": v.reason,
-        "message": v.message,
+        "reason": v.reason or None,
+        # None deletes the key in a merge patch; an empty string would leave nothing useful either.
+        "message": v.message or None,
         "observedGeneration": obs.generation,
         "jobName": obs.attempt,
         "conditions": conditions_for(v, obs),

@@ -134,21 +134,22 @@ class LocalCluster:
             self._start_controller_manager()
             self._wait_controllers()
         except BaseException:
-            self.stop()
+            # The logs are what explains a failed start: keep them.
+            self.stop(keep_logs=True)
             raise
 
-    def stop(self) -> None:
+    def stop(self, *, keep_logs: bool = True) -> None:
         """Stop the processes by PID (SIGTERM, then SIGKILL after 10 s) and remove the data directory.
 
-        Logs in ``log_dir`` are kept. Safe to call more than once.
+        Logs in ``log_dir`` are kept unless ``keep_logs`` is False. Safe to call more than once.
         """
-        if self._stopped:
-            return
-        self._stopped = True
-        for proc in reversed(self._processes):
-            _terminate(proc.popen, grace=10.0)
-        self._processes.clear()
-        shutil.rmtree(self._work, ignore_errors=True)
+        if not self._stopped:
+            self._stopped = True
+            for proc in reversed(self._processes):
+                _terminate(proc.popen, grace=10.0)
+            shutil.rmtree(self._work, ignore_errors=True)
+        if not keep_logs:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:
         self.start()
