@@ -7,6 +7,7 @@ be greater than or equal to 1``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,10 @@ import yaml
 from pydantic import ValidationError
 
 from kubetune_api.models import FineTuneJob
+
+# Messages of kubetune_api.rules start with the spec path they are about; several are joined by "; ".
+_RULE_MESSAGE = re.compile(r"^spec\.[A-Za-z0-9.]+: ")
+_RULE_SPLIT = re.compile(r"; (?=spec\.[A-Za-z0-9.]+: )")
 
 
 class SpecError(ValueError):
@@ -72,9 +77,17 @@ def parse_finetunejob(text: str, source: str = "<string>") -> FineTuneJob:
         problems = []
         for err in exc.errors(include_url=False):
             loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "value_error" and _RULE_MESSAGE.match(msg):
+                # Cross-field rules fail on the whole spec; point each at the field it names.
+                for part in _RULE_SPLIT.split(msg):
+                    field, _, text = part.partition(": ")
+                    node = _node_at(root, field.split("."))
+                    line = node.start_mark.line + 1 if node is not None else 1
+                    problems.append(f"{source}:{line}: {field}: {text}")
+                continue
             node = _node_at(root, loc)
             line = node.start_mark.line + 1 if node is not None else 1
-            msg = err["msg"].removeprefix("Value error, ")
             field = _format_loc(loc)
             problems.append(f"{source}:{line}: {field}: {msg}" if field else f"{source}:{line}: {msg}")
         raise SpecError(source, problems) from None

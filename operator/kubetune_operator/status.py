@@ -431,7 +431,7 @@ def transition(before: Mapping[str, Any], patch: Mapping[str, Any]) -> Transitio
         "CreateContainerConfigError",
     )
     return Transition(
-        "Warning" if warn else "Normal", str(reason or phase), f"{phase}: {patch.get('message', '')}"
+        "Warning" if warn else "Normal", str(reason or phase), f"{phase}: {patch.get('message') or ''}"
     )
 
 

@@ -34,8 +34,10 @@ Volumes and the path remapping
   written as files; ``emptyDir`` (any medium) is an empty directory; a PersistentVolumeClaim is a
   directory shared by every pod of the namespace using that claim name. **Any command/args element or
   env value that equals a container ``mountPath`` or starts with ``mountPath + "/"`` is rewritten to
-  the local directory** (also the part after the first ``=`` of ``--flag=/path`` arguments). Paths
-  that reach a program any other way (inside a config file, hard-coded) are not remapped. A missing
+  the local directory** (also the part after the first ``=`` of ``--flag=/path`` arguments). The
+  ``terminationMessagePath`` (default ``/dev/termination-log``) is remapped the same way to a per-pod
+  file. Paths that reach a program any other way (inside a config file, hard-coded in code) are not
+  remapped and hit the host's file system: pass container paths as arguments or env values. A missing
   Secret/ConfigMap for a volume leaves the container waiting in ``ContainerCreating``.
 
 Service account

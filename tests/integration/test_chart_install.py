@@ -6,9 +6,10 @@ no pods/exec, nothing outside its namespaces in namespaced mode).
 
 v1.20 limits (tests/cluster/README.md): no scheduler or kubelet here, so the operator pod stays
 Pending (its probes and runtime are not exercised by this test); CEL rules in the CRDs are ignored;
-and v1.20 rejects the FineTuneJob CRD's ``default: ''`` entries (status fields) that >= 1.29
-accepts. So :func:`install_crds` creates the chart's CRDs without those entries first, and Helm,
-as it always does for CRDs that exist, skips its own crds/ copy.
+and v1.20 rejects two things in the FineTuneJob CRD that >= 1.29 accepts: ``default: ''`` entries
+(status fields) and, through Helm v4's server-side apply, ``x-kubernetes-validations``. So the test
+installs a copy of the chart whose crds/ hold the same CRDs without those (:func:`for_v1_20`);
+every template is the chart's own.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def install_crds(kube_api: Any) -> None:
     ext = client.ApiextensionsV1Api(kube_api)
     for crd in chart_crds():
         try:
-            ext.create_custom_resource_definition(_without_empty_string_defaults(crd))
+            ext.create_custom_resource_definition(for_v1_20(crd))
         except ApiException as exc:
             if exc.status != 409:
                 raise
@@ -101,7 +102,9 @@ def helm_config(cluster: LocalCluster, namespace: str) -> Any:
 
 
 @pytest.fixture
-def release(kube_cluster: LocalCluster, kube_api: Any) -> Iterator[tuple[str, str, list[str]]]:
+def release(
+    kube_cluster: LocalCluster, kube_api: Any, tmp_path: Path
+) -> Iterator[tuple[str, str, list[str]]]:
     """The chart installed in namespaced mode for two fresh team namespaces; uninstalled afterwards."""
     from kubernetes import client
 
@@ -111,14 +114,17 @@ def release(kube_cluster: LocalCluster, kube_api: Any) -> Iterator[tuple[str, st
     for ns in (system, *teams, f"other-{suffix}"):
         core.create_namespace({"metadata": {"name": ns}})
     name = f"kt-{suffix}"
-    install_crds(kube_api)
+    chart = chart_for_v1_20(tmp_path)
     config = helm_config(kube_cluster, system)
+    installed = False
     try:
-        config.install(CHART, name, {"watchNamespaces": teams}, namespace=system, timeout=120)
+        config.install(chart, name, {"watchNamespaces": teams}, namespace=system, timeout=120)
+        installed = True
         yield name, system, teams
     finally:
         try:
-            config.uninstall(name)
+            if installed:
+                config.uninstall(name)
         finally:
             config.close()
             for ns in (system, *teams, f"other-{suffix}"):
@@ -184,7 +190,7 @@ def test_chart_installs_and_the_operator_account_can_do_exactly_what_it_needs(
     token = kube_cluster.service_account_token(system, f"{name}-kubetune-operator")
     other = teams[0].replace("team-a", "other")
     problems: list[str] = []
-    scopes: list[str | None]
+    scopes: list[Any]
     for verb, group, resource, sub, namespaced in ALLOWED:
         scopes = [*teams] if namespaced else [None]
         for ns in scopes:
@@ -203,12 +209,14 @@ def test_chart_installs_and_the_operator_account_can_do_exactly_what_it_needs(
 
 
 def test_chart_upgrade_to_cluster_wide_mode(
-    kube_cluster: LocalCluster, kube_api: Any, release: tuple[str, str, list[str]]
+    kube_cluster: LocalCluster, kube_api: Any, release: tuple[str, str, list[str]], tmp_path: Path
 ) -> None:
     name, system, _teams = release
     config = helm_config(kube_cluster, system)
     try:
-        rel = config.upgrade(CHART, name, {"watchNamespaces": []}, namespace=system, timeout=120)
+        rel = config.upgrade(
+            chart_for_v1_20(tmp_path), name, {"watchNamespaces": []}, namespace=system, timeout=120
+        )
     finally:
         config.close()
     assert "kind: ClusterKopfPeering" in rel["manifest"]

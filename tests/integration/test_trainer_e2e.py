@@ -365,3 +365,25 @@ def test_qlora_on_a_cpu_node_fails_with_a_clear_message(
     assert_ok(proc, 3)
     assert "qlora" in proc.stderr and "needs a CUDA GPU" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_published_version_is_the_base_of_the_next_stage(
+    demo_store: Path, tmp_path: Path, run_kubetune: Runner
+) -> None:
+    first = small_job(**{"output.merge": True, "output.promote": {"alias": "stage1", "when": "always"}})
+    assert_ok(run_kubetune("run", str(write_job(tmp_path / "a.yaml", first)), "--store-dir", str(demo_store),
+                           "--workdir", str(tmp_path / "wa")))
+    second = small_job(**{"model.name": "stage2-translator",
+                          "model.base.uri": f"modelversion://{MODEL}/stage1"})
+    proc = run_kubetune("run", str(write_job(tmp_path / "b.yaml", second)), "--store-dir", str(demo_store),
+                        "--workdir", str(tmp_path / "wb"))
+    assert_ok(proc)
+    m = json.loads((demo_store / "kubetune-demo/models/stage2-translator/versions/v1/manifest.json").read_text())
+    # The alias was resolved to a concrete version in the lineage, not left as a moving pointer.
+    assert m["parent"] == f"modelversion://{MODEL}/v1"
+    assert m["inputs"]["base"]["parent"] == f"modelversion://{MODEL}/v1"
+    parent_merged = version_dir(demo_store) / "merged"
+    from kubetune_trainer.digests import digest_dir
+
+    assert m["inputs"]["base"]["digest"] == digest_dir(parent_merged)

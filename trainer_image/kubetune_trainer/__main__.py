@@ -19,12 +19,20 @@ def main(argv: list[str] | None = None) -> int:
         default=Path(os.environ.get("KUBETUNE_WORKDIR", "/tmp/kubetune")),
         help="scratch space for inputs, checkpoints and staging (an emptyDir in pods)",
     )
+    parser.add_argument(
+        "--termination-message-path",
+        default=os.environ.get("KUBETUNE_TERMINATION_MESSAGE_PATH"),
+        help="where to write the final TrainerResult (overrides the RunConfig; the pod's terminationMessagePath)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from kubetune_api.runconfig import RunConfig
     from kubetune_trainer.pipeline import run
 
     rc = RunConfig.from_json(args.run_config.read_text())
+    if args.termination_message_path:
+        reporting = rc.reporting.model_copy(update={"termination_message_path": args.termination_message_path})
+        rc = rc.model_copy(update={"reporting": reporting})
     outcome = run(rc, workdir=args.workdir)
     return outcome.exit_code
 
