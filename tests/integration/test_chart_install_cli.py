@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from kubetune_trainer import cli_cluster
 from tests.cluster.cluster import LocalCluster
@@ -54,12 +55,15 @@ def test_submit_status_watch_versions(
     assert "quickstart unchanged" in capsys.readouterr().out
 
     changed = tmp_path / "job.yaml"
-    changed.write_text(EXAMPLE.read_text().replace("epochs: 3", "epochs: 4"))
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    epochs = doc["spec"]["training"]["epochs"] + 1
+    doc["spec"]["training"]["epochs"] = epochs
+    changed.write_text(yaml.safe_dump(doc))
     assert run(kube_cluster, "submit", str(changed), "-n", ns) == 0
     assert "quickstart configured" in capsys.readouterr().out
     custom = client.CustomObjectsApi(kube_api)
     obj = custom.get_namespaced_custom_object("kubetune.io", "v1alpha1", ns, "finetunejobs", "quickstart")
-    assert obj["metadata"]["generation"] == 2 and obj["spec"]["training"]["epochs"] == 4
+    assert obj["metadata"]["generation"] == 2 and obj["spec"]["training"]["epochs"] == epochs
 
     # Not picked up by an operator yet.
     assert run(kube_cluster, "status", "quickstart", "-n", ns) == 0

@@ -211,6 +211,7 @@ def test_ddp_two_processes_split_the_data(demo_store: Path, tmp_path: Path, run_
     assert_ok(ddp)
     # Each rank trains on half the rows: half the optimizer steps per epoch.
     assert _planned_steps(ddp.stderr) == math.ceil(_planned_steps(one.stderr) / 2)
+    assert "[kubetune] Published: ddp-translator v1" in ddp.stderr
     m = json.loads((demo_store / "kubetune-demo/models/ddp-translator/versions/v1/manifest.json").read_text())
     assert m["extra"]["steps"] == _planned_steps(ddp.stderr)
 

@@ -19,6 +19,10 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kubetune_api.reports import TrainerResult
 
 DEFAULT_STORE = ".kubetune/store"
 DEFAULT_WORK = ".kubetune/work"
@@ -68,6 +72,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             return EXIT_BAD_INPUT
         config = workdir / "run-config.json"
         config.write_text(rc.to_json())
+        result_file = workdir / "result.json"
+        result_file.unlink(missing_ok=True)
         torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
         cmd = [
             torchrun,
@@ -79,9 +85,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             str(config),
             "--workdir",
             str(workdir),
+            "--termination-message-path",
+            str(result_file),
         ]
         code = subprocess.run(cmd, env={**os.environ, **env_extra}, check=False).returncode
-        _print_local_summary(rc, store_dir, args.remote, workdir)
+        if result_file.exists():
+            from kubetune_api.reports import TrainerResult
+
+            result = TrainerResult.model_validate_json(result_file.read_text())
+            _print_summary(result, rc.model.name, store_dir, args.remote)
         return code
     os.environ.update(env_extra)
     if rc.distributed.strategy.startswith("deepspeed"):
@@ -97,26 +109,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kubetune_trainer.pipeline import run
 
     outcome = run(rc, workdir=workdir)
-    if outcome.result is not None and outcome.result.version is not None:
-        r = outcome.result
-        v = r.version
-        assert v is not None
-        print("", file=sys.stderr)
-        print(f"[kubetune] {r.reason}: {rc.model.name} {v.name}  ({r.message})", file=sys.stderr)
-        print(f"[kubetune] version: {v.uri}", file=sys.stderr)
-        local = local_path_for(v.uri, store_dir) if not args.remote else None
-        if local is not None:
-            print(f"[kubetune] files:   {local}", file=sys.stderr)
-        if r.metrics:
-            print(
-                "[kubetune] metrics: " + ", ".join(f"{k}={val:.4g}" for k, val in sorted(r.metrics.items())),
-                file=sys.stderr,
-            )
-        if r.gates is not None:
-            print(f"[kubetune] gates:   {r.gates.summary}", file=sys.stderr)
-        if r.promoted_alias:
-            print(f"[kubetune] alias {r.promoted_alias} -> {v.name}", file=sys.stderr)
+    if outcome.result is not None:
+        _print_summary(outcome.result, rc.model.name, store_dir, args.remote)
     return outcome.exit_code
+
+
+def _print_summary(r: TrainerResult, model: str, store_dir: Path, remote: bool) -> None:
+    """Where the version landed and how good it is (failures were already reported)."""
+    v = r.version
+    if v is None:
+        return
+    print("", file=sys.stderr)
+    print(f"[kubetune] {r.reason}: {model} {v.name}  ({r.message})", file=sys.stderr)
+    print(f"[kubetune] version: {v.uri}", file=sys.stderr)
+    local = local_path_for(v.uri, store_dir) if not remote else None
+    if local is not None:
+        print(f"[kubetune] files:   {local}", file=sys.stderr)
+    if r.metrics:
+        metrics = ", ".join(f"{k}={val:.4g}" for k, val in sorted(r.metrics.items()))
+        print(f"[kubetune] metrics: {metrics}", file=sys.stderr)
+    if r.gates is not None:
+        print(f"[kubetune] gates:   {r.gates.summary}", file=sys.stderr)
+    if r.promoted_alias:
+        print(f"[kubetune] alias {r.promoted_alias} -> {v.name}", file=sys.stderr)
 
 
 def _ds_accelerator() -> str:
@@ -126,10 +141,6 @@ def _ds_accelerator() -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     except ImportError:
         return "cpu"
-
-
-def _print_local_summary(rc: object, store_dir: Path, remote: bool, workdir: Path) -> None:
-    print(f"[kubetune] work directory: {workdir}", file=sys.stderr)
 
 
 def cmd_demo_prepare(args: argparse.Namespace) -> int:
