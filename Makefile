@@ -8,18 +8,23 @@ PY := $(VENV)/bin/python
 STORE ?= .kubetune/store
 PYTEST_ARGS ?=
 
-.PHONY: setup quickstart test lint typecheck crds crds-check unit integration kube clean
+.PHONY: setup tools quickstart test lint typecheck crds crds-check docs-check unit integration kube clean
 
 setup:
 	@bash scripts/bootstrap.sh
+
+# Debian packages the tests use for real: Lua 5.4 + lua-cjson run the Argo CD health checks.
+tools:
+	@command -v lua5.4 >/dev/null && lua5.4 -e 'require("cjson")' 2>/dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq lua5.4 lua-cjson >/dev/null)
 
 quickstart: setup
 	$(VENV)/bin/kubetune demo prepare --store-dir $(STORE)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/kubetune run examples/quickstart/finetunejob.yaml --store-dir $(STORE)
 
 lint: setup
-	$(VENV)/bin/ruff check operator trainer_image tests bench
-	$(VENV)/bin/ruff format --check operator trainer_image tests bench
+	$(VENV)/bin/ruff check operator trainer_image tests bench docs
+	$(VENV)/bin/ruff format --check operator trainer_image tests bench docs
 
 typecheck: setup
 	$(VENV)/bin/mypy -p kubetune_api -p kubetune_operator -p kubetune_trainer
@@ -30,17 +35,20 @@ crds: setup
 crds-check: setup
 	$(PY) -m kubetune_api.crdgen --check
 
+docs-check: setup
+	$(PY) docs/gen_api_reference.py --check
+
 # The real kube-apiserver/controller-manager/etcd for the integration tier (built once, cached).
 kube:
 	@if [ -x tests/cluster/build-kube.sh ]; then tests/cluster/build-kube.sh; fi
 
-unit: setup
+unit: setup tools
 	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
 
-integration: setup kube
+integration: setup tools kube
 	$(VENV)/bin/pytest tests/integration -m integration $(PYTEST_ARGS)
 
-test: setup lint typecheck crds-check kube
+test: setup tools lint typecheck crds-check docs-check kube
 	$(VENV)/bin/pytest tests $(PYTEST_ARGS)
 
 clean:

@@ -10,6 +10,7 @@ Nothing here imports torch: the parent processes of the benches stay light.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -61,10 +62,9 @@ def pin_torch_threads(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    try:
+    # Refused once work ran in this process; intra-op is what matters for the benches.
+    with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(threads)
-    except RuntimeError:  # already set once work ran in this process; intra-op is what matters
-        pass
 
 
 def machine_info(threads: int | None = None) -> dict[str, Any]:
@@ -124,9 +124,7 @@ def run_worker(
     with tempfile.NamedTemporaryFile(prefix="bench-result-", suffix=".json", delete=False) as fh:
         result_path = Path(fh.name)
     env = {**os.environ, **thread_env(threads), **(extra_env or {})}
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
-    )
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     cmd = [sys.executable, "-m", module, "--result", str(result_path), *args]
     started = time.monotonic()
     try:

@@ -51,7 +51,7 @@ def _vocabulary(size: int, rng: random.Random) -> list[str]:
 
 
 def _lognormal_words(rng: random.Random, median: float, sigma: float, max_words: int) -> int:
-    return max(1, min(max_words, int(round(rng.lognormvariate(math.log(median), sigma)))))
+    return max(1, min(max_words, round(rng.lognormvariate(math.log(median), sigma))))
 
 
 def instruction_records(
@@ -106,7 +106,9 @@ CHATML_TEMPLATE = (
 
 def chatml_prompt(record: dict[str, str]) -> str:
     """The ChatML user turn plus the assistant header: what every contender trains the answer after."""
-    return f"<|im_start|>user\n{record['instruction']}\n\n{record['input']}<|im_end|>\n<|im_start|>assistant\n"
+    return (
+        f"<|im_start|>user\n{record['instruction']}\n\n{record['input']}<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def chatml_completion(record: dict[str, str]) -> str:
@@ -181,7 +183,7 @@ def build_llama(out_dir: Path, tokenizer_dir: Path, shape: ModelShape, *, seed: 
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    im_end = int(tokenizer.convert_tokens_to_ids("<|im_end|>"))  # one token in, one id out
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=shape.hidden,
@@ -206,7 +208,7 @@ def build_llama(out_dir: Path, tokenizer_dir: Path, shape: ModelShape, *, seed: 
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     params = sum(p.numel() for p in model.parameters())
-    embed = model.get_input_embeddings().weight.numel()
+    embed = int(model.get_input_embeddings().weight.numel())
     info = {"params": params, "non_embedding_params": params - embed, "vocab": len(tokenizer)}
     (out_dir / "bench-model.json").write_text(json.dumps({"shape": shape.name, **info}, indent=2))
     return info

@@ -37,6 +37,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from bench._common import REPO_ROOT, format_machine, format_table, machine_info, median, thread_env
 
@@ -96,18 +97,30 @@ def build_store(store: Path, *, seconds_budget: float | None, threads: int) -> f
     return time.monotonic() - started
 
 
-def time_one_run(job: Path, store: Path, workdir: Path, *, threads: int, timeout_s: float) -> dict[str, float]:
+def time_one_run(
+    job: Path, store: Path, workdir: Path, *, threads: int, timeout_s: float
+) -> dict[str, float]:
     """Start ``kubetune run`` in a fresh process; seconds from start to each marker; kill after step 1."""
     env = {**os.environ, **thread_env(threads), "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     cmd = [
-        sys.executable, "-m", "bench.startup", "--child", "run", str(job), "--store-dir", str(store),
-        "--workdir", str(workdir),
+        sys.executable,
+        "-m",
+        "bench.startup",
+        "--child",
+        "run",
+        str(job),
+        "--store-dir",
+        str(store),
+        "--workdir",
+        str(workdir),
     ]
     seen: dict[str, float] = {}
     lines: list[str] = []
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     done = threading.Event()
 
     def read() -> None:
@@ -152,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--child"]:
         return _child_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m bench.startup", description=__doc__.split("\n")[0])
-    p.add_argument("--store-dir", type=Path, default=None, help="existing demo store (default: build a fresh one)")
+    p.add_argument(
+        "--store-dir", type=Path, default=None, help="existing demo store (default: build a fresh one)"
+    )
     p.add_argument("--warm-runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="2-second demo pre-training, 1 warm run")
@@ -169,28 +184,41 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench] building the demo store in {store}", file=sys.stderr, flush=True)
             build_s = build_store(store, seconds_budget=2.0 if a.quick else None, threads=a.threads)
         job = quickstart_job(tmp / "finetunejob.yaml")
-        runs = []
+        runs: list[dict[str, Any]] = []
         for i in range(1 + a.warm_runs):
             kind = "cold" if i == 0 else "warm"
             print(f"[bench] run {i + 1}/{1 + a.warm_runs} ({kind})", file=sys.stderr, flush=True)
             seen = time_one_run(job, store, tmp / f"work-{i}", threads=a.threads, timeout_s=a.timeout)
             runs.append({"kind": kind, "stages": stage_durations(seen)})
             shutil.rmtree(tmp / f"work-{i}", ignore_errors=True)
-        cold = runs[0]["stages"]
-        warm = {k: median(r["stages"][k] for r in runs[1:]) for k in cold} if runs[1:] else {}
+        stages: list[dict[str, float]] = [r["stages"] for r in runs]
+        cold = stages[0]
+        warm = {k: median(s[k] for s in stages[1:]) for k in cold} if stages[1:] else {}
         rows = [
             [name, cold[name], warm.get(name), f"{100 * warm[name] / warm['total']:.0f}%" if warm else "-"]
             for name in [*(n for n, _ in MARKERS), "total"]
         ]
         print(format_machine(machine_info(a.threads)))
         if build_s is not None:
-            print(f"demo store built in {build_s:.1f} s" + (" (--quick: 2 s pre-training)" if a.quick else ""))
+            print(
+                f"demo store built in {build_s:.1f} s" + (" (--quick: 2 s pre-training)" if a.quick else "")
+            )
         print(f"time to first optimizer step of the quickstart, seconds ({a.warm_runs} warm runs, median)")
         print(format_table(["stage", "cold s", "warm s", "warm share"], rows))
         if a.json:
             a.json.parent.mkdir(parents=True, exist_ok=True)
-            a.json.write_text(json.dumps({"machine": machine_info(a.threads), "build_s": build_s, "runs": runs,
-                                          "cold": cold, "warm_median": warm}, indent=2))
+            a.json.write_text(
+                json.dumps(
+                    {
+                        "machine": machine_info(a.threads),
+                        "build_s": build_s,
+                        "runs": runs,
+                        "cold": cold,
+                        "warm_median": warm,
+                    },
+                    indent=2,
+                )
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -71,7 +71,9 @@ class MotoServer:
         with open(self._log, "wb") as out:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **FAKE_ENV},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **FAKE_ENV},
             )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -198,7 +200,9 @@ def aws_copy(src: str, dst: str, endpoint: str) -> float:
     started = time.monotonic()
     subprocess.run(
         [*_aws_cmd(), "s3", "cp", "--recursive", "--only-show-errors", "--endpoint-url", endpoint, src, dst],
-        env=env, check=True, stdout=subprocess.DEVNULL,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
     )
     return time.monotonic() - started
 
@@ -252,8 +256,12 @@ def main(argv: list[str] | None = None) -> int:
                         row["http_get_mb_s"] = http_get_rate(client, bucket, f"{prefix}/{shard}")
                     store.delete_prefix(prefix + "/")  # moto keeps objects in memory
                 runs.append(row)
-                print(f"[bench] repeat {rep + 1}/{a.repeats}: " + ", ".join(f"{k}={v:.2f}" for k, v in row.items()),
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[bench] repeat {rep + 1}/{a.repeats}: "
+                    + ", ".join(f"{k}={v:.2f}" for k, v in row.items()),
+                    file=sys.stderr,
+                    flush=True,
+                )
         http_get = runs[0]["http_get_mb_s"]
         table = []
         ratios: dict[str, Any] = {}
@@ -265,22 +273,47 @@ def main(argv: list[str] | None = None) -> int:
             ratios[direction] = {"ratio": ratio, "per_repeat": pairs, "verdict": verdict(ratio, TARGET_RATIO)}
             name = "upload" if direction == "up" else "download"
             table.append([name, "kubetune S3Store", k, f"{100 * k / tcp:.1f}%", f"{100 * k / http_get:.0f}%"])
-            table.append([name, "aws s3 cp --recursive", w, f"{100 * w / tcp:.1f}%", f"{100 * w / http_get:.0f}%"])
+            table.append(
+                [name, "aws s3 cp --recursive", w, f"{100 * w / tcp:.1f}%", f"{100 * w / http_get:.0f}%"]
+            )
         print(format_machine(machine_info()))
-        print(f"folder: {len(files)} files, {total / MB:.0f} MB ({a.shards} shards); {a.repeats} repeats; "
-              f"raw loopback TCP {tcp:,.0f} MB/s; single HTTP GET from the endpoint {http_get:,.0f} MB/s")
+        print(
+            f"folder: {len(files)} files, {total / MB:.0f} MB ({a.shards} shards); {a.repeats} repeats; "
+            f"raw loopback TCP {tcp:,.0f} MB/s; single HTTP GET from the endpoint {http_get:,.0f} MB/s"
+        )
         print(format_table(["direction", "tool", "MB/s (median)", "of TCP", "of 1 GET"], table))
         print()
-        print(format_table(
-            ["direction", "kubetune / aws", "per repeat", "target", "verdict"],
-            [[d, f"{r['ratio']:.2f}x", " ".join(f"{x:.2f}" for x in r["per_repeat"]), f">= {TARGET_RATIO}x",
-              r["verdict"]] for d, r in ratios.items()],
-        ))
+        print(
+            format_table(
+                ["direction", "kubetune / aws", "per repeat", "target", "verdict"],
+                [
+                    [
+                        d,
+                        f"{r['ratio']:.2f}x",
+                        " ".join(f"{x:.2f}" for x in r["per_repeat"]),
+                        f">= {TARGET_RATIO}x",
+                        r["verdict"],
+                    ]
+                    for d, r in ratios.items()
+                ],
+            )
+        )
         if a.json:
             a.json.parent.mkdir(parents=True, exist_ok=True)
-            a.json.write_text(json.dumps({"machine": machine_info(), "bytes": total, "files": len(files),
-                                          "tcp_mb_s": tcp, "http_get_mb_s": http_get, "runs": runs,
-                                          "ratios": ratios}, indent=2))
+            a.json.write_text(
+                json.dumps(
+                    {
+                        "machine": machine_info(),
+                        "bytes": total,
+                        "files": len(files),
+                        "tcp_mb_s": tcp,
+                        "http_get_mb_s": http_get,
+                        "runs": runs,
+                        "ratios": ratios,
+                    },
+                    indent=2,
+                )
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

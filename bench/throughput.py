@@ -67,7 +67,7 @@ TARGET_VS_TRL = 1.3
 EVAL_LOSS_TOLERANCE = 0.005
 """Relative slack for "equal or lower eval loss" (run-to-run noise of a few-step LoRA run)."""
 
-LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
+LORA: dict[str, Any] = {"r": 16, "alpha": 32, "dropout": 0.05}
 LEARNING_RATE = 2e-4
 SEED = 42
 EVAL_EXAMPLES = 32
@@ -103,8 +103,16 @@ def prepare_inputs(workdir: Path, sizes: list[str], steps: dict[str, int], batch
 
 
 def _bench_job(
-    *, model_dir: str, train: str, eval_file: str, out_dir: str, steps: int, batch_size: int,
-    max_length: int, precision: str, device: str,
+    *,
+    model_dir: str,
+    train: str,
+    eval_file: str,
+    out_dir: str,
+    steps: int,
+    batch_size: int,
+    max_length: int,
+    precision: str,
+    device: str,
 ) -> Any:
     """The FineTuneJob a kubetune user would write for this comparison, resolved into a RunConfig."""
     from kubetune_api.models import FineTuneJob
@@ -154,8 +162,15 @@ def _eval_examples(a: argparse.Namespace, tokenizer: Any) -> list[Any]:
     from kubetune_trainer.data import prepare_data
 
     rc = _bench_job(
-        model_dir=a.model_dir, train=a.train, eval_file=a.eval, out_dir=a.scratch, steps=a.steps,
-        batch_size=a.batch_size, max_length=a.max_length, precision=a.precision, device=a.device,
+        model_dir=a.model_dir,
+        train=a.train,
+        eval_file=a.eval,
+        out_dir=a.scratch,
+        steps=a.steps,
+        batch_size=a.batch_size,
+        max_length=a.max_length,
+        precision=a.precision,
+        device=a.device,
     )
     return prepare_data(
         [Path(a.train)], [Path(a.eval)], tokenizer, rc.data, max_seq_length=a.max_length, seed=SEED
@@ -174,8 +189,14 @@ def heldout_loss(model: Any, examples: list[Any], pad_token_id: int, precision: 
     dtype = torch.bfloat16 if precision == "bf16" else None
     with torch.no_grad():
         for batch in iter_batches(
-            examples, batch_size=8, max_seq_length=max(len(e.input_ids) for e in examples), packing=False,
-            pad_token_id=pad_token_id, seed=0, epoch=0, shuffle=False,
+            examples,
+            batch_size=8,
+            max_seq_length=max(len(e.input_ids) for e in examples),
+            packing=False,
+            pad_token_id=pad_token_id,
+            seed=0,
+            epoch=0,
+            shuffle=False,
         ):
             inputs = {k: v.to(device) for k, v in model_inputs(batch).items() if hasattr(v, "to")}
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -211,11 +232,19 @@ def worker_kubetune(a: argparse.Namespace) -> dict[str, Any]:
     scratch = Path(a.scratch)
     tokenizer = AutoTokenizer.from_pretrained(a.model_dir)
     common = dict(
-        model_dir=a.model_dir, train=a.train, eval_file=a.eval, out_dir=str(scratch / "out"), steps=a.steps,
-        max_length=a.max_length, precision=a.precision, device=a.device,
+        model_dir=a.model_dir,
+        train=a.train,
+        eval_file=a.eval,
+        out_dir=str(scratch / "out"),
+        steps=a.steps,
+        max_length=a.max_length,
+        precision=a.precision,
+        device=a.device,
     )
     rc = _bench_job(batch_size=a.batch_size, **common)
-    prepared = prepare_data([Path(a.train)], [Path(a.eval)], tokenizer, rc.data, max_seq_length=a.max_length, seed=SEED)
+    prepared = prepare_data(
+        [Path(a.train)], [Path(a.eval)], tokenizer, rc.data, max_seq_length=a.max_length, seed=SEED
+    )
     rows = len(pack_rows([len(e.input_ids) for e in prepared.train], a.max_length))
     rows_per_step = max(1, math.ceil(rows / a.steps))
     rc = _bench_job(batch_size=rows_per_step, **common)
@@ -224,8 +253,14 @@ def worker_kubetune(a: argparse.Namespace) -> dict[str, Any]:
         LocalStore(scratch / "store"), "checkpoints", keep=1, runtime=runtime, scratch=scratch / "ckpt"
     )
     recipe = SFTRecipe(
-        rc, runtime, base_dir=Path(a.model_dir), train_examples=prepared.train, eval_examples=prepared.eval,
-        pad_token_id=int(tokenizer.pad_token_id), checkpoints=checkpoints, reporter=Reporter(stream=sys.stderr),
+        rc,
+        runtime,
+        base_dir=Path(a.model_dir),
+        train_examples=prepared.train,
+        eval_examples=prepared.eval,
+        pad_token_id=int(tokenizer.pad_token_id),
+        checkpoints=checkpoints,
+        reporter=Reporter(stream=sys.stderr),
         workdir=scratch / "work",
     )
     recipe.setup()
@@ -234,15 +269,24 @@ def worker_kubetune(a: argparse.Namespace) -> dict[str, Any]:
     steps = [m for m in metrics if "tokens_per_second" in m]
     # Exact real-token counts per step: the recipe's batches are deterministic, so replay them.
     per_epoch = count_batches(
-        prepared.train, batch_size=rows_per_step, max_seq_length=a.max_length, packing=True,
-        pad_token_id=int(tokenizer.pad_token_id), seed=SEED,
+        prepared.train,
+        batch_size=rows_per_step,
+        max_seq_length=a.max_length,
+        packing=True,
+        pad_token_id=int(tokenizer.pad_token_id),
+        seed=SEED,
     )
     step_tokens: list[int] = []
     epoch = 0
     while len(step_tokens) < len(steps):
         for batch in iter_batches(
-            prepared.train, batch_size=rows_per_step, max_seq_length=a.max_length, packing=True,
-            pad_token_id=int(tokenizer.pad_token_id), seed=SEED, epoch=epoch,
+            prepared.train,
+            batch_size=rows_per_step,
+            max_seq_length=a.max_length,
+            packing=True,
+            pad_token_id=int(tokenizer.pad_token_id),
+            seed=SEED,
+            epoch=epoch,
         ):
             step_tokens.append(int(batch["num_tokens"]))
         epoch += 1
@@ -273,7 +317,7 @@ class _StepClock:
 
         clock = self
 
-        class Clock(TrainerCallback):  # type: ignore[misc]
+        class Clock(TrainerCallback):
             def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
                 clock.t0 = time.perf_counter()
 
@@ -324,7 +368,10 @@ def _lora_config() -> Any:
     from peft import LoraConfig
 
     return LoraConfig(
-        r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules="all-linear",
+        r=LORA["r"],
+        lora_alpha=LORA["alpha"],
+        lora_dropout=LORA["dropout"],
+        target_modules="all-linear",
         task_type="CAUSAL_LM",
     )
 
@@ -339,7 +386,13 @@ def worker_hf_peft(a: argparse.Namespace) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Trainer,
+        TrainingArguments,
+        default_data_collator,
+    )
 
     from bench._synth import chatml_completion, chatml_prompt, read_jsonl
 
@@ -349,8 +402,11 @@ def worker_hf_peft(a: argparse.Namespace) -> dict[str, Any]:
     def encode(rec: dict[str, str]) -> dict[str, list[int]]:
         prompt_len = len(tokenizer(chatml_prompt(rec), add_special_tokens=False)["input_ids"])
         enc = tokenizer(
-            chatml_prompt(rec) + chatml_completion(rec), padding="max_length", max_length=a.max_length,
-            truncation=True, add_special_tokens=False,
+            chatml_prompt(rec) + chatml_completion(rec),
+            padding="max_length",
+            max_length=a.max_length,
+            truncation=True,
+            add_special_tokens=False,
         )
         labels = [
             tok if (i >= prompt_len and m == 1) else -100
@@ -464,28 +520,48 @@ def worker_profile(a: argparse.Namespace) -> dict[str, Any]:
     scratch = Path(a.scratch)
     tokenizer = AutoTokenizer.from_pretrained(a.model_dir)
     common = dict(
-        model_dir=a.model_dir, train=a.train, eval_file=a.eval, out_dir=str(scratch / "out"), steps=a.steps,
-        max_length=a.max_length, precision=a.precision, device=a.device,
+        model_dir=a.model_dir,
+        train=a.train,
+        eval_file=a.eval,
+        out_dir=str(scratch / "out"),
+        steps=a.steps,
+        max_length=a.max_length,
+        precision=a.precision,
+        device=a.device,
     )
     rc = _bench_job(batch_size=a.batch_size, **common)
-    prepared = prepare_data([Path(a.train)], [Path(a.eval)], tokenizer, rc.data, max_seq_length=a.max_length, seed=SEED)
+    prepared = prepare_data(
+        [Path(a.train)], [Path(a.eval)], tokenizer, rc.data, max_seq_length=a.max_length, seed=SEED
+    )
     rows = len(pack_rows([len(e.input_ids) for e in prepared.train], a.max_length))
     rows_per_step = max(1, math.ceil(rows / a.steps))
     rc = _bench_job(batch_size=rows_per_step, **common)
     runtime = init_runtime(rc.training.precision, rc.distributed.strategy)
     recipe = SFTRecipe(
-        rc, runtime, base_dir=Path(a.model_dir), train_examples=prepared.train, eval_examples=prepared.eval,
+        rc,
+        runtime,
+        base_dir=Path(a.model_dir),
+        train_examples=prepared.train,
+        eval_examples=prepared.eval,
         pad_token_id=int(tokenizer.pad_token_id),
-        checkpoints=CheckpointManager(LocalStore(scratch / "store"), "c", keep=1, runtime=runtime, scratch=scratch),
-        reporter=Reporter(stream=sys.stderr), workdir=scratch / "work",
+        checkpoints=CheckpointManager(
+            LocalStore(scratch / "store"), "c", keep=1, runtime=runtime, scratch=scratch
+        ),
+        reporter=Reporter(stream=sys.stderr),
+        workdir=scratch / "work",
     )
     recipe.setup()
     model = recipe.forward_model
     model.train()
     batches = list(
         iter_batches(
-            prepared.train, batch_size=rows_per_step, max_seq_length=a.max_length, packing=True,
-            pad_token_id=int(tokenizer.pad_token_id), seed=SEED, epoch=0,
+            prepared.train,
+            batch_size=rows_per_step,
+            max_seq_length=a.max_length,
+            packing=True,
+            pad_token_id=int(tokenizer.pad_token_id),
+            seed=SEED,
+            epoch=0,
         )
     )
 
@@ -515,8 +591,12 @@ def worker_profile(a: argparse.Namespace) -> dict[str, Any]:
         "tokens": int(sum(int(b["num_tokens"]) for b in profiled)),
         "positions": int(sum(b["input_ids"].numel() for b in profiled)),
         "top_ops": [
-            {"op": e.key, "self_ms": e.self_cpu_time_total / 1000, "share": e.self_cpu_time_total / total_self,
-             "calls": e.count}
+            {
+                "op": e.key,
+                "self_ms": e.self_cpu_time_total / 1000,
+                "share": e.self_cpu_time_total / total_self,
+                "calls": e.count,
+            }
             for e in top
         ],
     }
@@ -544,20 +624,47 @@ def _worker_main(a: argparse.Namespace) -> int:
 # Parent side
 
 
-def _worker_args(a: argparse.Namespace, worker: str, inputs: dict[str, Any], size: str, scratch: Path) -> list[str]:
+def _worker_args(
+    a: argparse.Namespace, worker: str, inputs: dict[str, Any], size: str, scratch: Path
+) -> list[str]:
     model = inputs["models"][size]
     return [
-        "--worker", worker, "--threads", str(a.threads), "--device", a.device, "--precision", a.precision,
-        "--model-dir", model["dir"], "--train", inputs["train"][size], "--eval", inputs["eval"],
-        "--steps", str(a.steps_by_size[size]), "--batch-size", str(a.batch_size), "--max-length", str(a.max_length),
-        "--scratch", str(scratch), "--matmul-n", str(a.matmul_n), "--matmul-reps", str(a.matmul_reps),
-        "--profile-steps", str(a.profile_steps),
+        "--worker",
+        worker,
+        "--threads",
+        str(a.threads),
+        "--device",
+        a.device,
+        "--precision",
+        a.precision,
+        "--model-dir",
+        model["dir"],
+        "--train",
+        inputs["train"][size],
+        "--eval",
+        inputs["eval"],
+        "--steps",
+        str(a.steps_by_size[size]),
+        "--batch-size",
+        str(a.batch_size),
+        "--max-length",
+        str(a.max_length),
+        "--scratch",
+        str(scratch),
+        "--matmul-n",
+        str(a.matmul_n),
+        "--matmul-reps",
+        str(a.matmul_reps),
+        "--profile-steps",
+        str(a.profile_steps),
     ]
 
 
 def _measure_peak(a: argparse.Namespace, inputs: dict[str, Any], size: str, logs: Path) -> float:
     run = run_worker(
-        "bench.throughput", _worker_args(a, "matmul", inputs, size, logs), threads=a.threads,
+        "bench.throughput",
+        _worker_args(a, "matmul", inputs, size, logs),
+        threads=a.threads,
         log_path=logs / f"matmul-{time.monotonic_ns()}.log",
     )
     return float(run.result["flops_per_s"])
@@ -576,19 +683,33 @@ def run_benchmark(a: argparse.Namespace) -> dict[str, Any]:
         for rep in range(a.repeats):
             for size in a.sizes:
                 # Rotate the order each repeat so slow drift on a shared machine hits everyone alike.
-                order = list(a.contenders[rep % len(a.contenders) :]) + list(a.contenders[: rep % len(a.contenders)])
+                order = list(a.contenders[rep % len(a.contenders) :]) + list(
+                    a.contenders[: rep % len(a.contenders)]
+                )
                 for contender in order:
                     scratch = workdir / "scratch" / f"{size}-{contender}-{rep}"
                     scratch.mkdir(parents=True, exist_ok=True)
-                    print(f"[bench] repeat {rep + 1}/{a.repeats} size {size}: {contender}", file=sys.stderr, flush=True)
+                    print(
+                        f"[bench] repeat {rep + 1}/{a.repeats} size {size}: {contender}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     run = run_worker(
-                        "bench.throughput", _worker_args(a, contender, inputs, size, scratch), threads=a.threads,
+                        "bench.throughput",
+                        _worker_args(a, contender, inputs, size, scratch),
+                        threads=a.threads,
                         log_path=logs / f"{size}-{contender}-{rep}.log",
                     )
                     shutil.rmtree(scratch, ignore_errors=True)
                     runs.append(
-                        {"repeat": rep, "size": size, "contender": contender, "peak_rss_bytes": run.peak_rss_bytes,
-                         "wall_s": run.wall_s, **run.result}
+                        {
+                            "repeat": rep,
+                            "size": size,
+                            "contender": contender,
+                            "peak_rss_bytes": run.peak_rss_bytes,
+                            "wall_s": run.wall_s,
+                            **run.result,
+                        }
                     )
         peaks.append(_measure_peak(a, inputs, a.sizes[0], logs))
     finally:
@@ -597,9 +718,16 @@ def run_benchmark(a: argparse.Namespace) -> dict[str, Any]:
     return {
         "machine": machine_info(a.threads),
         "settings": {
-            "sizes": a.sizes, "steps": a.steps_by_size, "repeats": a.repeats, "threads": a.threads,
-            "batch_size": a.batch_size, "max_length": a.max_length, "device": a.device, "precision": a.precision,
-            "lora": LORA, "learning_rate": LEARNING_RATE,
+            "sizes": a.sizes,
+            "steps": a.steps_by_size,
+            "repeats": a.repeats,
+            "threads": a.threads,
+            "batch_size": a.batch_size,
+            "max_length": a.max_length,
+            "device": a.device,
+            "precision": a.precision,
+            "lora": LORA,
+            "learning_rate": LEARNING_RATE,
         },
         "models": {s: {k: v for k, v in inputs["models"][s].items() if k != "dir"} for s in a.sizes},
         "peak_matmul_flops": max(peaks),
@@ -627,7 +755,9 @@ def summarise(data: dict[str, Any]) -> dict[str, Any]:
             per[c] = {
                 "tokens_per_s": tps,
                 "peak_rss_mib": median(mib(r["peak_rss_bytes"]) for r in rs),
-                "final_train_loss": median(r["final_train_loss"] for r in rs if r["final_train_loss"] is not None),
+                "final_train_loss": median(
+                    r["final_train_loss"] for r in rs if r["final_train_loss"] is not None
+                ),
                 "eval_loss": median(r["eval_loss"] for r in rs),
                 "mfu_6n": 6 * n * tps / peak,
                 "mfu_lora": (4 * n + 6 * trainable) * tps / peak,
@@ -640,7 +770,11 @@ def summarise(data: dict[str, Any]) -> dict[str, Any]:
                 continue
             pairs = []
             for rep in sorted({r["repeat"] for r in runs}):
-                k = [r for r in runs if r["size"] == size and r["contender"] == "kubetune" and r["repeat"] == rep]
+                k = [
+                    r
+                    for r in runs
+                    if r["size"] == size and r["contender"] == "kubetune" and r["repeat"] == rep
+                ]
                 o = [r for r in runs if r["size"] == size and r["contender"] == other and r["repeat"] == rep]
                 if k and o:
                     pairs.append(k[0]["tokens_per_s"] / o[0]["tokens_per_s"])
@@ -672,27 +806,61 @@ def render(data: dict[str, Any], summary: dict[str, Any]) -> str:
     rows = []
     for size, block in summary["sizes"].items():
         for c, m in block["contenders"].items():
-            rows.append([
-                size, f"{block['params'] / 1e6:.1f}M", c, s["steps"][size], m["batch"], m["tokens_per_s"],
-                m["peak_rss_mib"], m["final_train_loss"], m["eval_loss"], f"{100 * m['mfu_6n']:.1f}%",
-                f"{100 * m['mfu_lora']:.1f}%",
-            ])
-    lines.append(format_table(
-        ["size", "params", "contender", "steps", "batch", "real tok/s", "peak RSS MiB", "train loss", "eval loss",
-         "MFU(6N)", "MFU(LoRA)"],
-        rows,
-    ))
+            rows.append(
+                [
+                    size,
+                    f"{block['params'] / 1e6:.1f}M",
+                    c,
+                    s["steps"][size],
+                    m["batch"],
+                    m["tokens_per_s"],
+                    m["peak_rss_mib"],
+                    m["final_train_loss"],
+                    m["eval_loss"],
+                    f"{100 * m['mfu_6n']:.1f}%",
+                    f"{100 * m['mfu_lora']:.1f}%",
+                ]
+            )
+    lines.append(
+        format_table(
+            [
+                "size",
+                "params",
+                "contender",
+                "steps",
+                "batch",
+                "real tok/s",
+                "peak RSS MiB",
+                "train loss",
+                "eval loss",
+                "MFU(6N)",
+                "MFU(LoRA)",
+            ],
+            rows,
+        )
+    )
     lines.append("")
     rrows = []
     for size, block in summary["sizes"].items():
         for other, r in block["ratios"].items():
-            rrows.append([
-                size, f"kubetune / {other}", f"{r['ratio']:.2f}x", " ".join(f"{p:.2f}" for p in r["per_repeat"]),
-                f">= {r['target']}x", r["speed"], "yes" if r["eval_loss_ok"] else "no", r["verdict"],
-            ])
-    lines.append(format_table(
-        ["size", "pair", "median ratio", "per repeat", "target", "speed", "eval loss <=", "verdict"], rrows
-    ))
+            rrows.append(
+                [
+                    size,
+                    f"kubetune / {other}",
+                    f"{r['ratio']:.2f}x",
+                    " ".join(f"{p:.2f}" for p in r["per_repeat"]),
+                    f">= {r['target']}x",
+                    r["speed"],
+                    "yes" if r["eval_loss_ok"] else "no",
+                    r["verdict"],
+                ]
+            )
+    lines.append(
+        format_table(
+            ["size", "pair", "median ratio", "per repeat", "target", "speed", "eval loss <=", "verdict"],
+            rrows,
+        )
+    )
     return "\n".join(lines)
 
 
@@ -733,7 +901,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--quick", action="store_true", help="tiny model, 3 steps, 1 repeat")
-    p.add_argument("--profile", metavar="SIZE", default=None, help="profile kubetune's step on this size instead")
+    p.add_argument(
+        "--profile", metavar="SIZE", default=None, help="profile kubetune's step on this size instead"
+    )
     p.add_argument("--profile-steps", type=int, default=2)
     p.add_argument("--workdir", default=None, help="keep inputs here (reused across runs)")
     p.add_argument("--keep", action="store_true", help="keep the temporary work directory")
@@ -784,7 +954,10 @@ def _profile_main(a: argparse.Namespace) -> int:
         inputs = prepare_inputs(workdir, [size], a.steps_by_size, a.batch_size)
         log = workdir / "profile.log"
         run = run_worker(
-            "bench.throughput", _worker_args(a, "profile", inputs, size, workdir), threads=a.threads, log_path=log
+            "bench.throughput",
+            _worker_args(a, "profile", inputs, size, workdir),
+            threads=a.threads,
+            log_path=log,
         )
         r = run.result
         print(format_machine(machine_info(a.threads)))
@@ -792,10 +965,12 @@ def _profile_main(a: argparse.Namespace) -> int:
             f"kubetune step profile, size {size}: {r['steps']} steps, {r['tokens']} real tokens in "
             f"{r['positions']} positions ({100 * r['tokens'] / r['positions']:.0f}% real), {r['wall_s']:.2f} s"
         )
-        print(format_table(
-            ["op", "self ms", "share", "calls"],
-            [[o["op"], o["self_ms"], f"{100 * o['share']:.1f}%", o["calls"]] for o in r["top_ops"]],
-        ))
+        print(
+            format_table(
+                ["op", "self ms", "share", "calls"],
+                [[o["op"], o["self_ms"], f"{100 * o['share']:.1f}%", o["calls"]] for o in r["top_ops"]],
+            )
+        )
         if a.json:
             a.json.write_text(json.dumps(r, indent=2))
     finally:

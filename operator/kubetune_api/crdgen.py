@@ -160,7 +160,9 @@ class _Converter:
         if node.get("type") == "array":
             node["items"] = self.convert(node.get("items", {}))
             node.setdefault("maxItems", DEFAULT_MAX_PROPERTIES)
-        if "default" in node and node["default"] is None:
+        # No null or empty-string defaults: absent means empty, and some API servers (the v1.20
+        # test server among them) read "" as null and reject the CRD.
+        if "default" in node and node["default"] in (None, ""):
             node.pop("default")
         return self._finish(node)
 

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from kubetune_api.loader import SpecError, load_finetunejob
@@ -48,19 +49,26 @@ def test_the_models_reject_it_naming_the_field(case: BrokenSpec) -> None:
     assert named, f"no problem names {case.expect}: {problems}"
     match = re.match(rf"^{re.escape(str(case.path))}:(\d+): ", named[0])
     assert match, named[0]
-    lines = case.path.read_text(encoding="utf-8").splitlines()
-    shown = int(match.group(1)) - 1
-    # The line shown is the field's own line or, for a field that is absent (a missing required
-    # field, the strategy a cross-field rule asks for), the first line inside its parent's block.
-    segments = [s for s in re.split(r"[.\[\]]", case.expect) if s and not s.isdigit()]
-
-    def key_line(i: int) -> bool:
-        text = lines[i].lstrip().removeprefix("- ")
-        return any(text.startswith(f"{s}:") for s in segments)
-
-    assert key_line(shown) or (shown > 0 and key_line(shown - 1)), (
-        f"line {shown + 1} is {lines[shown]!r}, not the line of {case.expect}"
+    first, last = field_lines(case.path, case.expect)
+    assert first <= int(match.group(1)) <= last, (
+        f"{named[0]!r} points outside lines {first}-{last}, where {case.expect} (or its parent) is"
     )
+
+
+def field_lines(path: Path, field: str) -> tuple[int, int]:
+    """1-based first and last line of ``field`` in the YAML file: from its key to the end of its value.
+    For an absent field, the block of its deepest present ancestor."""
+    node: yaml.Node | None = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    first = 1
+    for part in field.split("."):
+        if not isinstance(node, yaml.MappingNode):
+            break
+        hit = next(((k, v) for k, v in node.value if k.value == part), None)
+        if hit is None:
+            break
+        first, node = hit[0].start_mark.line + 1, hit[1]
+    assert node is not None
+    return first, node.end_mark.line + 1
 
 
 @pytest.mark.parametrize("case", CORPUS, ids=IDS)
@@ -70,7 +78,11 @@ def test_the_crd_rejects_it_at_the_layer_the_file_names(case: BrokenSpec) -> Non
     if case.layer == "pruned":
         # A structural CRD has no additionalProperties: false; the API server drops unknown fields.
         assert errors == [], joined
-        assert case.expect.rsplit(".", 1)[-1] not in str(crd_schema("FineTuneJob"))
+        parent, _, leaf = case.expect.rpartition(".")
+        node = crd_schema("FineTuneJob")
+        for part in parent.split("."):
+            node = node["properties"][part]
+        assert leaf not in node["properties"] and "additionalProperties" not in node
         return
     assert errors, f"the CRD accepted {case.path.name}"
     assert names_field(joined, case.expect), joined

@@ -6,6 +6,7 @@ against the real test API server in tests/integration/test_chart_install_cli.py.
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +48,7 @@ def test_submit_validates_locally_and_names_file_line_field(
 ) -> None:
     job = tmp_path / "job.yaml"
     text = (REPO / "examples" / "quickstart" / "finetunejob.yaml").read_text()
-    job.write_text(text.replace("batchSize: 16", "batchSize: 0"))
+    job.write_text(re.sub(r"batchSize: \d+", "batchSize: 0", text, count=1))
     # A kubeconfig that does not exist: validation must fail first, before any cluster access.
     args = parser().parse_args(["submit", str(job), "--kubeconfig", str(tmp_path / "missing")])
     assert args.func(args) == cli_cluster.EXIT_USAGE

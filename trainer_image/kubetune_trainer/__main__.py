@@ -12,7 +12,12 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     """Run the pipeline for the RunConfig in ``--run-config``; exit code per kubetune_api.reports."""
     parser = argparse.ArgumentParser(prog="python -m kubetune_trainer", description=__doc__)
-    parser.add_argument("--run-config", required=True, type=Path, help="RunConfig JSON (the job's ConfigMap)")
+    parser.add_argument(
+        "--run-config",
+        type=Path,
+        default=os.environ.get("KUBETUNE_RUN_CONFIG"),
+        help="RunConfig JSON (the job's ConfigMap); default $KUBETUNE_RUN_CONFIG",
+    )
     parser.add_argument(
         "--workdir",
         type=Path,
@@ -25,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         help="where to write the final TrainerResult (overrides the RunConfig; the pod's terminationMessagePath)",
     )
     args = parser.parse_args(argv)
+    if args.run_config is None:
+        parser.error("--run-config (or KUBETUNE_RUN_CONFIG) is required")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from kubetune_api.runconfig import RunConfig
     from kubetune_trainer.pipeline import run

@@ -179,12 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prep.set_defaults(func=cmd_demo_prepare)
 
-    try:
-        from kubetune_trainer.cli_versions import add_commands
-    except ImportError:  # pragma: no cover - the registry CLI ships with the trainer package
-        pass
-    else:
-        add_commands(sub)
+    from kubetune_trainer.cli_cluster import add_commands as add_cluster_commands
+    from kubetune_trainer.cli_versions import add_commands as add_version_commands
+
+    add_version_commands(sub)
+    add_cluster_commands(sub)  # submit/status/logs/cluster-versions: kubernetes is imported only when used
     return parser
 
 

@@ -292,6 +292,13 @@ def _run(rc: RunConfig, runtime: Runtime, workdir: Path, reporter: Reporter) -> 
     existing = runtime.broadcast(registry.find_by_inputs_digest(inputs_digest) if runtime.is_main else None)
     if existing is not None:
         result = _reused_result(rc, existing, inputs_digest, inputs.parent)
+        if rc.output.promote and runtime.is_main:
+            # Promotion is a commit: a changed promote rule on the same inputs moves the alias
+            # without retraining (moving it to where it already points records nothing).
+            gates_passed = result.gates.passed if result.gates is not None else True
+            moved = registry.promote(rc.output.promote.alias, existing.name, gates_passed, rc.output.promote.when)
+            if moved is not None:
+                result = result.model_copy(update={"promoted_alias": rc.output.promote.alias})
         reporter.result(result)
         return RunOutcome(exit_code=EXIT_OK, result=result, version_uri=existing.uri)
 
@@ -349,12 +356,14 @@ def _run(rc: RunConfig, runtime: Runtime, workdir: Path, reporter: Reporter) -> 
         if out_prefix
         else join_key(rc.model.name, "checkpoints", inputs_digest[:16])
     )
+    # Per-rank scratch: ranks on one machine share the workdir and must not upload each other's
+    # half-written files (each rank uploads only what it wrote; the keys merge in the store).
     checkpoints = CheckpointManager(
         out_store,
         ckpt_prefix,
         keep=rc.training.checkpoint.keep,
         runtime=runtime,
-        scratch=workdir / "checkpoints",
+        scratch=workdir / "checkpoints" / f"rank-{runtime.rank}",
     )
     recipe = SFTRecipe(
         rc,
