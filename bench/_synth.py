@@ -183,7 +183,7 @@ def build_llama(out_dir: Path, tokenizer_dir: Path, shape: ModelShape, *, seed: 
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    im_end = int(tokenizer.convert_tokens_to_ids("<|im_end|>"))  # one token in, one id out
+    im_end: Any = tokenizer.convert_tokens_to_ids("<|im_end|>")
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=shape.hidden,
@@ -198,7 +198,7 @@ def build_llama(out_dir: Path, tokenizer_dir: Path, shape: ModelShape, *, seed: 
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model: Any = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=[tokenizer.eos_token_id, im_end],

@@ -11,4 +11,5 @@ pytest_plugins = [
     "tests.fixtures.kube",
     "tests.fixtures.models",
     "tests.fixtures.trainer",
+    "tests.fixtures.operator",
 ]

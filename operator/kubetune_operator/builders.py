@@ -241,6 +241,8 @@ def _env(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
         # test suite's fake kubelet) rewrites these, and the trainer prefers them when set.
         {"name": "KUBETUNE_RUN_CONFIG", "value": RUN_CONFIG_PATH},
         {"name": "KUBETUNE_TERMINATION_MESSAGE_PATH", "value": TERMINATION_LOG},
+        # Scratch for inputs, checkpoints in flight and staging: the /tmp emptyDir.
+        {"name": "KUBETUNE_WORKDIR", "value": "/tmp/kubetune"},
     ]
     if settings.compat_k8s_1_20:
         # v1.20 has no Indexed Jobs, so nothing sets the index; compat mode allows one pod only.

@@ -81,7 +81,8 @@ def test_500s_and_503_slowdown_are_retried_and_every_file_lands(
     # Each injected failure was followed by a retry of the same request, which succeeded.
     assert proxy.outcomes(r"/up/part-0\.bin", "PUT") == ["500 InternalError"] * 2 + ["200"]
     assert proxy.outcomes(r"/up/part-1\.bin", "PUT") == ["503 SlowDown"] * 3 + ["200"]
-    assert proxy.outcomes(r"/up/part-2\.bin", "GET") == ["503 SlowDown"] * 2 + ["200"]
+    got = proxy.outcomes(r"/up/part-2\.bin", "GET")
+    assert got[:2] == ["503 SlowDown"] * 2 and len(got) == 3 and got[2] in ("200", "206"), got
 
 
 def test_retries_back_off_and_give_up_with_a_clear_error(

@@ -92,6 +92,7 @@ class StoreSettings:
     ``local_root``: when set, ``s3://bucket/key`` maps to ``<local_root>/bucket/key`` (the embedded
     single-machine mode). ``max_concurrency`` bounds both the files transferred at once and the
     parts of one multipart transfer; objects of ``multipart_threshold_mb`` or more go multipart.
+    ``max_attempts`` is the total number of tries of one request, the first one included.
     """
 
     endpoint: str | None = None
@@ -702,7 +703,9 @@ def make_s3_client(settings: StoreSettings) -> Any:
     from botocore.config import Config
 
     config = Config(
-        retries={"mode": settings.retry_mode, "max_attempts": settings.max_attempts},
+        # total_max_attempts counts the first try too; botocore's "max_attempts" would mean retries
+        # and make one more request than StoreSettings.max_attempts says.
+        retries={"mode": settings.retry_mode, "total_max_attempts": settings.max_attempts},
         s3={"addressing_style": settings.addressing_style},
         # Files go up in parallel and each large one in parallel parts: room for both.
         max_pool_connections=max(10, settings.max_concurrency * 4),

@@ -9,6 +9,8 @@ What a caller may rely on:
   schema without the needed columns) are one error with ``whole_file=True``; they fail the run
   whatever ``maxInvalidRecords`` says, since a whole file of data would silently go missing.
 * A UTF-8 byte-order mark and CRLF line endings are accepted silently.
+* Memory stays bounded by the record size: a text field longer than 4 x ``maxRecordChars`` + 64 KiB
+  is refused as too long before it is cleaned (cleaning copies text several times).
 * Records come out cleaned (see :func:`clean_text`) in one normalised shape, :class:`Record`,
   whatever form the file held: instruction/input/output, prompt/completion or chat messages.
 
@@ -30,6 +32,9 @@ from kubetune_trainer.data.settings import RECORD_FORMS, CleaningSettings, DataS
 _BOM = b"\xef\xbb\xbf"
 _ROLES = ("system", "user", "assistant")
 _ERRORS_IN_MESSAGE = 10
+# Fields longer than FACTOR * maxRecordChars + SLACK are refused before cleaning (bounded memory).
+_RAW_FIELD_FACTOR = 4
+_RAW_FIELD_SLACK = 64 * 1024
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 JSON_SUFFIXES = (".json",)
@@ -473,6 +478,11 @@ class _RecordParser:
         value = row[key]
         if not isinstance(value, str):
             raise _Invalid(key, f"expected a string, got {_json_type(value)}")
+        limit = self.cleaning.max_record_chars
+        if len(value) > _RAW_FIELD_FACTOR * limit + _RAW_FIELD_SLACK:
+            # Cleaning copies the text several times (a 50 MB field peaked near 1 GB); a field this far
+            # over the limit cannot shrink below it by whitespace collapsing in any realistic record.
+            raise _Invalid(key, f"field has {len(value)} characters, more than maxRecordChars={limit}")
         return clean_text(value, self.cleaning)
 
     def _check_answer(self, key: str, answer: str) -> None:
