@@ -37,3 +37,20 @@ def test_example_is_valid(path: Path, index: int, doc: dict) -> None:  # type: i
     if doc["kind"] == "FineTuneJob" and len(list(yaml.safe_load_all(path.read_text()))) == 1:
         job = load_finetunejob(path)
         resolve_run_config(job)
+
+
+def test_the_examples_check_fails_on_a_broken_example(tmp_path: Path) -> None:
+    """The same checks reject an example with a mistake a user could make (so the test above can fail)."""
+    import pytest
+
+    from kubetune_api.loader import SpecError
+
+    text = (REPO / "examples" / "quickstart" / "finetunejob.yaml").read_text()
+    broken = text.replace("batchSize: 8", "batchSize: -8")
+    assert broken != text
+    doc = yaml.safe_load(broken)
+    assert any("batchSize" in e for e in validate(doc, "FineTuneJob"))
+    path = tmp_path / "finetunejob.yaml"
+    path.write_text(broken)
+    with pytest.raises(SpecError, match=r"spec\.training\.batchSize"):
+        load_finetunejob(path)
