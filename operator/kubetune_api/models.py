@@ -16,7 +16,7 @@ Unknown fields are errors, never silently dropped.
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
@@ -26,7 +26,9 @@ from kubetune_api.metrics import METRIC_NAMES, MetricName
 
 # --- vocabularies -----------------------------------------------------------------------------
 
-MethodType = Literal["lora", "qlora", "full"]
+MethodType = Literal["lora", "qlora", "full", "ia3"]
+LoraVariant = Literal["lora", "dora", "rslora"]
+CurriculumOrder = Literal["none", "length", "field"]
 DataFormat = Literal["auto", "instruction", "prompt-completion", "chat"]
 TemplateName = Literal["auto", "inst", "chatml", "alpaca", "tokenizer"]
 SchedulerName = Literal["cosine", "linear", "constant"]
@@ -162,6 +164,70 @@ class CleaningSpec(ApiModel):
     )
 
 
+class CurriculumSpec(ApiModel):
+    """Easy-to-hard ordering of the training data instead of shuffling."""
+
+    order: CurriculumOrder = Field(
+        default="none",
+        description=(
+            "none: shuffle every epoch (seeded); length: shortest examples (in tokens) first; field: "
+            "ascending by the numeric per-record field named in difficultyField."
+        ),
+    )
+    first_epoch_only: bool = Field(
+        default=True,
+        description="Order only the first epoch easy-to-hard and shuffle the later ones; false orders every epoch.",
+    )
+    difficulty_field: str | None = Field(
+        default=None,
+        max_length=128,
+        description="Record field holding a number (lower = easier); required for order: field.",
+    )
+
+
+class SynonymsSpec(ApiModel):
+    """Synonym replacement from a user-supplied term dictionary."""
+
+    uri: str = Field(
+        description=(
+            "JSON or YAML term dictionary: a mapping term -> [synonyms] or a list of synonym groups; "
+            "s3://bucket/key or file:///abs/path."
+        ),
+        pattern=names.DATA_URI_PATTERN,
+        max_length=1024,
+    )
+    probability: float = Field(
+        default=0.5, gt=0, le=1, description="Chance that each dictionary term found in a prompt is replaced."
+    )
+
+
+class AugmentationSpec(ApiModel):
+    """Seeded augmentation of training prompts (answers and eval data are never changed)."""
+
+    share: float = Field(
+        default=0.3,
+        gt=0,
+        le=1,
+        description="Share of training records that get one augmented copy (chosen by a seeded hash).",
+    )
+    seed: int | None = Field(
+        default=None, ge=0, le=2**31 - 1, description="Augmentation seed; training.seed when unset."
+    )
+    synonyms: SynonymsSpec | None = Field(
+        default=None, description="Replace domain terms by synonyms from a term dictionary."
+    )
+    sentence_transforms: bool = Field(
+        default=False,
+        description="Simple meaning-preserving rewrites: casing, final punctuation, a polite prefix.",
+    )
+    ocr_noise: float = Field(
+        default=0.0,
+        ge=0,
+        le=0.2,
+        description="Character error rate of OCR-like noise (rn/m, l/1, O/0 swaps, dropped characters); 0 is off.",
+    )
+
+
 class DataSpec(ApiModel):
     """Training and evaluation data."""
 
@@ -197,6 +263,12 @@ class DataSpec(ApiModel):
         le=100_000_000,
         description="Invalid records tolerated (skipped and reported); one more fails the run before training.",
     )
+    curriculum: CurriculumSpec = Field(
+        default_factory=CurriculumSpec, description="Easy-to-hard ordering instead of shuffling."
+    )
+    augmentation: AugmentationSpec | None = Field(
+        default=None, description="Opt-in, seeded augmentation of training prompts."
+    )
 
 
 # --- spec: method -----------------------------------------------------------------------------
@@ -214,15 +286,44 @@ class LoraSpec(ApiModel):
         max_length=64,
         description="Modules to adapt: names such as q_proj, v_proj, or 'all-linear'.",
     )
+    variant: LoraVariant = Field(
+        default="lora",
+        description=(
+            "lora; dora (weight-decomposed LoRA, peft use_dora); rslora (rank-stabilised scale "
+            "alpha/sqrt(r), peft use_rslora)."
+        ),
+    )
+    layers: list[Annotated[int, Field(ge=0, le=100_000)]] | None = Field(
+        default=None,
+        max_length=1024,
+        description="Adapt only these transformer layers (0-based indices, peft layers_to_transform); all when unset.",
+    )
+
+
+class IA3Spec(ApiModel):
+    """(IA)^3 adapter settings (peft IA3Config): learned scaling vectors, far fewer parameters than LoRA."""
+
+    target_modules: list[str] | None = Field(
+        default=None,
+        max_length=64,
+        description="Modules to scale; peft's default for the architecture when unset (Llama: k_proj, v_proj, down_proj).",
+    )
+    feedforward_modules: list[str] | None = Field(
+        default=None,
+        max_length=64,
+        description="Of targetModules, those scaled on their input (feed-forward); peft's default when unset.",
+    )
 
 
 class MethodSpec(ApiModel):
     """How the model is tuned."""
 
     type: MethodType = Field(
-        default="lora", description="lora (adapter), qlora (adapter on a 4-bit base; needs a GPU) or full."
+        default="lora",
+        description="lora (adapter), qlora (adapter on a 4-bit base; needs a GPU), full, or ia3 ((IA)^3 adapter).",
     )
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter settings for lora and qlora.")
+    ia3: IA3Spec = Field(default_factory=IA3Spec, description="Adapter settings for ia3.")
 
 
 # --- spec: training ---------------------------------------------------------------------------
@@ -256,6 +357,30 @@ class CheckpointSpec(ApiModel):
     )
 
 
+class HealthSpec(ApiModel):
+    """Training-health tracking: gradient norms per layer and loss warnings with hints."""
+
+    grad_norms: bool = Field(
+        default=True,
+        description=(
+            "Record per-layer gradient norms every logEverySteps (rank 0) into training/grad-norms.jsonl "
+            "and a heat map training/grad-norms.png. Not available with DeepSpeed (gradients are sharded)."
+        ),
+    )
+    plateau_windows: int = Field(
+        default=5,
+        ge=2,
+        le=1000,
+        description="Warn of a loss plateau after this many logged windows without improvement.",
+    )
+    plateau_min_improvement: float = Field(
+        default=0.01,
+        ge=0,
+        le=1,
+        description="Relative loss decrease over plateauWindows that counts as progress.",
+    )
+
+
 class TrainingSpec(ApiModel):
     """Optimisation hyperparameters."""
 
@@ -273,7 +398,7 @@ class TrainingSpec(ApiModel):
         le=1,
         description=(
             "Peak learning rate. Default depends on the method: 2e-4 for lora/qlora (adapters need a "
-            "higher rate than the 2e-5 common for full fine-tuning), 2e-5 for full."
+            "higher rate than the 2e-5 common for full fine-tuning), 2e-5 for full, 3e-3 for ia3."
         ),
     )
     scheduler: SchedulerName = Field(default="cosine", description="Learning-rate schedule after warm-up.")
@@ -313,6 +438,9 @@ class TrainingSpec(ApiModel):
     )
     checkpoint: CheckpointSpec = Field(
         default_factory=CheckpointSpec, description="Checkpoint cadence and retention."
+    )
+    health: HealthSpec = Field(
+        default_factory=HealthSpec, description="Gradient-norm tracking and loss warnings."
     )
 
 
@@ -649,8 +777,20 @@ class ObjectMeta(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    name: str | None = Field(default=None, description="Object name.")
-    namespace: str | None = Field(default=None, description="Namespace.")
+    # Validated as the API server would: `kubetune run` builds its work directory from the name, so
+    # a name like '../../x' must never get that far.
+    name: str | None = Field(
+        default=None,
+        description="Object name (a DNS-1123 subdomain).",
+        pattern=names.DNS1123_SUBDOMAIN_PATTERN,
+        max_length=253,
+    )
+    namespace: str | None = Field(
+        default=None,
+        description="Namespace (a DNS-1123 label).",
+        pattern=names.DNS1123_LABEL_PATTERN,
+        max_length=63,
+    )
     uid: str | None = Field(default=None, description="UID.")
     generation: int | None = Field(default=None, description="Spec generation.")
     labels: dict[str, str] = Field(default_factory=dict, description="Labels.")

@@ -119,6 +119,39 @@ RULES: tuple[Rule, ...] = (
         ok=lambda s: s.training.checkpoint.every_steps is not None
         or s.training.checkpoint.every_minutes is not None,
     ),
+    Rule(
+        name="ia3-feedforward-in-targets",
+        scope="spec.method.ia3",
+        field="spec.method.ia3.feedforwardModules",
+        cel="!has(self.feedforwardModules) || "
+        "(has(self.targetModules) && self.feedforwardModules.all(m, m in self.targetModules))",
+        message="feedforwardModules must be a subset of targetModules (set both, or neither for peft's defaults)",
+        ok=lambda s: s.method.ia3.feedforward_modules is None
+        or (
+            s.method.ia3.target_modules is not None
+            and set(s.method.ia3.feedforward_modules) <= set(s.method.ia3.target_modules)
+        ),
+    ),
+    Rule(
+        name="curriculum-field-named",
+        scope="spec.data.curriculum",
+        field="spec.data.curriculum.difficultyField",
+        cel="!has(self.order) || self.order != 'field' || has(self.difficultyField)",
+        message="curriculum order field needs difficultyField (the record field holding the difficulty)",
+        ok=lambda s: s.data.curriculum.order != "field" or s.data.curriculum.difficulty_field is not None,
+    ),
+    Rule(
+        name="augmentation-has-a-transform",
+        scope="spec.data.augmentation",
+        field="spec.data.augmentation",
+        cel="has(self.synonyms) || (has(self.sentenceTransforms) && self.sentenceTransforms) || "
+        "(has(self.ocrNoise) && self.ocrNoise > 0.0)",
+        message="augmentation needs at least one of synonyms, sentenceTransforms: true or ocrNoise > 0",
+        ok=lambda s: s.data.augmentation is None
+        or s.data.augmentation.synonyms is not None
+        or s.data.augmentation.sentence_transforms
+        or s.data.augmentation.ocr_noise > 0,
+    ),
 )
 
 

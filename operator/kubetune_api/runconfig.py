@@ -6,7 +6,7 @@ same YAML behaves the same on a cluster and on one machine: every default is app
 
 What is resolved here (and only here):
 
-* ``training.learningRate``: 2e-4 for lora/qlora, 2e-5 for full, when unset;
+* ``training.learningRate``: 2e-4 for lora/qlora, 2e-5 for full, 3e-3 for ia3, when unset;
 * ``data.evalSplit``: 0.1 when neither ``data.eval`` nor ``data.evalSplit`` is set;
 * ``evaluation.metrics``: every gated metric is added, so a gate can never pass for lack of a value.
 
@@ -35,7 +35,8 @@ from kubetune_api.models import (
     TrainingSpec,
 )
 
-DEFAULT_LEARNING_RATE = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5}
+# (IA)^3 trains only scaling vectors and needs a far higher rate (peft's IA3 examples use 3e-3).
+DEFAULT_LEARNING_RATE = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5, "ia3": 3e-3}
 DEFAULT_EVAL_SPLIT = 0.1
 
 
@@ -113,7 +114,7 @@ class RunConfig(ApiModel):
         """The parts of the config that change what is trained.
 
         Left out, so a GitOps re-sync or a move of the same data is free: the job's identity,
-        storage connection, reporting, the output location, checkpoint cadence and logging,
+        storage connection, reporting, the output location, checkpoint cadence, logging and health monitoring,
         and source URIs (the content digests of base model and data stand for them).
         """
         d = self.to_api()
@@ -128,6 +129,7 @@ class RunConfig(ApiModel):
             extra.pop("uri", None)
         d["training"].pop("checkpoint", None)
         d["training"].pop("logEverySteps", None)
+        d["training"].pop("health", None)  # monitoring only: it never changes what is trained
         return d
 
     def config_digest(self) -> str:

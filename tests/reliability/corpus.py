@@ -64,6 +64,4 @@ def names_field(messages: str, field: str) -> bool:
     if field in messages:
         return True
     parent, _, leaf = field.rpartition(".")
-    return any(
-        line.startswith(f"{parent}:") and f"'{leaf}'" in line for line in messages.splitlines()
-    )
+    return any(line.startswith(f"{parent}:") and f"'{leaf}'" in line for line in messages.splitlines())

@@ -32,7 +32,15 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 Action = Literal["status", "reset", "reset_after_forward", "delay", "outage"]
-_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-connection",
+}
 
 
 @dataclass

@@ -105,7 +105,7 @@ def test_a_whole_broken_json_file_fails_whatever_the_limit(tmp_path: Path) -> No
     path.write_text('[{"instruction": "a", "output": "b"},\n {"instruction": "c",\n')
     report = validate_files([path], None, spec(maxInvalidRecords=1000))
     assert not report.ok
-    assert [str(e) for e in report.errors][0].startswith(f"{path}:3: invalid JSON")
+    assert str(report.errors[0]).startswith(f"{path}:3: invalid JSON")
 
 
 def test_parquet_with_a_wrong_schema_is_refused_naming_the_columns(tmp_path: Path) -> None:
@@ -118,9 +118,7 @@ def test_parquet_with_a_wrong_schema_is_refused_naming_the_columns(tmp_path: Pat
     assert "question" in err.message and "reply" in err.message and "'output'" in err.message
 
     typed = tmp_path / "typed.parquet"  # right column names, a wrong type in row 2 and an empty answer in 3
-    pq.write_table(
-        pa.table({"instruction": ["a", "b", "c"], "output": ['"x"', None, ""]}), typed
-    )
+    pq.write_table(pa.table({"instruction": ["a", "b", "c"], "output": ['"x"', None, ""]}), typed)
     report = validate_files([typed], None, spec(maxInvalidRecords=0))
     assert sorted(e.line for e in report.errors) == [2, 3]
     assert all(str(e).startswith(f"{typed}:") for e in report.errors)
@@ -158,7 +156,9 @@ def test_a_50_mb_single_line_is_rejected_quickly_in_bounded_memory(tmp_path: Pat
     )
     wall = time.monotonic() - started
     result = json.loads(proc.stdout)
-    print(f"50 MB line: {result['seconds']:.2f} s to validate, peak RSS {result['peak_mb']:.0f} MB, wall {wall:.1f} s")
+    print(
+        f"50 MB line: {result['seconds']:.2f} s to validate, peak RSS {result['peak_mb']:.0f} MB, wall {wall:.1f} s"
+    )
     assert result["ok"] and result["records"] == 5
     (error,) = result["errors"]
     assert error.startswith(f"{path}:4: output: ") and "maxRecordChars=20000" in error
@@ -177,7 +177,7 @@ def test_prepare_data_fails_before_tokenising(tmp_path: Path) -> None:
             raise AssertionError(f"tokenizer.{name} used before the data was validated")
 
     with pytest.raises(DataValidationError) as err:
-        prepare_data([path], None, ExplodingTokenizer(), spec(), max_seq_length=64, seed=0)  # type: ignore[arg-type]
+        prepare_data([path], None, ExplodingTokenizer(), spec(), max_seq_length=64, seed=0)
     assert err.value.invalid_records == len(bad)
 
 
@@ -190,8 +190,12 @@ def test_kubetune_run_fails_before_training_naming_every_bad_line(
     _, bad = malformed_jsonl(data)
     job = small_job(**{"data.train": {"uri": "s3://kubetune-demo/datasets/malformed/train.jsonl"}})
     proc = run_kubetune(
-        "run", str(write_job(tmp_path / "job.yaml", job)), "--store-dir", str(demo_store),
-        "--workdir", str(tmp_path / "w"),
+        "run",
+        str(write_job(tmp_path / "job.yaml", job)),
+        "--store-dir",
+        str(demo_store),
+        "--workdir",
+        str(tmp_path / "w"),
     )
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "FAILED (InvalidData)" in proc.stderr and "Traceback" not in proc.stderr

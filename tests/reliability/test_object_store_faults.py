@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -191,7 +192,11 @@ def test_a_lost_response_to_the_manifest_write_still_publishes_exactly_once(
     proxy.add(Fault("reset_after_forward", method="PUT", path=r"/versions/v1/manifest\.json", times=1))
     registry = ModelRegistry(f"s3://{bucket}", "support-bot", settings)
     pv = registry.publish(
-        make_staging(tmp_path / "s", "one"), inputs=inputs(), inputs_digest="b" * 64, metrics={}, gates={},
+        make_staging(tmp_path / "s", "one"),
+        inputs=inputs(),
+        inputs_digest="b" * 64,
+        metrics={},
+        gates={},
         parent=None,
     )
     # First PUT landed but its answer was lost; the retry got 412 and the registry recognised its own bytes.
@@ -210,13 +215,21 @@ def test_a_lost_claim_response_skips_a_name_and_overwrites_nothing(
     client, (_, bucket) = direct(s3_bucket), s3_bucket
     registry = ModelRegistry(f"s3://{bucket}", "support-bot", settings)
     first = registry.publish(
-        make_staging(tmp_path / "a", "first"), inputs=inputs(), inputs_digest="c" * 64, metrics={}, gates={},
+        make_staging(tmp_path / "a", "first"),
+        inputs=inputs(),
+        inputs_digest="c" * 64,
+        metrics={},
+        gates={},
         parent=None,
     )
     before = {k: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys(s3_bucket)}
     proxy.add(Fault("reset_after_forward", method="PUT", path=r"/claims/v2\.json", times=1))
     second = registry.publish(
-        make_staging(tmp_path / "b", "second"), inputs=inputs(), inputs_digest="d" * 64, metrics={}, gates={},
+        make_staging(tmp_path / "b", "second"),
+        inputs=inputs(),
+        inputs_digest="d" * 64,
+        metrics={},
+        gates={},
         parent=None,
     )
     # The claim landed but looked lost; its retry hit 412, so the publisher moved on to v3.
@@ -234,7 +247,11 @@ def test_a_published_manifest_cannot_be_overwritten_through_the_store(
     _, bucket = s3_bucket
     registry = ModelRegistry(f"s3://{bucket}", "support-bot", settings)
     pv = registry.publish(
-        make_staging(tmp_path / "a", "x"), inputs=inputs(), inputs_digest="e" * 64, metrics={}, gates={},
+        make_staging(tmp_path / "a", "x"),
+        inputs=inputs(),
+        inputs_digest="e" * 64,
+        metrics={},
+        gates={},
         parent=None,
     )
     store = S3Store(bucket, settings)
@@ -243,4 +260,58 @@ def test_a_published_manifest_cannot_be_overwritten_through_the_store(
     with pytest.raises(PreconditionFailed):
         store.put_bytes("support-bot/versions/v1/manifest.json", b"{}", if_none_match=True)
     assert registry.get_version("v1").manifest_digest == pv.manifest_digest
+    assert registry.verify("v1").ok
+
+
+@pytest.mark.slow
+def test_a_full_remote_run_through_a_flaky_endpoint_publishes_one_whole_version(
+    demo_store_cache: Path, tmp_path: Path, s3_bucket: tuple[str, str], proxy: FaultProxy
+) -> None:
+    from tests.fixtures.s3 import fake_credentials_env
+    from tests.fixtures.trainer import kubetune_cmd, small_job, trainer_env, write_job
+
+    client, (_, bucket) = direct(s3_bucket), s3_bucket
+    src = demo_store_cache / "kubetune-demo"
+    for path in src.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), bucket, "demo/" + path.relative_to(src).as_posix())
+    proxy.add(
+        Fault("status", method="GET", path=r"/demo/base-models/.*model\.safetensors", times=2, status=500),
+        Fault("reset", method="GET", path=r"/demo/datasets/.*train\.jsonl", times=1),
+        Fault("status", method="PUT", path=r"/checkpoints/", times=3, status=503, code="SlowDown"),
+        Fault("status", method="PUT", path=r"/versions/v1/adapter/", times=2, status=503, code="SlowDown"),
+        Fault("reset_after_forward", method="PUT", path=r"/versions/v1/manifest\.json", times=1),
+    )
+    job = small_job(
+        **{
+            "model.base.uri": f"s3://{bucket}/demo/base-models/tiny-llama-demo",
+            "data.train": {"uri": f"s3://{bucket}/demo/datasets/quickstart/train.jsonl"},
+            "data.eval": {"uri": f"s3://{bucket}/demo/datasets/quickstart/eval.jsonl"},
+            "output.uri": f"s3://{bucket}/registry",
+            "storage": {"endpoint": proxy.url, "region": "us-east-1", "addressingStyle": "path"},
+            "training.maxSteps": 4,
+            "training.checkpoint": {"everySteps": 2, "keep": 1},
+        }
+    )
+    proc = subprocess.run(
+        kubetune_cmd(
+            "run", str(write_job(tmp_path / "job.yaml", job)), "--remote", "--workdir", str(tmp_path / "w")
+        ),
+        env=trainer_env(**fake_credentials_env()),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    injected = [o for o in proxy.outcomes() if not o[0].isdigit() or o.startswith(("500", "503"))]
+    assert len(injected) >= 9, injected  # every fault fired
+    registry = ModelRegistry(
+        f"s3://{bucket}/registry",
+        "tiny-demo-translator",
+        dataclasses.replace(
+            StoreSettings(region="us-east-1", addressing_style="path"), endpoint=s3_bucket[0]
+        ),
+    )
+    assert [v.name for v in registry.list_versions()] == ["v1"]
     assert registry.verify("v1").ok

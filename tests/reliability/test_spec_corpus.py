@@ -87,15 +87,23 @@ def test_the_crd_rejects_it_at_the_layer_the_file_names(case: BrokenSpec) -> Non
     assert errors, f"the CRD accepted {case.path.name}"
     assert names_field(joined, case.expect), joined
     cel_only = all(": Invalid value: " in e for e in errors)
-    assert cel_only == (case.layer == "cel"), f"{case.name} is caught by {'CEL' if cel_only else 'the schema'}"
+    assert cel_only == (case.layer == "cel"), (
+        f"{case.name} is caught by {'CEL' if cel_only else 'the schema'}"
+    )
 
 
 @pytest.mark.integration
 def test_kubetune_run_refuses_every_one_with_exit_3_file_line_and_field(tmp_path: Path) -> None:
     def run(case: BrokenSpec) -> tuple[BrokenSpec, subprocess.CompletedProcess[str]]:
         proc = subprocess.run(
-            kubetune_cmd("run", str(case.path), "--store-dir", str(tmp_path / "store"), "--workdir",
-                         str(tmp_path / "work" / case.name)),
+            kubetune_cmd(
+                "run",
+                str(case.path),
+                "--store-dir",
+                str(tmp_path / "store"),
+                "--workdir",
+                str(tmp_path / "work" / case.name),
+            ),
             env=trainer_env(),
             capture_output=True,
             text=True,

@@ -16,16 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_operator_cluster import (  # noqa: F401 - fixtures are used by name
-    GROUP,
-    VERSION,
-    Api,
-    OperatorProcess,
-    api,
-    crds_installed,
-    operator_factory,
-    wait_for,
-)
+from tests.fixtures.operator import GROUP, VERSION, Api, OperatorProcess, wait_for
 from tests.reliability.corpus import load_corpus, names_field
 
 pytestmark = pytest.mark.integration
@@ -68,7 +59,7 @@ def test_operator_marks_cel_only_cases_invalid_once_without_children_or_retries(
     cases = [c for c in CORPUS if c.layer == "cel"]
     for case in cases:
         api.create_ftj(case.load())  # v1.20 ignores CEL: stored as is
-    op = operator_factory()
+    op = operator_factory(KUBETUNE_OPERATOR_RESYNC_SECONDS="3")
     names = {c.load()["metadata"]["name"]: c for c in cases}
 
     def all_invalid() -> bool:
@@ -83,13 +74,23 @@ def test_operator_marks_cel_only_cases_invalid_once_without_children_or_retries(
         cond = api.condition(name, "Invalid")
         assert cond is not None and case.expect in cond["message"], (name, cond)
         assert (st["phase"], st["reason"]) == ("Failed", "InvalidSpec"), (name, st)
-        assert api.ftj(name)["metadata"]["resourceVersion"] == versions[name], f"{name}: status keeps changing"
+        assert api.ftj(name)["metadata"]["resourceVersion"] == versions[name], (
+            f"{name}: status keeps changing"
+        )
         events = [e for e in api.events(name) if e.reason == "InvalidSpec"]
         assert len(events) == 1 and (events[0].count or 1) == 1, f"{name}: {len(events)} InvalidSpec events"
         assert names_field(events[0].message, case.expect)
         assert api.jobs(name) == []
     label = ",".join(names)
-    assert api.core.list_namespaced_config_map(api.ns, label_selector=f"kubetune.io/finetunejob in ({label})").items == []
-    assert not [s for s in api.core.list_namespaced_service_account(api.ns).items if s.metadata.name != "default"
-                and s.metadata.name != "kubetune-operator"]
+    assert (
+        api.core.list_namespaced_config_map(
+            api.ns, label_selector=f"kubetune.io/finetunejob in ({label})"
+        ).items
+        == []
+    )
+    assert not [
+        s
+        for s in api.core.list_namespaced_service_account(api.ns).items
+        if s.metadata.name != "default" and s.metadata.name != "kubetune-operator"
+    ]
     assert api.rbac.list_namespaced_role(api.ns).items == []

@@ -44,7 +44,9 @@ def hostile_base(store: Path, name: str) -> Path:
     return dest
 
 
-def run_job(run_kubetune: Runner, store: Path, tmp_path: Path, **changes: Any) -> subprocess.CompletedProcess[str]:
+def run_job(
+    run_kubetune: Runner, store: Path, tmp_path: Path, **changes: Any
+) -> subprocess.CompletedProcess[str]:
     job = write_job(tmp_path / "job.yaml", small_job(**changes))
     return run_kubetune("run", str(job), "--store-dir", str(store), "--workdir", str(tmp_path / "w"))
 
@@ -56,7 +58,9 @@ def test_a_pickle_checkpoint_is_refused_before_it_is_loaded(
     (base / "model.safetensors").unlink()
     marker = tmp_path / "PWNED"
     (base / "pytorch_model.bin").write_bytes(pickle.dumps(_Boobytrap(marker)))
-    proc = run_job(run_kubetune, demo_store, tmp_path, **{"model.base.uri": "s3://kubetune-demo/base-models/pickled"})
+    proc = run_job(
+        run_kubetune, demo_store, tmp_path, **{"model.base.uri": "s3://kubetune-demo/base-models/pickled"}
+    )
     assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-3000:]
     assert "FAILED (UnsafeModel): pytorch_model.bin: pickle files can run code" in proc.stderr
     assert "allowPickle" in proc.stderr and "Traceback" not in proc.stderr
@@ -64,17 +68,23 @@ def test_a_pickle_checkpoint_is_refused_before_it_is_loaded(
     assert not (demo_store / "kubetune-demo" / "models").exists()
 
 
-def test_a_pickle_next_to_safetensors_is_refused_too(demo_store: Path, tmp_path: Path, run_kubetune: Runner) -> None:
+def test_a_pickle_next_to_safetensors_is_refused_too(
+    demo_store: Path, tmp_path: Path, run_kubetune: Runner
+) -> None:
     base = hostile_base(demo_store, "mixed")
     marker = tmp_path / "PWNED"
     (base / "training_args.bin").write_bytes(pickle.dumps(_Boobytrap(marker)))
-    proc = run_job(run_kubetune, demo_store, tmp_path, **{"model.base.uri": "s3://kubetune-demo/base-models/mixed"})
+    proc = run_job(
+        run_kubetune, demo_store, tmp_path, **{"model.base.uri": "s3://kubetune-demo/base-models/mixed"}
+    )
     assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-3000:]
     assert "UnsafeModel" in proc.stderr and "training_args.bin" in proc.stderr
     assert not marker.exists()
 
 
-def test_remote_code_is_refused_unless_trusted(demo_store: Path, tmp_path: Path, run_kubetune: Runner) -> None:
+def test_remote_code_is_refused_unless_trusted(
+    demo_store: Path, tmp_path: Path, run_kubetune: Runner
+) -> None:
     base = hostile_base(demo_store, "remote-code")
     marker = tmp_path / "PWNED"
     config = json.loads((base / "config.json").read_text())

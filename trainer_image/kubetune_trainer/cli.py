@@ -4,6 +4,7 @@
     kubetune demo prepare [--store-dir DIR]                           # the quickstart's demo model + data
     kubetune versions list|show|diff|verify ...                       # the model registry
     kubetune alias set|history ...                                    # aliases (promotion, rollback)
+    kubetune data validate|prepare ...                                # check / convert data before a run
 
 ``kubetune run`` takes the same YAML a user would ``kubectl apply``. By default ``s3://bucket/key``
 URIs map to ``<store dir>/bucket/key`` (a local directory as the object store); ``--remote`` uses
@@ -180,9 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep.set_defaults(func=cmd_demo_prepare)
 
     from kubetune_trainer.cli_cluster import add_commands as add_cluster_commands
+    from kubetune_trainer.cli_data import add_commands as add_data_commands
     from kubetune_trainer.cli_versions import add_commands as add_version_commands
 
     add_version_commands(sub)
+    add_data_commands(sub)  # data validate / data prepare: no torch unless --tokenizer
     add_cluster_commands(sub)  # submit/status/logs/cluster-versions: kubernetes is imported only when used
     return parser
 

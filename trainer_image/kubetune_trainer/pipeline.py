@@ -89,6 +89,7 @@ def make_reporter(rc: RunConfig, runtime: Runtime) -> Reporter:
 def run(rc: RunConfig, *, workdir: Path, reporter: Reporter | None = None) -> RunOutcome:
     """Run the whole pipeline for this process's rank. Never raises for expected failures:
     they become a TrainerResult with a reason and the exit code of :mod:`kubetune_api.reports`."""
+    from kubetune_trainer.adapters import AdapterConfigError
     from kubetune_trainer.data import DataValidationError, TemplateError
     from kubetune_trainer.fetch import FetchError, UnsafeModelError
     from kubetune_trainer.quantize import UnsupportedFormatError
@@ -110,6 +111,8 @@ def run(rc: RunConfig, *, workdir: Path, reporter: Reporter | None = None) -> Ru
         return _fail(reporter, rc, EXIT_BAD_INPUT, "InvalidData", str(exc))
     except UnsafeModelError as exc:
         return _fail(reporter, rc, EXIT_BAD_INPUT, "UnsafeModel", str(exc))
+    except AdapterConfigError as exc:
+        return _fail(reporter, rc, EXIT_BAD_INPUT, "InvalidSpec", str(exc))
     except FetchError as exc:
         return _fail(reporter, rc, EXIT_BAD_INPUT, "FetchFailed", str(exc))
     except (UnsupportedHardwareError, UnsupportedFormatError) as exc:
@@ -227,6 +230,90 @@ def inputs_record(rc: RunConfig, inputs: _Inputs) -> dict[str, Any]:
     return record
 
 
+def _fetch_term_dictionary(rc: RunConfig, runtime: Runtime, workdir: Path) -> Path | None:
+    """The augmentation term dictionary, fetched by each node's local rank 0 (None when unused)."""
+    aug = rc.data.augmentation
+    if aug is None or aug.synonyms is None:
+        return None
+    from kubetune_trainer.fetch import fetch
+
+    target = workdir / "inputs" / "augmentation-terms"
+    if runtime.is_local_main:
+        shutil.rmtree(target, ignore_errors=True)
+        fetched = fetch(aug.synonyms.uri, target, store_settings(rc))
+        rel = str(fetched.relative_to(workdir))
+    else:
+        rel = None
+    runtime.barrier()
+    rel = runtime.broadcast(rel)
+    path = workdir / rel
+    if path.is_dir():  # a prefix URI: it must hold exactly one file
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        if len(files) != 1:
+            raise BadInputError(
+                f"spec.data.augmentation.synonyms.uri: expected one term dictionary file, found {len(files)}"
+            )
+        path = files[0]
+    return path
+
+
+def _augmenter(rc: RunConfig, terms_path: Path | None) -> Any:
+    """The Augmenter for data.augmentation, or None. Raises BadInputError for a bad dictionary."""
+    aug = rc.data.augmentation
+    if aug is None:
+        return None
+    from kubetune_trainer.augment import TermDictionaryError, augmenter_from_spec
+
+    try:
+        return augmenter_from_spec(
+            aug,
+            default_seed=rc.training.seed,
+            terms_path=terms_path,
+            terms_name=aug.synonyms.uri if aug.synonyms is not None else None,
+        )
+    except TermDictionaryError as exc:
+        raise BadInputError(str(exc)) from None
+
+
+def _curriculum(
+    rc: RunConfig, inputs: _Inputs, train: list[Any]
+) -> tuple[list[float] | None, dict[str, Any]]:
+    """Curriculum keys per training example (data.curriculum) and the report's summary."""
+    from kubetune_trainer.curriculum import curriculum_keys, read_difficulties
+
+    cur = rc.data.curriculum
+    difficulties = None
+    if cur.order == "field" and cur.difficulty_field is not None:
+        difficulties = read_difficulties(inputs.train_files, cur.difficulty_field, inputs.display_names)
+    keys, summary = curriculum_keys(
+        train, cur.order, difficulties=difficulties, difficulty_field=cur.difficulty_field
+    )
+    summary["firstEpochOnly"] = cur.first_epoch_only
+    return keys, summary
+
+
+def _print_recipe_data_notes(data_report: dict[str, Any], reporter: Reporter) -> None:
+    """One line each for augmentation and curriculum, when they are on."""
+    aug = data_report.get("augmentation")
+    if aug:
+        print(
+            f"[kubetune] augmentation: {aug['augmentedRecords']} augmented copies of "
+            f"{aug['originalRecords']} training records (augmented share {aug['augmentedShare']:.1%})",
+            file=reporter.stream,
+            flush=True,
+        )
+    cur = data_report.get("curriculum")
+    if cur:
+        missing = cur.get("missingDifficulty")
+        print(
+            f"[kubetune] curriculum: easy-to-hard by {cur['order']}"
+            + (" (first epoch only)" if cur.get("firstEpochOnly") else " (every epoch)")
+            + (f"; {missing} record(s) lack {cur.get('difficultyField')!r} and go last" if missing else ""),
+            file=reporter.stream,
+            flush=True,
+        )
+
+
 def _gates_status(report: Any) -> GatesStatus:
     results = [
         GateResult(
@@ -287,7 +374,14 @@ def _run(rc: RunConfig, runtime: Runtime, workdir: Path, reporter: Reporter) -> 
 
     reporter.stage("Fetching", f"base {rc.model.base.uri}")
     inputs = _fetch_inputs(rc, runtime, workdir)
+    terms_path = _fetch_term_dictionary(rc, runtime, workdir)
     record = inputs_record(rc, inputs) if runtime.is_main else None
+    if record is not None and terms_path is not None and rc.data.augmentation is not None:
+        from kubetune_trainer.digests import sha256_file
+
+        # The dictionary changes what is trained: its content is part of the inputs digest.
+        assert rc.data.augmentation.synonyms is not None
+        record["data"]["augmentationTerms"] = {rc.data.augmentation.synonyms.uri: sha256_file(terms_path)}
     inputs_digest = runtime.broadcast(digest_json(record) if record is not None else None)
     existing = runtime.broadcast(registry.find_by_inputs_digest(inputs_digest) if runtime.is_main else None)
     if existing is not None:
@@ -313,6 +407,7 @@ def _run(rc: RunConfig, runtime: Runtime, workdir: Path, reporter: Reporter) -> 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     try:
+        augmenter = _augmenter(rc, terms_path)
         prepared = prepare_data(
             inputs.train_files,
             inputs.eval_files,
@@ -321,18 +416,22 @@ def _run(rc: RunConfig, runtime: Runtime, workdir: Path, reporter: Reporter) -> 
             max_seq_length=rc.training.max_seq_length,
             seed=rc.training.seed,
             display_names=inputs.display_names,
+            augmenter=augmenter,
         )
     except (TemplateError, DataValidationError):
         raise
     except ValueError as exc:  # too few records to split, no example left after cleaning...
         raise BadInputError(str(exc)) from None
+    order_keys, curriculum_summary = _curriculum(rc, inputs, prepared.train)
     staging = workdir / "staging"
     if runtime.is_main:
         shutil.rmtree(staging, ignore_errors=True)
         (staging / "training").mkdir(parents=True)
-        (staging / "training" / "data-report.json").write_text(
-            json.dumps(prepared.report.to_dict(), indent=2)
-        )
+        data_report = prepared.report.to_dict()
+        if rc.data.curriculum.order != "none":
+            data_report["curriculum"] = curriculum_summary
+        (staging / "training" / "data-report.json").write_text(json.dumps(data_report, indent=2))
+        _print_recipe_data_notes(data_report, reporter)
         r = prepared.report
         print(
             f"[kubetune] data: {len(prepared.train)} train / {len(prepared.eval)} eval examples"
@@ -375,6 +474,7 @@ def _run(rc: RunConfig, runtime: Runtime, workdir: Path, reporter: Reporter) -> 
         checkpoints=checkpoints,
         reporter=reporter,
         workdir=workdir,
+        train_order_keys=order_keys,
     )
     recipe.setup()
     outcome = recipe.train()
@@ -418,6 +518,7 @@ def _evaluate_and_publish(
     outcome: Any,
     precision: str,
 ) -> tuple[TrainerResult, str]:
+    from kubetune_trainer.adapters import adapter_record
     from kubetune_trainer.evaluate import ModelSource, evaluate_model, load_model
     from kubetune_trainer.gates import check_gates
     from kubetune_trainer.merge import merge_adapter
@@ -517,6 +618,7 @@ def _evaluate_and_publish(
             "steps": outcome.steps,
             "resumedFromStep": outcome.resumed_from_step,
             "precision": precision,
+            "adapter": adapter_record(rc.method),
         },
         # The card names its own version, which the registry allocates: write it once claimed.
         before_upload=lambda name, _uri: _write_reports(
@@ -554,6 +656,18 @@ def _evaluate_and_publish(
     return result, version.uri
 
 
+def _copy_health(source: Path, training: Path) -> None:
+    """grad-norms.jsonl + its heat map and health.json (training health), when the run wrote them."""
+    from kubetune_trainer.health import plot_grad_norms
+
+    grad_norms = source / "grad-norms.jsonl"
+    if grad_norms.exists() and grad_norms.read_text().strip():
+        shutil.copyfile(grad_norms, training / "grad-norms.jsonl")
+        plot_grad_norms(training / "grad-norms.jsonl", training / "grad-norms.png")
+    if (source / "health.json").exists():
+        shutil.copyfile(source / "health.json", training / "health.json")
+
+
 def _write_reports(
     rc: RunConfig,
     staging: Path,
@@ -575,6 +689,7 @@ def _write_reports(
     (training / "run-config.json").write_text(json.dumps(run_config, indent=2, sort_keys=True))
     shutil.copyfile(outcome.metrics_path, training / "metrics.jsonl")
     reports.plot_loss(training / "metrics.jsonl", training / "loss.png")
+    _copy_health(outcome.metrics_path.parent, training)
     reports.write_eval_report(staging / "eval", report, gates, artifacts)
     data_digests = {
         f"{role} {name}": digest
@@ -595,10 +710,9 @@ def _write_reports(
         "seed": t.seed,
         "distributed": f"{rc.distributed.nodes} node(s) x {rc.distributed.gpus_per_node} GPU(s), {rc.distributed.strategy}",
     }
-    if rc.method.type != "full":
-        lora = rc.method.lora
-        hyper["LoRA r / alpha / dropout"] = f"{lora.r} / {lora.alpha} / {lora.dropout:g}"
-        hyper["LoRA target modules"] = ", ".join(lora.target_modules)
+    from kubetune_trainer.adapters import describe
+
+    hyper.update(describe(rc.method))  # LoRA / DoRA / rsLoRA / (IA)^3 and the adapted layers
     (staging / "README.md").write_text(
         reports.render_model_card(
             model_name=rc.model.name,
@@ -611,5 +725,6 @@ def _write_reports(
             artifacts=artifacts,
             base_model_digest=record.get("base", {}).get("digest"),
             lora_rank=rc.method.lora.r if rc.method.type != "full" else None,
+            vllm_lora=rc.method.type in ("lora", "qlora") and rc.method.lora.variant in ("lora", "rslora"),
         )
     )

@@ -74,6 +74,9 @@ class TrainState:
     tokens_seen: int = 0
     stopped_early: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
+    # Training health (health.py): rebuilt into training/grad-norms.jsonl and health.json on resume.
+    grad_norm_history: list[dict[str, Any]] = field(default_factory=list)
+    health_warnings: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -166,8 +169,12 @@ class SFTRecipe:
         checkpoints: CheckpointManager,
         reporter: Reporter,
         workdir: Path,
+        train_order_keys: list[float] | None = None,
     ) -> None:
+        """``train_order_keys`` (one per training example, lower = easier) turns on the
+        easy-to-hard curriculum of ``data.curriculum``; None shuffles every epoch."""
         self.rc = rc
+        self.train_order_keys = train_order_keys
         self.rt = runtime
         self.base_dir = base_dir
         self.train_examples = train_examples
@@ -277,23 +284,16 @@ class SFTRecipe:
             for p in model.parameters():
                 p.requires_grad_(True)
             return model
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from peft import get_peft_model, prepare_model_for_kbit_training
+
+        from kubetune_trainer.adapters import build_peft_config
 
         if method.type == "qlora":
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=self.rc.training.gradient_checkpointing
             )
-        targets: Any = method.lora.target_modules
-        if targets == ["all-linear"]:
-            targets = "all-linear"
-        config = LoraConfig(
-            r=method.lora.r,
-            lora_alpha=method.lora.alpha,
-            lora_dropout=method.lora.dropout,
-            target_modules=targets,
-            task_type="CAUSAL_LM",
-        )
-        return get_peft_model(model, config)
+        # LoRA / DoRA / rsLoRA / (IA)^3, optionally on selected layers only (adapters.py).
+        return get_peft_model(model, build_peft_config(method, model))
 
     # --- resume -------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -449,6 +449,10 @@ class SFTRecipe:
         loss_window: list[float] = []
         last_loss: float | None = None
         monitor = LossMonitor(round(t.warmup_ratio * self.total_steps), self.rc.learning_rate)
+        health = self._loss_health()
+        grad_norms_path = metrics_path.parent / "grad-norms.jsonl"
+        if self.rt.is_main:
+            grad_norms_path.write_text("".join(json.dumps(r) + "\n" for r in self.state.grad_norm_history))
         done = self.state.step >= self.total_steps
         while not done:
             epoch = self.state.epoch
@@ -464,6 +468,7 @@ class SFTRecipe:
                 rank=self.rt.rank,
                 world_size=self.rt.world_size,
                 start_batch=self.state.micro_batch,
+                order_keys=self._order_keys(epoch),
             )
             for batch in batches:
                 self.state.micro_batch += 1
@@ -493,6 +498,7 @@ class SFTRecipe:
                 if self.engine is None:
                     import torch
 
+                    self._record_grad_norms(grad_norms_path)
                     torch.nn.utils.clip_grad_norm_(
                         [p for p in self.model.parameters() if p.requires_grad], t.max_grad_norm
                     )
@@ -510,6 +516,7 @@ class SFTRecipe:
                     window_start, window_tokens, window_steps = self._log(
                         loss_window, window_start, window_tokens, window_steps, started, metrics_path
                     )
+                    self._check_health(health, loss_window)
                     loss_window = []
                 eval_due = bool(t.eval_every_steps) and self.state.step % (t.eval_every_steps or 1) == 0
                 if eval_due and self._eval_and_check_early_stop(metrics_path):
@@ -531,6 +538,10 @@ class SFTRecipe:
                 if not t.eval_every_steps and self._eval_and_check_early_stop(metrics_path):
                     done = True
         self.reporter.close_bar()
+        if self.rt.is_main:
+            (metrics_path.parent / "health.json").write_text(
+                json.dumps({"warnings": self.state.health_warnings}, indent=2)
+            )
         final_eval = self.evaluate_loss()
         if self.rt.is_main and final_eval is not None:
             self._append_metrics(metrics_path, {"step": self.state.step, "eval_loss": final_eval})
@@ -549,6 +560,61 @@ class SFTRecipe:
 
     def _lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
+
+    # --- curriculum and health ----------------------------------------------------------------
+    def _order_keys(self, epoch: int) -> list[float] | None:
+        """Curriculum keys for this epoch (the same on resume, so start_batch skips the same batches)."""
+        if self.train_order_keys is None:
+            return None
+        if self.rc.data.curriculum.first_epoch_only and epoch > 0:
+            return None
+        return self.train_order_keys
+
+    def _loss_health(self) -> Any:
+        from kubetune_trainer.health import LossHealth, RunFacts
+
+        h = self.rc.training.health
+        health = LossHealth(
+            RunFacts(
+                train_examples=len(self.train_examples),
+                truncated_examples=sum(1 for e in self.train_examples if e.truncated),
+                max_seq_length=self.rc.training.max_seq_length,
+                learning_rate=self.rc.learning_rate,
+            ),
+            windows=h.plateau_windows,
+            min_improvement=h.plateau_min_improvement,
+            warmup_steps=round(self.rc.training.warmup_ratio * self.total_steps),
+        )
+        # Replay the logged losses so a resumed run judges the whole curve, without re-warning.
+        for row in self.state.history:
+            if row.get("loss") is not None:
+                health.update(int(row["step"]), float(row["loss"]))
+        return health
+
+    def _check_health(self, health: Any, losses: list[float]) -> None:
+        from kubetune_trainer.health import format_warning
+
+        loss = sum(losses) / len(losses) if losses else None
+        warning = health.update(self.state.step, loss)
+        if warning is None or not self.rt.is_main:
+            return
+        self.state.health_warnings.append(warning)
+        print(f"[kubetune] {format_warning(warning)}", file=self.reporter.stream, flush=True)
+
+    def _record_grad_norms(self, path: Path) -> None:
+        """Per-layer gradient norms before clipping, every logEverySteps, rank 0 (DDP grads are synced)."""
+        step = self.state.step + 1  # the optimizer step these gradients are for
+        t = self.rc.training
+        if not (t.health.grad_norms and self.rt.is_main):
+            return
+        if step % t.log_every_steps != 0 and step != self.total_steps:
+            return
+        from kubetune_trainer.health import layer_grad_norms
+
+        row = {"step": step, "norms": layer_grad_norms(self.model.named_parameters())}
+        self.state.grad_norm_history.append(row)
+        with path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
 
     def _append_metrics(self, path: Path, row: dict[str, Any]) -> None:
         self.state.history.append(row)

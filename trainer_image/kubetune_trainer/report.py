@@ -209,6 +209,7 @@ def render_model_card(
     quantized_root: str = "quantized",
     base_model_digest: str | None = None,
     lora_rank: int | None = None,
+    vllm_lora: bool = True,
 ) -> str:
     """The version's ``README.md``: what it is, how good, how big and fast, and how to load it.
 
@@ -219,6 +220,8 @@ def render_model_card(
         hyperparameters: resolved training settings worth reading (method, r, alpha, lr, epochs...).
         adapter_path, merged_path, quantized_root: paths inside the version directory.
         lora_rank: shown in the vLLM example (``--max-lora-rank`` must be at least this).
+        vllm_lora: the adapter is one vLLM's LoRA path serves (plain LoRA or rsLoRA); otherwise
+            (full fine-tuning, IA3, DoRA) the card shows serving the merged model instead.
 
     Returns:
         Markdown with a YAML front matter block (``base_model``, ``library_name``, ``tags``) as the
@@ -371,6 +374,16 @@ def render_model_card(
         ]
     if "onnx-int8" in formats:
         out += _onnx_howto(quantized_root)
+    if not vllm_lora:
+        out += [
+            "With vLLM, serve the merged model (vLLM's LoRA support takes plain LoRA adapters only):",
+            "",
+            "```bash",
+            f"vllm serve {merged_path}",
+            "```",
+            "",
+        ]
+        return "\n".join(out)
     out += [
         "The adapter with vLLM's LoRA support, served (OpenAI-compatible API; request `model` = the "
         "adapter's name):",

@@ -7,6 +7,12 @@ DistributedSampler does) so every rank gets the same number of batches and DDP n
 rank that ran out; rank ``r`` takes every ``world_size``-th unit starting at ``r``. A resumed run
 asks for the same (seed, epoch) with ``start_batch=k`` and gets exactly batches k, k+1, ...
 
+Curriculum (``order_keys``, one number per example, lower = easier): instead of the shuffle, units
+go easy-to-hard by their key (a packed row's key is the mean of its examples' keys), ties broken by
+unit index — deterministic, so ``start_batch`` resumes exactly as with shuffling. Padding to a
+multiple of ``world_size`` repeats the hardest unit instead of wrapping around, so after the rank
+striding every rank also goes easy-to-hard.
+
 Padded batches (``packing=False``): ``input_ids``, ``attention_mask``, ``labels`` right-padded to
 the longest example in the batch; labels are -100 on padding.
 
@@ -101,16 +107,28 @@ def _units(examples: Sequence[Example], max_seq_length: int, packing: bool) -> l
 
 
 def _rank_order(
-    n_units: int, *, seed: int, epoch: int, rank: int, world_size: int, shuffle: bool
+    n_units: int,
+    *,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    shuffle: bool,
+    unit_keys: Sequence[float] | None = None,
 ) -> list[int]:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not within world_size {world_size}")
     order = list(range(n_units))
-    if shuffle:
+    if unit_keys is not None:
+        order.sort(key=lambda u: (unit_keys[u], u))
+    elif shuffle:
         random.Random(f"kubetune-batches:{seed}:{epoch}").shuffle(order)
     if n_units and n_units % world_size:
         pad = world_size - n_units % world_size
-        order += (order * (pad // n_units + 1))[:pad]
+        if unit_keys is not None:
+            order += order[-1:] * pad  # repeat the hardest unit: every rank stays easy-to-hard
+        else:
+            order += (order * (pad // n_units + 1))[:pad]
     return order[rank::world_size]
 
 
@@ -149,17 +167,33 @@ def iter_batches(
     world_size: int = 1,
     shuffle: bool = True,
     start_batch: int = 0,
+    order_keys: Sequence[float] | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield this rank's batches of one epoch, from batch ``start_batch`` on (see the module docstring).
 
     ``batch_size`` counts examples (padded) or packed rows (packing). Deterministic for
-    (examples, seed, epoch, rank, world_size). Raises ValueError for an example longer than
-    max_seq_length or a rank outside the world.
+    (examples, seed, epoch, rank, world_size, order_keys). ``order_keys`` (one per example) orders
+    the epoch easy-to-hard instead of shuffling; the number of batches is unchanged. Raises
+    ValueError for an example longer than max_seq_length, a rank outside the world, or
+    ``order_keys`` of the wrong length.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     units = _units(examples, max_seq_length, packing)
-    order = _rank_order(len(units), seed=seed, epoch=epoch, rank=rank, world_size=world_size, shuffle=shuffle)
+    unit_keys = None
+    if order_keys is not None:
+        if len(order_keys) != len(examples):
+            raise ValueError(f"order_keys has {len(order_keys)} keys for {len(examples)} examples")
+        unit_keys = [sum(order_keys[i] for i in unit) / len(unit) for unit in units]
+    order = _rank_order(
+        len(units),
+        seed=seed,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        shuffle=shuffle,
+        unit_keys=unit_keys,
+    )
     for b, start in enumerate(range(0, len(order), batch_size)):
         if b < start_batch:
             continue

@@ -24,7 +24,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from kubetune_trainer.data.records import (
     DataValidationError,
@@ -37,6 +37,16 @@ from kubetune_trainer.data.settings import DEFAULT_EVAL_SPLIT, DataSettings
 from kubetune_trainer.data.templates import IGNORE_INDEX, Tokenizer, encode, render, resolve_template
 
 _REPORTED_ERRORS = 1000
+
+
+class RecordAugmenter(Protocol):
+    """Adds augmented copies of training records (kubetune_trainer.augment.Augmenter is one).
+
+    ``augment`` returns the records to train on (originals first, then the copies) and a JSON-ready
+    summary for the data report's ``augmentation`` key.
+    """
+
+    def augment(self, records: list[Record]) -> tuple[list[Record], dict[str, Any]]: ...
 
 
 @dataclass(frozen=True)
@@ -113,6 +123,8 @@ class DataReport:
     train_tokens: int = 0
     train_label_tokens: int = 0
     token_length_histogram: dict[str, int] = field(default_factory=dict)
+    record_length_histogram: dict[str, int] = field(default_factory=dict)
+    augmentation: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -154,7 +166,8 @@ class DataReport:
             "trainTokens": self.train_tokens,
             "trainLabelTokens": self.train_label_tokens,
             "tokenLengthHistogram": dict(self.token_length_histogram),
-        }
+            "recordLengthHistogram": dict(self.record_length_histogram),
+        } | ({"augmentation": self.augmentation} if self.augmentation is not None else {})
 
 
 @dataclass
@@ -234,6 +247,10 @@ def _read_and_split(
         train, dropped_train = _dedupe(train)
         evals, dropped_eval = _dedupe(evals)
         report.duplicates_removed = dropped_train + dropped_eval
+    # Characters per valid record (all turns): a length picture that needs no tokenizer.
+    report.record_length_histogram = _char_histogram(
+        [sum(len(m.content) for m in r.messages) for r in (*train, *evals)]
+    )
     if not report.ok:
         return report, train, evals
     if eval_files:
@@ -261,6 +278,15 @@ def validate_files(
     """
     report, _, _ = _read_and_split(train_files, eval_files, data_cfg, seed=seed, display_names=display_names)
     return report
+
+
+def _char_histogram(lengths: Sequence[int]) -> dict[str, int]:
+    """Counts per power-of-two character bucket (<=64 ... <=16384, >16384); empty buckets kept."""
+    edges = [64 << i for i in range(9)]
+    hist = {f"<={e}": 0 for e in edges} | {f">{edges[-1]}": 0}
+    for n in lengths:
+        hist[next((f"<={e}" for e in edges if n <= e), f">{edges[-1]}")] += 1
+    return hist
 
 
 def _histogram(lengths: Sequence[int], max_seq_length: int) -> dict[str, int]:
@@ -325,8 +351,13 @@ def prepare_data(
     max_seq_length: int,
     seed: int,
     display_names: Mapping[Path, str] | None = None,
+    augmenter: RecordAugmenter | None = None,
 ) -> PreparedData:
     """Read, validate, clean, split and tokenise; see the module docstring for the order of work.
+
+    With an ``augmenter`` (``data.augmentation``), augmented copies of training records are added
+    after the split and before tokenising: eval data is never augmented, and no copy of an eval
+    record can leak into training. The report's ``augmentation`` key summarises them.
 
     ``display_names`` maps local paths to the names used in errors and the report (for example the
     object key a file was fetched from). Raises DataValidationError (bad data, before tokenising),
@@ -339,6 +370,8 @@ def prepare_data(
         train_files, eval_files, data_cfg, seed=seed, display_names=display_names
     )
     report.raise_if_failed()
+    if augmenter is not None:
+        train_records, report.augmentation = augmenter.augment(train_records)
     template = resolve_template(data_cfg.template, tokenizer)
     report.template = template
     report.max_seq_length = max_seq_length
