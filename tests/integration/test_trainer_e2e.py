@@ -373,14 +373,31 @@ def test_a_published_version_is_the_base_of_the_next_stage(
     demo_store: Path, tmp_path: Path, run_kubetune: Runner
 ) -> None:
     first = small_job(**{"output.merge": True, "output.promote": {"alias": "stage1", "when": "always"}})
-    assert_ok(run_kubetune("run", str(write_job(tmp_path / "a.yaml", first)), "--store-dir", str(demo_store),
-                           "--workdir", str(tmp_path / "wa")))
-    second = small_job(**{"model.name": "stage2-translator",
-                          "model.base.uri": f"modelversion://{MODEL}/stage1"})
-    proc = run_kubetune("run", str(write_job(tmp_path / "b.yaml", second)), "--store-dir", str(demo_store),
-                        "--workdir", str(tmp_path / "wb"))
+    assert_ok(
+        run_kubetune(
+            "run",
+            str(write_job(tmp_path / "a.yaml", first)),
+            "--store-dir",
+            str(demo_store),
+            "--workdir",
+            str(tmp_path / "wa"),
+        )
+    )
+    second = small_job(
+        **{"model.name": "stage2-translator", "model.base.uri": f"modelversion://{MODEL}/stage1"}
+    )
+    proc = run_kubetune(
+        "run",
+        str(write_job(tmp_path / "b.yaml", second)),
+        "--store-dir",
+        str(demo_store),
+        "--workdir",
+        str(tmp_path / "wb"),
+    )
     assert_ok(proc)
-    m = json.loads((demo_store / "kubetune-demo/models/stage2-translator/versions/v1/manifest.json").read_text())
+    m = json.loads(
+        (demo_store / "kubetune-demo/models/stage2-translator/versions/v1/manifest.json").read_text()
+    )
     # The alias was resolved to a concrete version in the lineage, not left as a moving pointer.
     assert m["parent"] == f"modelversion://{MODEL}/v1"
     assert m["inputs"]["base"]["parent"] == f"modelversion://{MODEL}/v1"

@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
 
     rc = RunConfig.from_json(args.run_config.read_text())
     if args.termination_message_path:
-        reporting = rc.reporting.model_copy(update={"termination_message_path": args.termination_message_path})
+        reporting = rc.reporting.model_copy(
+            update={"termination_message_path": args.termination_message_path}
+        )
         rc = rc.model_copy(update={"reporting": reporting})
     outcome = run(rc, workdir=args.workdir)
     return outcome.exit_code

@@ -390,7 +390,9 @@ def _run(rc: RunConfig, runtime: Runtime, workdir: Path, reporter: Reporter) -> 
             # Promotion is a commit: a changed promote rule on the same inputs moves the alias
             # without retraining (moving it to where it already points records nothing).
             gates_passed = result.gates.passed if result.gates is not None else True
-            moved = registry.promote(rc.output.promote.alias, existing.name, gates_passed, rc.output.promote.when)
+            moved = registry.promote(
+                rc.output.promote.alias, existing.name, gates_passed, rc.output.promote.when
+            )
             if moved is not None:
                 result = result.model_copy(update={"promoted_alias": rc.output.promote.alias})
         reporter.result(result)
