@@ -847,7 +847,9 @@ class _Launch:
                     f'"{image}" (FakeKubelet(entrypoints=...))',
                 )
         argv = [_expand(part, pod_env) for part in [*command, *(container.get("args") or [])]]
-        self.argv = [self.remap(part) for part in argv]
+        # argv[0] is a program on this host (a test's interpreter may itself live under /tmp, which a
+        # pod mounts as an emptyDir): only the arguments are container paths.
+        self.argv = [argv[0], *(self.remap(part) for part in argv[1:])] if argv else []
         working_dir = container.get("workingDir")
         self.cwd = (
             Path(self.remap(working_dir))
