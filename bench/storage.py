@@ -188,7 +188,8 @@ def http_get_rate(client: Any, bucket: str, key: str) -> float:
 
 
 def _aws_cmd() -> list[str]:
-    exe = shutil.which("aws")
+    # The aws CLI installed with the dev extra, beside this interpreter, wins over any on PATH.
+    exe = shutil.which("aws", path=str(Path(sys.executable).parent)) or shutil.which("aws")
     if exe is None:
         raise RuntimeError("the aws CLI is not on PATH (pip install awscli, or the system package)")
     return [exe]

@@ -71,7 +71,7 @@ def test_quickstart_learns_publishes_a_whole_version_and_reuses_it(
     assert "adapter/adapter_model.safetensors" in listed and "manifest.json" not in listed
     # The tuned model is clearly better than the base on the same eval data.
     report = json.loads((vdir / "eval" / "report.json").read_text())
-    tuned, base = report["tuned"], report["base"]
+    tuned, base = report["evaluation"]["tuned"], report["evaluation"]["base"]
     assert tuned["eval_loss"] < 0.2 * base["eval_loss"], (tuned, base)
     assert tuned["exact_match"] >= 0.9 and base["exact_match"] <= 0.1, (tuned, base)
     sample = json.loads((vdir / "eval" / "samples.jsonl").read_text().splitlines()[0])
