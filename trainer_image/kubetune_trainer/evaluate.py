@@ -46,6 +46,9 @@ from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
+from kubetune_api.metrics import METRIC_NAMES
+from kubetune_api.models import DEFAULT_METRICS as API_DEFAULT_METRICS
+
 if TYPE_CHECKING:
     import torch
 
@@ -72,21 +75,10 @@ __all__ = [
     "text_metrics",
 ]
 
-ALL_METRICS: tuple[str, ...] = (
-    "eval_loss",
-    "perplexity",
-    "exact_match",
-    "accuracy",
-    "bleu",
-    "rouge_l",
-    "json_validity",
-    "consistency",
-    "latency_p50_ms",
-    "latency_p95_ms",
-    "peak_memory_ratio",
-)
+# One vocabulary: the API's metric names (gates and spec.evaluation.metrics use the same ones).
+ALL_METRICS: tuple[str, ...] = METRIC_NAMES
 #: What is computed when ``spec.evaluation.metrics`` is empty (kubetune_api's default list).
-DEFAULT_METRICS: tuple[str, ...] = ("eval_loss", "perplexity", "exact_match", "bleu", "rouge_l")
+DEFAULT_METRICS: tuple[str, ...] = API_DEFAULT_METRICS
 _TEXT_METRICS = frozenset({"exact_match", "accuracy", "bleu", "rouge_l"})
 _GENERATION_METRICS = _TEXT_METRICS | {"json_validity", "latency_p50_ms", "latency_p95_ms"}
 
