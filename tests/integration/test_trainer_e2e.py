@@ -405,3 +405,53 @@ def test_a_published_version_is_the_base_of_the_next_stage(
     from kubetune_trainer.digests import digest_dir
 
     assert m["inputs"]["base"]["digest"] == digest_dir(parent_merged)
+
+
+@pytest.mark.slow
+def test_promotion_is_a_commit_a_changed_alias_moves_without_retraining(
+    demo_store: Path, tmp_path: Path, run_kubetune: Runner
+) -> None:
+    first = small_job(**{"output.promote": {"alias": "candidate"}})
+    assert_ok(
+        run_kubetune(
+            "run",
+            str(write_job(tmp_path / "a.yaml", first)),
+            "--store-dir",
+            str(demo_store),
+            "--workdir",
+            str(tmp_path / "wa"),
+        )
+    )
+    promoted = small_job(**{"output.promote": {"alias": "production"}})  # the reviewed commit
+    proc = run_kubetune(
+        "run",
+        str(write_job(tmp_path / "b.yaml", promoted)),
+        "--store-dir",
+        str(demo_store),
+        "--workdir",
+        str(tmp_path / "wb"),
+    )
+    assert_ok(proc)
+    assert "Reused" in proc.stderr and "stage Training" not in proc.stderr
+    aliases = demo_store / "kubetune-demo" / "models" / MODEL / "aliases"
+    assert json.loads((aliases / "production.json").read_text())["version"] == "v1"
+    assert json.loads((aliases / "candidate.json").read_text())["version"] == "v1"
+    assert not version_dir(demo_store, "v2").exists()
+
+
+def test_gradient_checkpointing_runs_end_to_end(
+    demo_store: Path, tmp_path: Path, run_kubetune: Runner
+) -> None:
+    job = small_job(**{"training.gradientCheckpointing": True, "training.maxSteps": 4})
+    proc = run_kubetune(
+        "run",
+        str(write_job(tmp_path / "j.yaml", job)),
+        "--store-dir",
+        str(demo_store),
+        "--workdir",
+        str(tmp_path / "w"),
+    )
+    assert_ok(proc)
+    config = json.loads((version_dir(demo_store) / "training" / "run-config.json").read_text())
+    assert config["training"]["gradientCheckpointing"] is True
+    assert math.isfinite(manifest(demo_store)["metrics"]["eval_loss"])
