@@ -200,3 +200,77 @@ def test_operator_killed_mid_reconcile_leaves_exactly_one_job(
     assert len(api.jobs("crash")) == 1
     assert api.status("crash")["phase"] == "Running"
     op3.stop()
+
+
+def test_the_same_reconcile_twice_at_once_creates_one_set_of_children(
+    api: Api, operator_factory: Callable[..., OperatorProcess]
+) -> None:
+    """Handlers are at-least-once: two operators (standalone, no peering) reconciling the same object
+    concurrently is the worst case. Every create is idempotent, so there is one set of children."""
+    op1 = operator_factory(STUB_COMMAND)
+    op2 = operator_factory(STUB_COMMAND)
+    api.create_ftj(finetunejob("twice", "slow-twice"))
+    wait_for("phase Running", lambda: api.status("twice").get("phase") == "Running", timeout=90, log=op1.log)
+    time.sleep(4)  # both operators resynced at least once more
+    selector = "kubetune.io/finetunejob=twice"
+    counts = {
+        "Job": len(api.jobs("twice")),
+        "ConfigMap": len(api.core.list_namespaced_config_map(api.ns, label_selector=selector).items),
+        "Service": len(api.core.list_namespaced_service(api.ns, label_selector=selector).items),
+        "ServiceAccount": len(
+            api.core.list_namespaced_service_account(api.ns, label_selector=selector).items
+        ),
+        "Role": len(api.rbac.list_namespaced_role(api.ns, label_selector=selector).items),
+        "RoleBinding": len(api.rbac.list_namespaced_role_binding(api.ns, label_selector=selector).items),
+    }
+    assert counts == dict.fromkeys(counts, 1), counts
+    first = api.status("twice")
+    time.sleep(4)
+    second = api.status("twice")
+    # The same end state, stable across further reconciles (conditions do not flap).
+    assert first["phase"] == second["phase"] == "Running"
+    assert [(c["type"], c["status"]) for c in first["conditions"]] == [
+        (c["type"], c["status"]) for c in second["conditions"]
+    ]
+    op1.stop()
+    op2.stop()
+
+
+def test_metrics_and_health_endpoints_are_served(
+    api: Api, operator_factory: Callable[..., OperatorProcess]
+) -> None:
+    import socket
+    import urllib.request
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    metrics_port, health_port = free_port(), free_port()
+    op = operator_factory(
+        STUB_COMMAND,
+        KUBETUNE_OPERATOR_METRICS_PORT=str(metrics_port),
+        KUBETUNE_OPERATOR_METRICS_ADDRESS="127.0.0.1",
+        KUBETUNE_OPERATOR_LIVENESS_ENDPOINT=f"http://127.0.0.1:{health_port}/healthz",
+    )
+    api.create_ftj(finetunejob("observed", "slow-observed"))
+    wait_for(
+        "phase Running", lambda: api.status("observed").get("phase") == "Running", timeout=90, log=op.log
+    )
+
+    def get(port: int, path: str) -> tuple[int, str]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+
+    def metrics_show_the_job() -> str | None:
+        try:
+            code, text = get(metrics_port, "/metrics")
+        except OSError:
+            return None
+        return text if code == 200 and 'phase="Running"' in text else None
+
+    text = wait_for("the job in /metrics", metrics_show_the_job, timeout=30, log=op.log)
+    assert "kubetune_finetunejobs" in text and "kubetune_reconcile_duration_seconds_count" in text
+    assert get(health_port, "/healthz")[0] == 200
+    op.stop()
