@@ -135,10 +135,11 @@ def test_a_50_mb_single_line_is_rejected_quickly_in_bounded_memory(tmp_path: Pat
         f.write(b'"}\n')
         f.write(jsonl(GOOD[3:5]))
     assert path.stat().st_size > 50 * 1024 * 1024
-    # A child process, so its peak RSS is this read alone.
+    # A child process, so its peak RSS is this read alone. VmHWM, not ru_maxrss: ru_maxrss survives
+    # exec, so a child forked from a big pytest process would report the parent's high-water mark.
     script = textwrap.dedent(
         f"""
-        import json, resource, sys, time
+        import json, sys, time
         from kubetune_api.models import DataSpec
         from kubetune_trainer.data import validate_files
         spec = DataSpec.model_validate({{"train": {{"uri": "file:///x.jsonl"}}, "maxInvalidRecords": 1}})
@@ -147,7 +148,8 @@ def test_a_50_mb_single_line_is_rejected_quickly_in_bounded_memory(tmp_path: Pat
         print(json.dumps({{"seconds": time.monotonic() - t, "ok": r.ok,
                           "errors": [str(e)[:200] for e in r.errors],
                           "records": r.train_records + r.eval_records,
-                          "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+                          "peak_mb": int(next(line.split()[1] for line in open("/proc/self/status")
+                                              if line.startswith("VmHWM:"))) / 1024}}))
         """
     )
     started = time.monotonic()

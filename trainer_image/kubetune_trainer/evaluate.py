@@ -497,11 +497,29 @@ def load_model(source: ModelSource, *, device: str = "cpu") -> Any:
     return model
 
 
+def _peak_rss_bytes() -> int:
+    """This process's peak RSS since its exec.
+
+    VmHWM (Linux) rather than ``ru_maxrss``: ru_maxrss survives exec, so a child started from a
+    trainer holding a model would report the trainer's high-water mark and bias every ratio to 1.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource  # not Linux: the best there is (KiB on Linux, bytes on macOS)
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
 @dataclass(frozen=True)
 class MemoryMeasurement:
     """Peak memory of loading an artifact and generating with it, in a fresh process.
 
-    method ``process_peak_rss``: the child's ``ru_maxrss`` high-water mark (CPU). It includes the
+    method ``process_peak_rss``: the child's peak RSS since exec (VmHWM; CPU). It includes the
     interpreter and the imported frameworks (``baseline_bytes``, measured after the imports and
     before loading), which dominate for tiny models; ``peak_bytes - baseline_bytes`` is what the
     model itself added. method ``cuda_max_memory_allocated``: torch's peak CUDA allocation
@@ -527,8 +545,6 @@ def _peak_memory_child(
 ) -> None:
     """Runs in a spawned process: load, generate, report the high-water mark through ``conn``."""
     try:
-        import resource
-
         import torch
 
         # Import what loading needs before the baseline, so the baseline holds the frameworks.
@@ -542,17 +558,16 @@ def _peak_memory_child(
             import onnxruntime  # noqa: F401
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        # Linux reports ru_maxrss in KiB. A high-water mark: for tiny models the imports' transient
-        # peak can exceed what the model adds, and then peak == baseline.
-        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        # A high-water mark: for tiny models the imports' transient peak can exceed what the model
+        # adds, and then peak == baseline.
+        baseline = _peak_rss_bytes()
         model = load_model(source, device=device)
         for i, prompt in enumerate(prompt_ids_list):
             generate_token_ids(model, prompt, max_new_tokens=max_new_tokens, seed=i)
         if device.startswith("cuda"):
             result = (int(torch.cuda.max_memory_allocated()), 0, "cuda_max_memory_allocated")
         else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            result = (peak, baseline, "process_peak_rss")
+            result = (_peak_rss_bytes(), baseline, "process_peak_rss")
         conn.send(("ok", result))
     except BaseException as exc:  # reported to the parent, which raises with the message
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
