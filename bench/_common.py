@@ -105,6 +105,23 @@ def format_machine(info: Mapping[str, Any]) -> str:
     return "machine: " + ", ".join(parts)
 
 
+#: Runs ``python -m MODULE ARGS`` and, at exit, writes the process's own peak RSS since exec (VmHWM)
+#: beside its result file. wait4's ru_maxrss is not enough: it survives exec, so it would include the
+#: bench parent's high-water mark (the child starts as a copy of the parent).
+_PEAK_RSS_WRAPPER = """
+import atexit, runpy, sys
+module, result = sys.argv[1], sys.argv[3]
+def _record_peak():
+    with open("/proc/self/status") as fh:
+        kib = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+    with open(result + ".vmhwm", "w") as out:
+        out.write(str(kib * 1024))
+atexit.register(_record_peak)
+sys.argv = [module, *sys.argv[2:]]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
 def run_worker(
     module: str,
     args: Sequence[str],
@@ -117,15 +134,15 @@ def run_worker(
     """Run ``python -m module --result FILE args...`` in a fresh process; return its JSON result.
 
     The worker must write one JSON object to the file named by ``--result``. Its stdout and stderr
-    go to ``log_path``. Peak RSS comes from ``wait4`` for exactly this child (not the sum or max
-    over other children). Raises :class:`WorkerFailed` on a non-zero exit or a timeout (the worker
+    go to ``log_path``. Peak RSS is the child's own VmHWM since exec (falling back to ``wait4``'s
+    ru_maxrss, which includes this parent's high-water mark). Raises :class:`WorkerFailed` on a non-zero exit or a timeout (the worker
     is killed by its PID first).
     """
     with tempfile.NamedTemporaryFile(prefix="bench-result-", suffix=".json", delete=False) as fh:
         result_path = Path(fh.name)
     env = {**os.environ, **thread_env(threads), **(extra_env or {})}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    cmd = [sys.executable, "-m", module, "--result", str(result_path), *args]
+    cmd = [sys.executable, "-c", _PEAK_RSS_WRAPPER, module, "--result", str(result_path), *args]
     started = time.monotonic()
     try:
         with open(log_path, "wb") as log:
@@ -138,10 +155,12 @@ def run_worker(
             why = "timed out" if code is None else f"exited with {code}"
             raise WorkerFailed(f"{module} {' '.join(args)} {why}; log {log_path}:\n{tail}")
         result = json.loads(result_path.read_text())
+        hwm_path = Path(str(result_path) + ".vmhwm")
+        peak = int(hwm_path.read_text()) if hwm_path.exists() else int(rusage.ru_maxrss) * 1024
     finally:
         result_path.unlink(missing_ok=True)
-    # ru_maxrss is in KiB on Linux.
-    return WorkerRun(result=result, peak_rss_bytes=int(rusage.ru_maxrss) * 1024, wall_s=wall)
+        Path(str(result_path) + ".vmhwm").unlink(missing_ok=True)
+    return WorkerRun(result=result, peak_rss_bytes=peak, wall_s=wall)
 
 
 def _wait_with_timeout(proc: subprocess.Popen[bytes], timeout_s: float) -> tuple[int | None, Any]:
