@@ -41,7 +41,7 @@ from typing import Any
 from bench._common import format_machine, format_table, machine_info, median, verdict
 
 FAKE_ENV = {
-    "AWS_ACCESS_KEY_ID": "AKIAKUBETUNEBENCHFAKE",
+    "AWS_ACCESS_KEY_ID": "kubetune-bench-fake-access-key",
     "AWS_SECRET_ACCESS_KEY": "kubetune-bench-fake-secret",
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_CONFIG_FILE": os.devnull,
