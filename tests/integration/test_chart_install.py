@@ -5,11 +5,10 @@ SelfSubjectAccessReview: the account can do what the operator needs and nothing 
 no pods/exec, nothing outside its namespaces in namespaced mode).
 
 v1.20 limits (tests/cluster/README.md): no scheduler or kubelet here, so the operator pod stays
-Pending (its probes and runtime are not exercised by this test); CEL rules in the CRDs are ignored;
-and v1.20 rejects two things in the FineTuneJob CRD that >= 1.29 accepts: ``default: ''`` entries
-(status fields) and, through Helm v4's server-side apply, ``x-kubernetes-validations``. So the test
-installs a copy of the chart whose crds/ hold the same CRDs without those (:func:`for_v1_20`);
-every template is the chart's own.
+Pending (its probes and runtime are not exercised by this test); CEL rules in the CRDs are ignored,
+and through Helm v4's server-side apply v1.20 rejects ``x-kubernetes-validations`` that >= 1.29
+accepts. So the test installs a copy of the chart whose crds/ hold the same CRDs without those rules
+(:func:`for_v1_20`); every template is the chart's own.
 """
 
 from __future__ import annotations
@@ -72,13 +71,9 @@ DENIED = [
 
 
 def for_v1_20(node: Any) -> Any:
-    """A CRD as v1.20 accepts it: no empty-string defaults, no CEL rules (v1.20 ignores them anyway)."""
+    """A CRD as v1.20 accepts it through server-side apply: no CEL rules (v1.20 ignores them anyway)."""
     if isinstance(node, dict):
-        return {
-            k: for_v1_20(v)
-            for k, v in node.items()
-            if not (k == "default" and v == "") and k != "x-kubernetes-validations"
-        }
+        return {k: for_v1_20(v) for k, v in node.items() if k != "x-kubernetes-validations"}
     if isinstance(node, list):
         return [for_v1_20(v) for v in node]
     return node
