@@ -96,14 +96,6 @@ def read_jsonl(path: Path) -> list[dict[str, str]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-
 def chatml_prompt(record: dict[str, str]) -> str:
     """The ChatML user turn plus the assistant header: what every contender trains the answer after."""
     return (
@@ -117,32 +109,15 @@ def chatml_completion(record: dict[str, str]) -> str:
 
 
 def build_tokenizer(out_dir: Path, records: list[dict[str, str]], *, vocab_size: int = 8192) -> Path:
-    """Train a byte-level BPE tokenizer on the records (ChatML-rendered) and save it to ``out_dir``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """Train a byte-level BPE tokenizer on the records (ChatML-rendered) and save it to ``out_dir``.
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator((chatml_prompt(r) + chatml_completion(r) for r in records), trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        extra_special_tokens=["<|im_start|>", "<|im_end|>"],
-        chat_template=CHATML_TEMPLATE,
-        model_max_length=4096,
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(out_dir)
+    The demo's builder (same special tokens and ChatML template as the trainer's data layer expects),
+    trained on this data set's text instead of the toy vocabulary.
+    """
+    from kubetune_trainer.demo import build_demo_tokenizer
+
+    corpus = (chatml_prompt(r) + chatml_completion(r) for r in records)
+    build_demo_tokenizer(out_dir, vocab_size=vocab_size, corpus=corpus, model_max_length=4096)
     return out_dir
 
 

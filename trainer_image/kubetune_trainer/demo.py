@@ -21,7 +21,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -107,8 +107,14 @@ def _tokenizer_corpus() -> Iterator[str]:
     yield "[INST] <<SYS>>\n<</SYS>>\n\n [/INST] ### Instruction:\n### Input:\n### Response:\n system user assistant"
 
 
-def build_demo_tokenizer(out_dir: Path, *, vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Train and save a DEMO byte-level BPE tokenizer for the toy vocabulary; no downloads.
+def build_demo_tokenizer(
+    out_dir: Path,
+    *,
+    vocab_size: int = 512,
+    corpus: Iterable[str] | None = None,
+    model_max_length: int = 2048,
+) -> PreTrainedTokenizerFast:
+    """Train and save a DEMO byte-level BPE tokenizer for the toy vocabulary (or ``corpus``); no downloads.
 
     It has ``<s>``/``</s>``/``<pad>``/``<unk>``, the ChatML tokens ``<|im_start|>``/``<|im_end|>`` and a
     ChatML ``chat_template``; any text is encodable (byte-level). ``AutoTokenizer.from_pretrained(out_dir)``
@@ -126,7 +132,7 @@ def build_demo_tokenizer(out_dir: Path, *, vocab_size: int = 512) -> PreTrainedT
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_tokenizer_corpus(), trainer)
+    tok.train_from_iterator(corpus if corpus is not None else _tokenizer_corpus(), trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
@@ -135,7 +141,7 @@ def build_demo_tokenizer(out_dir: Path, *, vocab_size: int = 512) -> PreTrainedT
         unk_token="<unk>",
         extra_special_tokens=["<|im_start|>", "<|im_end|>"],
         chat_template=CHATML_TEMPLATE,
-        model_max_length=2048,
+        model_max_length=model_max_length,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out_dir)
@@ -333,28 +339,11 @@ def pretrain_demo_base(
 
 
 def _mean_loss(model: Any, examples: list[Any], pad_token_id: int) -> float:
-    """Token-weighted mean answer loss over examples (padded batches)."""
-    import torch
+    """Token-weighted mean answer loss: the evaluator's own measure, so demo figures match eval reports."""
+    del pad_token_id  # loss_and_perplexity batches without padding ambiguity
+    from kubetune_trainer.evaluate import loss_and_perplexity
 
-    from kubetune_trainer.data import iter_batches, model_inputs
-
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for batch in iter_batches(
-            examples,
-            batch_size=32,
-            max_seq_length=max(len(e.input_ids) for e in examples),
-            packing=False,
-            pad_token_id=pad_token_id,
-            seed=0,
-            epoch=0,
-            shuffle=False,
-        ):
-            n = int(batch["num_label_tokens"])
-            out = model(**model_inputs(batch))
-            total += float(out.loss) * n
-            count += n
-    return total / max(count, 1)
+    return loss_and_perplexity(model, examples, batch_size=32)[0]
 
 
 QUICKSTART_MARKER = ".kubetune-quickstart.json"
