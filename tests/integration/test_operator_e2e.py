@@ -23,17 +23,10 @@ import pytest
 
 from tests.fixtures.operator import GROUP, VERSION, Api, OperatorProcess, wait_for
 from tests.fixtures.s3 import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY
-from tests.fixtures.trainer import small_job
+from tests.fixtures.trainer import small_job, upload_demo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MODEL = "tiny-demo-translator"
-
-
-def _upload_demo(s3: Any, bucket: str, store: Path) -> None:
-    src = store / "kubetune-demo"
-    for path in src.rglob("*"):
-        if path.is_file():
-            s3.upload_file(str(path), bucket, "demo/" + path.relative_to(src).as_posix())
 
 
 def _job(name: str, endpoint: str, bucket: str, **changes: Any) -> dict[str, Any]:
@@ -67,7 +60,7 @@ def e2e(
 ) -> tuple[Api, Any, str, str, OperatorProcess]:
     endpoint, bucket = s3_bucket
     s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    _upload_demo(s3, bucket, demo_store_cache)
+    upload_demo(s3, bucket, demo_store_cache)
     api.core.create_namespaced_secret(
         api.ns,
         {

@@ -18,7 +18,14 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures.trainer import kubetune_cmd, quickstart_job, small_job, trainer_env, write_job
+from tests.fixtures.trainer import (
+    kubetune_cmd,
+    quickstart_job,
+    small_job,
+    trainer_env,
+    upload_demo,
+    write_job,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -253,10 +260,7 @@ def test_full_run_against_a_real_s3_endpoint_leaks_no_secret(
 
     endpoint, bucket = s3_bucket
     s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    src = demo_store_cache / "kubetune-demo"
-    for path in src.rglob("*"):
-        if path.is_file():
-            s3.upload_file(str(path), bucket, "demo/" + path.relative_to(src).as_posix())
+    upload_demo(s3, bucket, demo_store_cache)
     job = small_job(
         **{
             "model.base.uri": f"s3://{bucket}/demo/base-models/tiny-llama-demo",

@@ -268,13 +268,10 @@ def test_a_full_remote_run_through_a_flaky_endpoint_publishes_one_whole_version(
     demo_store_cache: Path, tmp_path: Path, s3_bucket: tuple[str, str], proxy: FaultProxy
 ) -> None:
     from tests.fixtures.s3 import fake_credentials_env
-    from tests.fixtures.trainer import kubetune_cmd, small_job, trainer_env, write_job
+    from tests.fixtures.trainer import kubetune_cmd, small_job, trainer_env, upload_demo, write_job
 
     client, (_, bucket) = direct(s3_bucket), s3_bucket
-    src = demo_store_cache / "kubetune-demo"
-    for path in src.rglob("*"):
-        if path.is_file():
-            client.upload_file(str(path), bucket, "demo/" + path.relative_to(src).as_posix())
+    upload_demo(client, bucket, demo_store_cache)
     proxy.add(
         Fault("status", method="GET", path=r"/demo/base-models/.*model\.safetensors", times=2, status=500),
         Fault("reset", method="GET", path=r"/demo/datasets/.*train\.jsonl", times=1),

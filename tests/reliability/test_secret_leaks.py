@@ -22,7 +22,7 @@ import pytest
 from kubetune_api.models import FineTuneJob
 from kubetune_api.runconfig import resolve_run_config
 from tests.fixtures.s3 import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY, fake_credentials_env
-from tests.fixtures.trainer import small_job, trainer_env
+from tests.fixtures.trainer import small_job, trainer_env, upload_demo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SECRETS = (FAKE_SECRET_ACCESS_KEY.encode(), FAKE_ACCESS_KEY_ID.encode())
@@ -37,10 +37,7 @@ def test_a_full_remote_run_leaks_the_credentials_nowhere(
 ) -> None:
     endpoint, bucket = s3_bucket
     s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    src = demo_store_cache / "kubetune-demo"
-    for path in src.rglob("*"):
-        if path.is_file():
-            s3.upload_file(str(path), bucket, "demo/" + path.relative_to(src).as_posix())
+    upload_demo(s3, bucket, demo_store_cache)
     job = small_job(
         **{
             "model.base.uri": f"s3://{bucket}/demo/base-models/tiny-llama-demo",
