@@ -179,10 +179,16 @@ def _openapi(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def _at(schema: dict[str, Any], path: str) -> dict[str, Any]:
-    """The schema node for a dotted path below the spec ("spec.data", "spec.evaluation.gates.*")."""
+    """The schema node for a dotted path below the spec ("spec.data", "spec.evaluation.gates.*" for
+    a map's values, "spec.stages.[].data" for a list's items)."""
     node = schema
     for part in path.split(".")[1:]:
-        node = node["additionalProperties"] if part == "*" else node["properties"][part]
+        if part == "*":
+            node = node["additionalProperties"]
+        elif part == "[]":
+            node = node["items"]
+        else:
+            node = node["properties"][part]
     return node
 
 

@@ -326,6 +326,46 @@ class MethodSpec(ApiModel):
     ia3: IA3Spec = Field(default_factory=IA3Spec, description="Adapter settings for ia3.")
 
 
+class DistillationSpec(ApiModel):
+    """Knowledge distillation from a teacher model."""
+
+    teacher: BaseModelRef = Field(
+        description=(
+            "The teacher model: any URI the base supports (s3://, file://, hf://, "
+            "modelversion://<model>/<vN|alias>). It must use the student's tokenizer (same vocabulary)."
+        )
+    )
+    temperature: float = Field(
+        default=2.0,
+        gt=0,
+        le=20,
+        description="Softens both the teacher's and the student's distributions; the KL term is scaled by T^2.",
+    )
+    weight: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description=(
+            "Share of the distillation term: loss = weight * T^2 * KL(teacher || student) + "
+            "(1 - weight) * SFT cross-entropy. 1 is pure distillation, 0 plain SFT."
+        ),
+    )
+    teacher_logits: Literal["onTheFly", "cached"] = Field(
+        default="onTheFly",
+        description=(
+            "onTheFly: the teacher runs next to the student every step (two models in memory, exact). "
+            "cached: the teacher runs once over the training set before training, only its topK logits "
+            "per trained token are kept, and it is freed (one model in memory while training)."
+        ),
+    )
+    top_k: int = Field(
+        default=64,
+        ge=1,
+        le=4096,
+        description="Teacher logits kept per trained token in cached mode (ignored on the fly).",
+    )
+
+
 # --- spec: training ---------------------------------------------------------------------------
 
 
@@ -441,6 +481,66 @@ class TrainingSpec(ApiModel):
     )
     health: HealthSpec = Field(
         default_factory=HealthSpec, description="Gradient-norm tracking and loss warnings."
+    )
+
+
+# --- spec: stages -----------------------------------------------------------------------------
+
+
+class StageTrainingOverrides(ApiModel):
+    """Hyperparameters a stage changes; every other field comes from spec.training."""
+
+    epochs: float | None = Field(
+        default=None,
+        gt=0,
+        le=1000,
+        description="Passes over this stage's data. Setting epochs without maxSteps clears spec.training.maxSteps.",
+    )
+    max_steps: int | None = Field(
+        default=None, ge=1, le=100_000_000, description="Optimizer steps of this stage."
+    )
+    learning_rate: float | None = Field(
+        default=None, gt=0, le=1, description="Peak learning rate of this stage (default: the job's)."
+    )
+    scheduler: SchedulerName | None = Field(default=None, description="Learning-rate schedule of this stage.")
+    warmup_ratio: float | None = Field(default=None, ge=0, le=0.5, description="Warm-up share of this stage.")
+    weight_decay: float | None = Field(default=None, ge=0, le=1, description="AdamW weight decay.")
+    batch_size: int | None = Field(
+        default=None, ge=1, le=4096, description="Examples per device per micro-batch."
+    )
+    gradient_accumulation_steps: int | None = Field(
+        default=None, ge=1, le=1024, description="Micro-batches per optimizer step."
+    )
+    max_seq_length: int | None = Field(default=None, ge=16, le=131_072, description="Tokens per example.")
+    eval_every_steps: int | None = Field(
+        default=None, ge=1, le=10_000_000, description="Evaluate eval loss every N steps."
+    )
+
+
+class StageSpec(ApiModel):
+    """One training stage that runs before the job's own training (spec.data, spec.training)."""
+
+    name: str = Field(
+        description=(
+            "Stage name (e.g. general, domain): lowercase letters, digits and '-'. A published stage "
+            "becomes a version of the model <model.name>-<name>."
+        ),
+        pattern=names.DNS1123_LABEL_PATTERN,
+        min_length=1,
+        max_length=40,
+    )
+    data: DataSpec = Field(description="This stage's training (and evaluation) data.")
+    training: StageTrainingOverrides = Field(
+        default_factory=StageTrainingOverrides,
+        description="Hyperparameters this stage overrides; the rest come from spec.training.",
+    )
+    publish: bool = Field(
+        default=False,
+        description=(
+            "Also evaluate this stage's result and publish it as a version of <model.name>-<name> "
+            "(adapter and merged model; no quantization, gates or promotion). Its lineage lists the "
+            "stages before it."
+        ),
     )
 
 
@@ -652,7 +752,21 @@ class FineTuneJobSpec(ApiModel):
     model: ModelSpec = Field(description="Model name and base model.")
     data: DataSpec = Field(description="Training and evaluation data.")
     method: MethodSpec = Field(default_factory=MethodSpec, description="LoRA, QLoRA or full fine-tuning.")
+    distillation: DistillationSpec | None = Field(
+        default=None,
+        description="Knowledge distillation: also learn the teacher model's token distributions.",
+    )
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Hyperparameters.")
+    stages: list[StageSpec] = Field(
+        default_factory=list,
+        max_length=16,
+        description=(
+            "Stages trained in order before the job's own training, e.g. general data, then domain "
+            "data; spec.data and spec.training form the last stage, whose result is the job's version. "
+            "Each stage continues from the previous one's weights (the same adapter) and is "
+            "checkpointed on its own, so a restarted job resumes inside the stage it was in."
+        ),
+    )
     distributed: DistributedSpec = Field(
         default_factory=DistributedSpec, description="Nodes, GPUs and strategy."
     )

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from kubetune_api.metrics import METRIC_NAMES
 
 if TYPE_CHECKING:
-    from kubetune_api.models import FineTuneJobSpec
+    from kubetune_api.models import DataSpec, FineTuneJobSpec
 
 _METRICS_CEL = "[" + ", ".join(f"'{m}'" for m in METRIC_NAMES) + "]"
 
@@ -41,7 +41,7 @@ def _world_size(spec: FineTuneJobSpec) -> int:
     return spec.distributed.nodes * max(spec.distributed.gpus_per_node, 1)
 
 
-RULES: tuple[Rule, ...] = (
+_SPEC_RULES: tuple[Rule, ...] = (
     Rule(
         name="qlora-needs-gpu",
         scope="spec",
@@ -59,14 +59,6 @@ RULES: tuple[Rule, ...] = (
         "(has(self.distributed) && has(self.distributed.gpusPerNode) && self.distributed.gpusPerNode > 0)",
         message="nf4 quantization needs a GPU (bitsandbytes): set distributed.gpusPerNode >= 1 or drop nf4",
         ok=lambda s: "nf4" not in s.quantization.formats or s.distributed.gpus_per_node > 0,
-    ),
-    Rule(
-        name="one-eval-source",
-        scope="spec.data",
-        field="spec.data.evalSplit",
-        cel="!(has(self.eval) && has(self.evalSplit))",
-        message="set either data.eval.uri or data.evalSplit, not both",
-        ok=lambda s: not (s.data.eval is not None and s.data.eval_split is not None),
     ),
     Rule(
         name="multi-node-needs-strategy",
@@ -132,27 +124,89 @@ RULES: tuple[Rule, ...] = (
             and set(s.method.ia3.feedforward_modules) <= set(s.method.ia3.target_modules)
         ),
     ),
-    Rule(
-        name="curriculum-field-named",
-        scope="spec.data.curriculum",
-        field="spec.data.curriculum.difficultyField",
-        cel="!has(self.order) || self.order != 'field' || has(self.difficultyField)",
-        message="curriculum order field needs difficultyField (the record field holding the difficulty)",
-        ok=lambda s: s.data.curriculum.order != "field" or s.data.curriculum.difficulty_field is not None,
+)
+
+# Rules of a data section: they hold for spec.data and for every stage's data alike.
+_DATA_RULES: tuple[tuple[str, str, str, str, str, Callable[[DataSpec], bool]], ...] = (
+    (
+        "one-eval-source",
+        "",
+        "evalSplit",
+        "!(has(self.eval) && has(self.evalSplit))",
+        "set either data.eval.uri or data.evalSplit, not both",
+        lambda d: not (d.eval is not None and d.eval_split is not None),
     ),
-    Rule(
-        name="augmentation-has-a-transform",
-        scope="spec.data.augmentation",
-        field="spec.data.augmentation",
-        cel="has(self.synonyms) || (has(self.sentenceTransforms) && self.sentenceTransforms) || "
+    (
+        "curriculum-field-named",
+        "curriculum",
+        "curriculum.difficultyField",
+        "!has(self.order) || self.order != 'field' || has(self.difficultyField)",
+        "curriculum order field needs difficultyField (the record field holding the difficulty)",
+        lambda d: d.curriculum.order != "field" or d.curriculum.difficulty_field is not None,
+    ),
+    (
+        "augmentation-has-a-transform",
+        "augmentation",
+        "augmentation",
+        "has(self.synonyms) || (has(self.sentenceTransforms) && self.sentenceTransforms) || "
         "(has(self.ocrNoise) && self.ocrNoise > 0.0)",
-        message="augmentation needs at least one of synonyms, sentenceTransforms: true or ocrNoise > 0",
-        ok=lambda s: s.data.augmentation is None
-        or s.data.augmentation.synonyms is not None
-        or s.data.augmentation.sentence_transforms
-        or s.data.augmentation.ocr_noise > 0,
+        "augmentation needs at least one of synonyms, sentenceTransforms: true or ocrNoise > 0",
+        lambda d: d.augmentation is None
+        or d.augmentation.synonyms is not None
+        or d.augmentation.sentence_transforms
+        or d.augmentation.ocr_noise > 0,
     ),
 )
+
+
+def _data_rules() -> tuple[Rule, ...]:
+    out: list[Rule] = []
+    for name, node, path, cel, message, ok in _DATA_RULES:
+        suffix = f".{node}" if node else ""
+        out.append(
+            Rule(
+                name=name,
+                scope=f"spec.data{suffix}",
+                field=f"spec.data.{path}",
+                cel=cel,
+                message=message,
+                ok=lambda s, ok=ok: ok(s.data),  # type: ignore[misc]
+            )
+        )
+        out.append(
+            Rule(
+                name=f"{name}-stages",
+                scope=f"spec.stages.[].data{suffix}",
+                field=f"spec.stages[].data.{path}",
+                cel=cel,
+                message=message,
+                ok=lambda s, ok=ok: all(ok(st.data) for st in s.stages),  # type: ignore[misc]
+            )
+        )
+    return tuple(out)
+
+
+_STAGE_RULES: tuple[Rule, ...] = (
+    Rule(
+        name="stage-names-unique",
+        scope="spec.stages",
+        field="spec.stages",
+        cel="self.all(a, self.exists_one(b, b.name == a.name))",
+        message="stage names must be unique",
+        ok=lambda s: len({st.name for st in s.stages}) == len(s.stages),
+    ),
+    Rule(
+        name="stage-model-name-fits",
+        scope="spec",
+        field="spec.stages",
+        cel="!has(self.stages) || self.stages.all(st, size(self.model.name) + size(st.name) < 63)",
+        message="a published stage is the model <model.name>-<stage name>: keep both together under 63 characters",
+        ok=lambda s: all(len(s.model.name) + len(st.name) < 63 for st in s.stages),
+    ),
+)
+
+RULES: tuple[Rule, ...] = _SPEC_RULES + _data_rules() + _STAGE_RULES
+"""Every rule, in the order check_spec reports them."""
 
 
 def check_spec(spec: FineTuneJobSpec) -> list[str]:

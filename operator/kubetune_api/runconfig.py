@@ -25,6 +25,7 @@ from pydantic import Field
 from kubetune_api.models import (
     ApiModel,
     DataSpec,
+    DistillationSpec,
     DistributedSpec,
     EvaluationSpec,
     FineTuneJob,
@@ -32,6 +33,7 @@ from kubetune_api.models import (
     ModelSpec,
     OutputSpec,
     QuantizationSpec,
+    StageSpec,
     TrainingSpec,
 )
 
@@ -74,6 +76,17 @@ class Reporting(ApiModel):
     progress_every_seconds: float = Field(default=10.0, gt=0, description="Throttle for status patches.")
 
 
+class ResolvedStage(ApiModel):
+    """A stage with its data and full training settings resolved (overrides applied to spec.training)."""
+
+    name: str = Field(description="Stage name.")
+    data: DataSpec = Field(description="The stage's data, evalSplit resolved.")
+    training: TrainingSpec = Field(
+        description="spec.training with the stage's overrides, learningRate resolved."
+    )
+    publish: bool = Field(default=False, description="Publish the stage's result as <model>-<stage>.")
+
+
 class RunConfig(ApiModel):
     """Everything the trainer needs, defaults applied. Serialised into the job's ConfigMap."""
 
@@ -82,7 +95,11 @@ class RunConfig(ApiModel):
     model: ModelSpec = Field(description="Model name and base.")
     data: DataSpec = Field(description="Data, evalSplit resolved.")
     method: MethodSpec = Field(description="Tuning method.")
+    distillation: DistillationSpec | None = Field(default=None, description="Knowledge distillation.")
     training: TrainingSpec = Field(description="Hyperparameters, learningRate resolved.")
+    stages: list[ResolvedStage] = Field(
+        default_factory=list, description="Stages trained before this config's own data, in order."
+    )
     distributed: DistributedSpec = Field(description="Nodes, GPUs, strategy.")
     evaluation: EvaluationSpec = Field(description="Metrics (gated ones included) and gates.")
     quantization: QuantizationSpec = Field(description="Quantized formats.")
@@ -122,6 +139,8 @@ class RunConfig(ApiModel):
             d.pop(key, None)
         d["model"].pop("name", None)
         d["model"]["base"].pop("uri", None)
+        if "distillation" in d:  # the teacher's content digest is in the inputs record instead
+            d["distillation"]["teacher"].pop("uri", None)
         d["data"]["train"].pop("uri", None)
         if "eval" in d["data"]:
             d["data"]["eval"].pop("uri", None)
@@ -130,7 +149,37 @@ class RunConfig(ApiModel):
         d["training"].pop("checkpoint", None)
         d["training"].pop("logEverySteps", None)
         d["training"].pop("health", None)  # monitoring only: it never changes what is trained
+        for stage in d.get("stages", []):  # the same for every stage; publish changes nothing trained
+            stage.pop("publish", None)
+            stage["data"]["train"].pop("uri", None)
+            if "eval" in stage["data"]:
+                stage["data"]["eval"].pop("uri", None)
+            for key in ("checkpoint", "logEverySteps", "health"):
+                stage["training"].pop(key, None)
         return d
+
+    def stage_config(self, index: int) -> RunConfig:
+        """The RunConfig of stage ``index`` as a job of its own: the stages before it, then its data
+        and training, published (when it is) as the model ``<model.name>-<stage>``.
+
+        Its inputs digest therefore identifies exactly what that stage's weights came from, so a
+        published stage is found again (and reused) by the same digest lookup as any version.
+        Evaluation keeps its metrics but drops gates; quantization and promotion belong to the last
+        stage only.
+        """
+        stage = self.stages[index]
+        return self.model_copy(
+            update={
+                "model": self.model.model_copy(update={"name": f"{self.model.name}-{stage.name}"}),
+                "data": stage.data,
+                "training": stage.training,
+                "stages": self.stages[:index],
+                "evaluation": self.evaluation.model_copy(update={"gates": {}}),
+                "quantization": self.quantization.model_copy(update={"formats": []}),
+                "output": self.output.model_copy(update={"promote": None}),
+            },
+            deep=True,
+        )
 
     def config_digest(self) -> str:
         """sha256 of :meth:`digest_material` as canonical JSON."""
@@ -161,6 +210,7 @@ def resolve_run_config(
     missing = [m for m in evaluation.gates if m not in evaluation.metrics]
     if missing:
         evaluation = evaluation.model_copy(update={"metrics": [*evaluation.metrics, *missing]})
+    stages = [_resolve_stage(stage, training, spec.method.type) for stage in spec.stages]
     meta = job.metadata
     return RunConfig(
         job=JobIdentity(
@@ -172,7 +222,9 @@ def resolve_run_config(
         model=spec.model,
         data=data,
         method=spec.method,
+        distillation=spec.distillation,
         training=training,
+        stages=stages,
         distributed=spec.distributed,
         evaluation=evaluation,
         quantization=spec.quantization,
@@ -184,4 +236,20 @@ def resolve_run_config(
             local_root=local_root,
         ),
         reporting=reporting or Reporting(),
+    )
+
+
+def _resolve_stage(stage: StageSpec, training: TrainingSpec, method: str) -> ResolvedStage:
+    """spec.training (learning rate already resolved) with the stage's overrides applied."""
+    overrides = stage.training.model_dump(exclude_none=True)
+    if "epochs" in overrides and "max_steps" not in overrides:
+        overrides["max_steps"] = None  # the stage asked for epochs: the job's maxSteps must not win
+    data = stage.data
+    if data.eval is None and data.eval_split is None:
+        data = data.model_copy(update={"eval_split": DEFAULT_EVAL_SPLIT})
+    return ResolvedStage(
+        name=stage.name,
+        data=data,
+        training=training.model_copy(update=overrides, deep=True),
+        publish=stage.publish,
     )

@@ -86,14 +86,25 @@ def guard_rail_problems(job: FineTuneJob, settings: OperatorSettings) -> list[tu
                 "compatibility mode",
             )
         )
-    base = spec.model.base.uri
-    if settings.allowed_base_model_prefixes and not base.startswith(settings.allowed_base_model_prefixes):
-        problems.append(
-            (
-                "spec.model.base.uri",
-                f"{base!r} is not under an allowed prefix ({', '.join(settings.allowed_base_model_prefixes)})",
+    # A distillation teacher is a model the trainer loads too: the same rules as the base.
+    models = [("spec.model.base", spec.model.base)]
+    if spec.distillation is not None:
+        models.append(("spec.distillation.teacher", spec.distillation.teacher))
+    for path, ref in models:
+        if settings.allowed_base_model_prefixes and not ref.uri.startswith(
+            settings.allowed_base_model_prefixes
+        ):
+            problems.append(
+                (
+                    f"{path}.uri",
+                    f"{ref.uri!r} is not under an allowed prefix "
+                    f"({', '.join(settings.allowed_base_model_prefixes)})",
+                )
             )
-        )
+        if ref.trust_remote_code and not settings.allow_trust_remote_code:
+            problems.append(
+                (f"{path}.trustRemoteCode", "running model-supplied code is disabled on this platform")
+            )
     out = spec.output.uri
     if settings.allowed_output_prefixes and not out.startswith(settings.allowed_output_prefixes):
         problems.append(
@@ -101,10 +112,6 @@ def guard_rail_problems(job: FineTuneJob, settings: OperatorSettings) -> list[tu
                 "spec.output.uri",
                 f"{out!r} is not under an allowed prefix ({', '.join(settings.allowed_output_prefixes)})",
             )
-        )
-    if spec.model.base.trust_remote_code and not settings.allow_trust_remote_code:
-        problems.append(
-            ("spec.model.base.trustRemoteCode", "running model-supplied code is disabled on this platform")
         )
     if spec.image is not None:
         if not settings.allowed_images:

@@ -114,6 +114,18 @@ def test_cross_field_rule_names_the_field() -> None:
             "spec.model.base.uri",
             "allowed prefix",
         ),
+        (
+            {"distillation": {"teacher": {"uri": "hf://org/teacher"}}},
+            {"allowed_base_model_prefixes": ("s3://models/",)},
+            "spec.distillation.teacher.uri",
+            "allowed prefix",
+        ),
+        (
+            {"distillation": {"teacher": {"uri": "s3://models/t", "trustRemoteCode": True}}},
+            {},
+            "spec.distillation.teacher.trustRemoteCode",
+            "disabled",
+        ),
         ({"image": "evil/trainer:1"}, {}, "spec.image", "disabled"),
         ({"image": "evil/trainer:1"}, {"allowed_images": ("reg/",)}, "spec.image", "allowed prefix"),
         (

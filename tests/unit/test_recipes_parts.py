@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,29 @@ def _job(**changes: Any) -> dict[str, Any]:
 
 # --- spec: every rule in Python and in CEL -----------------------------------------------------
 
+STAGE = {"name": "general", "data": {"train": {"uri": "s3://bucket/general.jsonl"}}}
+
 RULE_CASES = [
+    ("stage names repeat", {"stages": [STAGE, STAGE]}, "spec.stages"),
+    (
+        "stage data with two eval sources",
+        {
+            "stages": [
+                {**STAGE, "data": {**STAGE["data"], "eval": {"uri": "s3://bucket/e.jsonl"}, "evalSplit": 0.1}}
+            ]
+        },
+        "spec.stages[].data.evalSplit",
+    ),
+    (
+        "stage curriculum field without name",
+        {"stages": [{**STAGE, "data": {**STAGE["data"], "curriculum": {"order": "field"}}}]},
+        "spec.stages[].data.curriculum.difficultyField",
+    ),
+    (
+        "stage model name too long",
+        {"model.name": "m" * 40, "stages": [{**STAGE, "name": "s" * 30}]},
+        "spec.stages",
+    ),
     (
         "curriculum field without name",
         {"data.curriculum": {"order": "field"}},
@@ -67,10 +90,51 @@ RULE_CASES = [
 @pytest.mark.parametrize(("case", "changes", "field"), RULE_CASES, ids=[c[0] for c in RULE_CASES])
 def test_recipe_rules_reject_in_python_and_cel(case: str, changes: dict[str, Any], field: str) -> None:
     job = _job(**changes)
-    with pytest.raises(ValidationError, match=field.replace(".", r"\.")):
+    with pytest.raises(ValidationError, match=re.escape(field)):
         FineTuneJob.model_validate(job)
     cel = [e for e in validate(job) if "Invalid value" in e]
     assert cel and field.removeprefix("spec.").split(".")[-1] in " ".join(cel), validate(job)
+
+
+def test_stages_resolve_to_whole_training_settings_and_their_own_job() -> None:
+    from kubetune_api.runconfig import resolve_run_config
+
+    job = _job(
+        **{
+            "training.maxSteps": 50,
+            "output.promote": {"alias": "production"},
+            "evaluation.gates": {"eval_loss": {"max": 2.0}},
+            "quantization.formats": ["int8"],
+            "stages": [
+                {**STAGE, "training": {"epochs": 1, "learningRate": 1e-4}, "publish": True},
+                {"name": "domain", "data": {"train": {"uri": "s3://bucket/domain.jsonl"}}},
+            ],
+        }
+    )
+    FineTuneJob.model_validate(job)
+    assert validate(job) == []
+    rc = resolve_run_config(FineTuneJob.model_validate(job))
+    general, domain = rc.stages
+    # epochs without maxSteps: the job's maxSteps must not cut the stage short.
+    assert (general.training.epochs, general.training.max_steps, general.training.learning_rate) == (
+        1,
+        None,
+        1e-4,
+    )
+    assert (domain.training.max_steps, domain.training.learning_rate) == (50, 2e-4)  # the job's
+    assert domain.data.eval_split == 0.1  # resolved like spec.data
+    as_job = rc.stage_config(1)
+    assert as_job.model.name == "m-domain" and [s.name for s in as_job.stages] == ["general"]
+    assert (
+        as_job.evaluation.gates == {} and as_job.quantization.formats == [] and as_job.output.promote is None
+    )
+    # A stage's data location is not part of the digest (its content is); its hyperparameters are.
+    moved = json.loads(json.dumps(job))
+    moved["spec"]["stages"][1]["data"]["train"]["uri"] = "s3://other/domain.jsonl"
+    assert resolve_run_config(FineTuneJob.model_validate(moved)).config_digest() == rc.config_digest()
+    changed = json.loads(json.dumps(job))
+    changed["spec"]["stages"][1]["training"] = {"maxSteps": 7}
+    assert resolve_run_config(FineTuneJob.model_validate(changed)).config_digest() != rc.config_digest()
 
 
 def test_valid_recipe_specs_pass_both_checks() -> None:

@@ -56,6 +56,13 @@ class RunOutcome:
 
 
 @dataclass
+class _StageFiles:
+    name: str
+    train_files: list[Path]
+    eval_files: list[Path] | None
+
+
+@dataclass
 class _Inputs:
     base_dir: Path
     train_files: list[Path]
@@ -63,6 +70,22 @@ class _Inputs:
     extra_files: dict[str, list[Path]]
     display_names: dict[Path, str]
     parent: str | None
+    stages: list[_StageFiles] = field(default_factory=list)
+    teacher: Any = None  # distill.Teacher when spec.distillation is set
+
+    def for_stage(self, index: int) -> _Inputs:
+        """The inputs of stage ``index`` seen as a job of its own (see RunConfig.stage_config)."""
+        stage = self.stages[index]
+        return _Inputs(
+            base_dir=self.base_dir,
+            train_files=stage.train_files,
+            eval_files=stage.eval_files,
+            extra_files=self.extra_files,
+            display_names=self.display_names,
+            parent=self.parent,
+            stages=self.stages[:index],
+            teacher=self.teacher,
+        )
 
 
 def store_settings(rc: RunConfig) -> Any:
@@ -91,6 +114,7 @@ def run(rc: RunConfig, *, workdir: Path, reporter: Reporter | None = None) -> Ru
     they become a TrainerResult with a reason and the exit code of :mod:`kubetune_api.reports`."""
     from kubetune_trainer.adapters import AdapterConfigError
     from kubetune_trainer.data import DataValidationError, TemplateError
+    from kubetune_trainer.distill import DistillationError
     from kubetune_trainer.fetch import FetchError, UnsafeModelError
     from kubetune_trainer.quantize import UnsupportedFormatError
     from kubetune_trainer.recipe import PreemptedError, TrainingDivergedError
@@ -111,7 +135,7 @@ def run(rc: RunConfig, *, workdir: Path, reporter: Reporter | None = None) -> Ru
         return _fail(reporter, rc, EXIT_BAD_INPUT, "InvalidData", str(exc))
     except UnsafeModelError as exc:
         return _fail(reporter, rc, EXIT_BAD_INPUT, "UnsafeModel", str(exc))
-    except AdapterConfigError as exc:
+    except (AdapterConfigError, DistillationError) as exc:
         return _fail(reporter, rc, EXIT_BAD_INPUT, "InvalidSpec", str(exc))
     except FetchError as exc:
         return _fail(reporter, rc, EXIT_BAD_INPUT, "FetchFailed", str(exc))
@@ -188,6 +212,13 @@ def _fetch_inputs(rc: RunConfig, runtime: Runtime, workdir: Path) -> _Inputs:
             paths[f"extra:{extra.name}"] = str(
                 fetch(extra.uri, inputs_dir / "extra" / extra.name, settings).relative_to(workdir)
             )
+        for stage in rc.stages:
+            for role, source in (("train", stage.data.train), ("eval", stage.data.eval)):
+                if source is not None:
+                    target = inputs_dir / "stages" / stage.name / role
+                    paths[f"stage:{stage.name}:{role}"] = str(
+                        fetch(source.uri, target, settings).relative_to(workdir)
+                    )
     runtime.barrier()
     paths = runtime.broadcast(paths)
     display: dict[Path, str] = {}
@@ -207,6 +238,16 @@ def _fetch_inputs(rc: RunConfig, runtime: Runtime, workdir: Path) -> _Inputs:
         extra_files={e.name: files(f"extra:{e.name}", e.uri) for e in rc.evaluation.extra_sets},
         display_names=display,
         parent=parent,
+        stages=[
+            _StageFiles(
+                name=st.name,
+                train_files=files(f"stage:{st.name}:train", st.data.train.uri),
+                eval_files=files(f"stage:{st.name}:eval", st.data.eval.uri)
+                if st.data.eval is not None
+                else None,
+            )
+            for st in rc.stages
+        ],
     )
 
 
@@ -227,17 +268,30 @@ def inputs_record(rc: RunConfig, inputs: _Inputs) -> dict[str, Any]:
         record["data"]["eval"] = data(inputs.eval_files)
     for name, files in inputs.extra_files.items():
         record["data"][f"extra:{name}"] = data(files)
+    if inputs.teacher is not None:  # a different teacher trains a different model
+        from kubetune_trainer.distill import teacher_record
+
+        record["teacher"] = teacher_record(inputs.teacher)
+    if inputs.stages:
+        # Earlier stages shape the weights too: their data is part of what was trained on.
+        record["stages"] = [
+            {"name": st.name, "train": data(st.train_files)}
+            | ({"eval": data(st.eval_files)} if st.eval_files is not None else {})
+            for st in inputs.stages
+        ]
     return record
 
 
-def _fetch_term_dictionary(rc: RunConfig, runtime: Runtime, workdir: Path) -> Path | None:
+def _fetch_term_dictionary(
+    rc: RunConfig, runtime: Runtime, workdir: Path, folder: str = "augmentation-terms"
+) -> Path | None:
     """The augmentation term dictionary, fetched by each node's local rank 0 (None when unused)."""
     aug = rc.data.augmentation
     if aug is None or aug.synonyms is None:
         return None
     from kubetune_trainer.fetch import fetch
 
-    target = workdir / "inputs" / "augmentation-terms"
+    target = workdir / "inputs" / folder
     if runtime.is_local_main:
         shutil.rmtree(target, ignore_errors=True)
         fetched = fetch(aug.synonyms.uri, target, store_settings(rc))
@@ -374,14 +428,15 @@ def _run(rc: RunConfig, runtime: Runtime, workdir: Path, reporter: Reporter) -> 
 
     reporter.stage("Fetching", f"base {rc.model.base.uri}")
     inputs = _fetch_inputs(rc, runtime, workdir)
-    terms_path = _fetch_term_dictionary(rc, runtime, workdir)
-    record = inputs_record(rc, inputs) if runtime.is_main else None
-    if record is not None and terms_path is not None and rc.data.augmentation is not None:
-        from kubetune_trainer.digests import sha256_file
+    from kubetune_trainer.distill import fetch_teacher
 
-        # The dictionary changes what is trained: its content is part of the inputs digest.
-        assert rc.data.augmentation.synonyms is not None
-        record["data"]["augmentationTerms"] = {rc.data.augmentation.synonyms.uri: sha256_file(terms_path)}
+    inputs.teacher = fetch_teacher(rc, runtime, workdir)
+    # One term dictionary per stage, then the job's own (None where augmentation has none).
+    terms = [
+        _fetch_term_dictionary(rc.stage_config(i), runtime, workdir, f"augmentation-terms-{st.name}")
+        for i, st in enumerate(rc.stages)
+    ] + [_fetch_term_dictionary(rc, runtime, workdir)]
+    record = _full_record(rc, inputs, terms) if runtime.is_main else None
     inputs_digest = runtime.broadcast(digest_json(record) if record is not None else None)
     existing = runtime.broadcast(registry.find_by_inputs_digest(inputs_digest) if runtime.is_main else None)
     if existing is not None:
@@ -401,13 +456,196 @@ def _run(rc: RunConfig, runtime: Runtime, workdir: Path, reporter: Reporter) -> 
     reporter.stage("PreparingData")
     from transformers import AutoTokenizer
 
-    from kubetune_trainer.data import DataValidationError, TemplateError, prepare_data
-
     tokenizer = AutoTokenizer.from_pretrained(
         str(inputs.base_dir), trust_remote_code=rc.model.base.trust_remote_code
     )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+
+    # spec.stages first (each continues from the previous one's weights), then the job's own data.
+    carried = _Carry()
+    lineage: list[dict[str, Any]] = []
+    spent_prefixes: list[str] = []
+    total = len(rc.stages) + 1
+    for index, stage in enumerate(rc.stages):
+        src = rc.stage_config(index)
+        s_inputs = inputs.for_stage(index)
+        s_record = _full_record(src, s_inputs, terms[: index + 1]) if runtime.is_main else None
+        s_digest = runtime.broadcast(digest_json(s_record) if s_record is not None else None)
+        label = f"stage {index + 1}/{total}: {stage.name}"
+        s_registry = ModelRegistry(rc.output.uri, src.model.name, settings)
+        if stage.publish:
+            found = runtime.broadcast(s_registry.find_by_inputs_digest(s_digest) if runtime.is_main else None)
+            if found is not None:
+                # Published before with the same inputs: continue from its weights, train nothing.
+                carried = _Carry(weights=_fetch_stage_weights(rc, runtime, workdir, found.uri, stage.name))
+                lineage.append(_lineage_entry(stage.name, s_digest, found, None, reused=True))
+                spent_prefixes.append(_checkpoint_prefix(src, s_digest))  # left by an interrupted run
+                if runtime.is_main:
+                    print(
+                        f"[kubetune] {label}: reusing {found.uri} (same inputs)",
+                        file=reporter.stream,
+                        flush=True,
+                    )
+                continue
+        stage_dir = workdir / "stages" / f"{index + 1}-{stage.name}"
+        trained = _train(
+            src, runtime, stage_dir, reporter, s_inputs, s_digest, tokenizer, terms[index], carried, label
+        )
+        spent_prefixes.append(trained.ckpt_prefix)
+        version = None
+        if stage.publish and runtime.is_main:
+            s_result, _ = _evaluate_and_publish(
+                src,
+                runtime,
+                stage_dir,
+                reporter,
+                s_registry,
+                s_inputs,
+                s_record or {},
+                s_digest,
+                trained.prepared,
+                tokenizer,
+                trained.outcome,
+                runtime.precision,
+                stages=list(lineage),
+            )
+            version = s_result.version
+            print(f"[kubetune] {label}: {s_result.message}", file=reporter.stream, flush=True)
+        runtime.barrier()  # the other ranks wait while rank 0 evaluates and publishes the stage
+        lineage.append(_lineage_entry(stage.name, s_digest, version, trained.outcome))
+        carried = _Carry(model=trained.model)
+
+    label = f"stage {total}/{total}: final" if rc.stages else ""
+    trained = _train(
+        rc, runtime, workdir, reporter, inputs, inputs_digest, tokenizer, terms[-1], carried, label
+    )
+    spent_prefixes.append(trained.ckpt_prefix)
+    carried, trained.model = _Carry(), None  # free the weights before evaluation loads its own
+    if not runtime.is_main:
+        return RunOutcome(exit_code=EXIT_OK)
+
+    result, version_uri = _evaluate_and_publish(
+        rc,
+        runtime,
+        workdir,
+        reporter,
+        registry,
+        inputs,
+        record or {},
+        inputs_digest,
+        trained.prepared,
+        tokenizer,
+        trained.outcome,
+        runtime.precision,
+        stages=lineage,
+    )
+    from kubetune_trainer.storage import open_uri
+
+    out_store, _ = open_uri(rc.output.uri, settings)
+    for prefix in spent_prefixes:  # the version is published: its checkpoints are spent
+        out_store.delete_prefix(prefix + "/")
+    reporter.result(result)
+    code = EXIT_GATES_FAILED if result.reason == "GateFailed" else EXIT_OK
+    return RunOutcome(exit_code=code, result=result, version_uri=version_uri)
+
+
+@dataclass
+class _Carry:
+    """What the next stage starts from: a trained model in memory, fetched weights, or the base."""
+
+    model: Any = None
+    weights: Path | None = None  # a published stage's adapter/ (peft) or merged/ (full) folder
+
+
+@dataclass
+class _Trained:
+    prepared: Any
+    outcome: Any
+    model: Any
+    ckpt_prefix: str
+
+
+def _full_record(rc: RunConfig, inputs: _Inputs, terms: list[Path | None]) -> dict[str, Any]:
+    """inputs_record plus the augmentation term dictionaries (``terms[i]`` for stage i, the last
+    for the config's own data): a dictionary changes what is trained, so its content is an input."""
+    from kubetune_trainer.digests import sha256_file
+
+    record = inputs_record(rc, inputs)
+    datas = [*(st.data for st in rc.stages), rc.data]
+    targets = [*record.get("stages", []), record["data"]]
+    for data, target, path in zip(datas, targets, terms, strict=True):
+        if path is not None and data.augmentation is not None and data.augmentation.synonyms is not None:
+            target["augmentationTerms"] = {data.augmentation.synonyms.uri: sha256_file(path)}
+    return record
+
+
+def _lineage_entry(
+    name: str, digest: str, version: Any, outcome: Any, *, reused: bool = False
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "name": name,
+        "inputsDigest": digest,
+        "version": version.uri if version else None,
+    }
+    if outcome is not None:
+        entry.update(
+            {"steps": outcome.steps, "finalLoss": outcome.final_loss, "evalLoss": outcome.final_eval_loss}
+        )
+    if reused:
+        entry["reused"] = True
+    return entry
+
+
+def _checkpoint_prefix(rc: RunConfig, inputs_digest: str) -> str:
+    """Where the run with these inputs keeps its checkpoints (one prefix per stage)."""
+    from kubetune_trainer.storage import join_key, open_uri
+
+    _, out_prefix = open_uri(rc.output.uri, store_settings(rc))
+    return join_key(*([out_prefix] if out_prefix else []), rc.model.name, "checkpoints", inputs_digest[:16])
+
+
+def _fetch_stage_weights(rc: RunConfig, runtime: Runtime, workdir: Path, version_uri: str, name: str) -> Path:
+    """A published stage's adapter/ (or merged/ for full fine-tuning), fetched on every node."""
+    from kubetune_trainer.fetch import fetch
+
+    model_name = f"{rc.model.name}-{name}"
+    version = version_uri.rstrip("/").rsplit("/", 1)[-1]
+    target = workdir / "inputs" / "stages" / name / "weights"
+    rel: str | None = None
+    if runtime.is_local_main:
+        shutil.rmtree(target, ignore_errors=True)
+        fetched = fetch(
+            f"modelversion://{model_name}/{version}",
+            target,
+            store_settings(rc),
+            registry_output_uri=rc.output.uri,
+            subdir_for_modelversion="merged" if rc.method.type == "full" else "adapter",
+        )
+        rel = str(fetched.relative_to(workdir))
+    runtime.barrier()
+    return workdir / runtime.broadcast(rel)
+
+
+def _train(
+    rc: RunConfig,
+    runtime: Runtime,
+    workdir: Path,
+    reporter: Reporter,
+    inputs: _Inputs,
+    inputs_digest: str,
+    tokenizer: Any,
+    terms_path: Path | None,
+    carried: _Carry,
+    label: str,
+) -> _Trained:
+    """Prepare ``rc.data`` and train one stage in ``workdir`` (its staging/ holds the result)."""
+    from kubetune_trainer.checkpoint import CheckpointManager
+    from kubetune_trainer.data import DataValidationError, TemplateError, prepare_data
+    from kubetune_trainer.recipe import SFTRecipe
+    from kubetune_trainer.storage import open_uri
+
+    reporter.stage("PreparingData", label)
     try:
         augmenter = _augmenter(rc, terms_path)
         prepared = prepare_data(
@@ -434,29 +672,18 @@ def _run(rc: RunConfig, runtime: Runtime, workdir: Path, reporter: Reporter) -> 
             data_report["curriculum"] = curriculum_summary
         (staging / "training" / "data-report.json").write_text(json.dumps(data_report, indent=2))
         _print_recipe_data_notes(data_report, reporter)
-        r = prepared.report
+        invalid = data_report.get("invalid")
         print(
-            f"[kubetune] data: {len(prepared.train)} train / {len(prepared.eval)} eval examples"
-            + (
-                f", {r.to_dict().get('invalid', 0)} invalid records skipped"
-                if r.to_dict().get("invalid")
-                else ""
-            ),
+            f"[kubetune] {label + ' ' if label else ''}data: {len(prepared.train)} train / "
+            f"{len(prepared.eval)} eval examples"
+            + (f", {invalid} invalid records skipped" if invalid else ""),
             file=reporter.stream,
             flush=True,
         )
 
-    reporter.stage("Training")
-    from kubetune_trainer.checkpoint import CheckpointManager
-    from kubetune_trainer.recipe import SFTRecipe
-    from kubetune_trainer.storage import join_key, open_uri
-
-    out_store, out_prefix = open_uri(rc.output.uri, settings)
-    ckpt_prefix = (
-        join_key(out_prefix, rc.model.name, "checkpoints", inputs_digest[:16])
-        if out_prefix
-        else join_key(rc.model.name, "checkpoints", inputs_digest[:16])
-    )
+    reporter.stage("Training", label)
+    out_store, _ = open_uri(rc.output.uri, store_settings(rc))
+    ckpt_prefix = _checkpoint_prefix(rc, inputs_digest)
     # Per-rank scratch: ranks on one machine share the workdir and must not upload each other's
     # half-written files (each rank uploads only what it wrote; the keys merge in the store).
     checkpoints = CheckpointManager(
@@ -466,10 +693,16 @@ def _run(rc: RunConfig, runtime: Runtime, workdir: Path, reporter: Reporter) -> 
         runtime=runtime,
         scratch=workdir / "checkpoints" / f"rank-{runtime.rank}",
     )
+    weights = carried.weights
+    from kubetune_trainer.distill import build_distiller
+
+    distiller = build_distiller(
+        rc, runtime, inputs.teacher, tokenizer, prepared.train, student_dir=inputs.base_dir, stream=reporter.stream
+    )
     recipe = SFTRecipe(
         rc,
         runtime,
-        base_dir=inputs.base_dir,
+        base_dir=weights if weights is not None and rc.method.type == "full" else inputs.base_dir,
         train_examples=prepared.train,
         eval_examples=prepared.eval,
         pad_token_id=int(tokenizer.pad_token_id),
@@ -477,33 +710,18 @@ def _run(rc: RunConfig, runtime: Runtime, workdir: Path, reporter: Reporter) -> 
         reporter=reporter,
         workdir=workdir,
         train_order_keys=order_keys,
+        model=carried.model,
+        init_adapter_dir=weights if weights is not None and rc.method.type != "full" else None,
+        distiller=distiller,
     )
+    carried.model = None  # the recipe owns it now
     recipe.setup()
     outcome = recipe.train()
-    precision = runtime.precision
+    model = recipe.release_model()
     del recipe
-    if not runtime.is_main:
-        return RunOutcome(exit_code=EXIT_OK)
-
-    tokenizer.save_pretrained(str(outcome.saved_dir))
-    result, version_uri = _evaluate_and_publish(
-        rc,
-        runtime,
-        workdir,
-        reporter,
-        registry,
-        inputs,
-        record or {},
-        inputs_digest,
-        prepared,
-        tokenizer,
-        outcome,
-        precision,
-    )
-    out_store.delete_prefix(ckpt_prefix + "/")  # the version is published: its checkpoints are spent
-    reporter.result(result)
-    code = EXIT_GATES_FAILED if result.reason == "GateFailed" else EXIT_OK
-    return RunOutcome(exit_code=code, result=result, version_uri=version_uri)
+    if runtime.is_main:
+        tokenizer.save_pretrained(str(outcome.saved_dir))
+    return _Trained(prepared=prepared, outcome=outcome, model=model, ckpt_prefix=ckpt_prefix)
 
 
 def _evaluate_and_publish(
@@ -519,8 +737,15 @@ def _evaluate_and_publish(
     tokenizer: Any,
     outcome: Any,
     precision: str,
+    *,
+    stages: list[dict[str, Any]] | None = None,
 ) -> tuple[TrainerResult, str]:
+    """Rank 0: evaluate, gate, merge, quantize and publish ``workdir/staging`` as a version.
+
+    ``stages`` is the lineage of the stages trained before this one (recorded in the manifest's
+    ``extra.stages`` and the model card)."""
     from kubetune_trainer.adapters import adapter_record
+    from kubetune_trainer.distill import distillation_manifest_extra
     from kubetune_trainer.evaluate import ModelSource, evaluate_model, load_model
     from kubetune_trainer.gates import check_gates
     from kubetune_trainer.merge import merge_adapter
@@ -621,10 +846,12 @@ def _evaluate_and_publish(
             "resumedFromStep": outcome.resumed_from_step,
             "precision": precision,
             "adapter": adapter_record(rc.method),
-        },
+            **distillation_manifest_extra(rc, record),
+        }
+        | ({"stages": stages} if stages else {}),
         # The card names its own version, which the registry allocates: write it once claimed.
         before_upload=lambda name, _uri: _write_reports(
-            rc, staging, outcome, report, gates, artifacts, record, precision, name
+            rc, staging, outcome, report, gates, artifacts, record, precision, name, stages or []
         ),
     )
     gates_status = _gates_status(gates)
@@ -680,6 +907,7 @@ def _write_reports(
     record: dict[str, Any],
     precision: str,
     version_name: str,
+    stages: list[dict[str, Any]],
 ) -> None:
     """eval/, training/ and the model card, into the staging folder that becomes the version."""
     from kubetune_trainer import report as reports
@@ -715,6 +943,14 @@ def _write_reports(
     from kubetune_trainer.adapters import describe
 
     hyper.update(describe(rc.method))  # LoRA / DoRA / rsLoRA / (IA)^3 and the adapted layers
+    from kubetune_trainer.distill import describe_distillation
+
+    hyper.update(describe_distillation(rc, record))  # teacher, loss mix, temperature
+    if stages:
+        hyper["trained after stages"] = " -> ".join(
+            f"{st['name']} ({'reused ' + st['version'] if st.get('reused') else str(st.get('steps')) + ' steps'})"
+            for st in stages
+        )
     (staging / "README.md").write_text(
         reports.render_model_card(
             model_name=rc.model.name,

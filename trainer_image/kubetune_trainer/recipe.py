@@ -42,6 +42,7 @@ from kubetune_api.runconfig import RunConfig
 from kubetune_trainer.checkpoint import CheckpointManager
 from kubetune_trainer.data import TokenizedExample, count_batches, iter_batches
 from kubetune_trainer.data.batching import model_inputs
+from kubetune_trainer.label_head import LabelPositionHead
 from kubetune_trainer.reporting import Reporter
 from kubetune_trainer.runtime import (
     Runtime,
@@ -170,10 +171,24 @@ class SFTRecipe:
         reporter: Reporter,
         workdir: Path,
         train_order_keys: list[float] | None = None,
+        model: Any = None,
+        init_adapter_dir: Path | None = None,
+        distiller: Any = None,
     ) -> None:
         """``train_order_keys`` (one per training example, lower = easier) turns on the
-        easy-to-hard curriculum of ``data.curriculum``; None shuffles every epoch."""
+        easy-to-hard curriculum of ``data.curriculum``; None shuffles every epoch.
+
+        Stages (``spec.stages``): ``model`` continues training a model a previous stage's recipe
+        handed over (:meth:`release_model`), instead of loading ``base_dir``;
+        ``init_adapter_dir`` starts the adapter from saved adapter weights (a published stage)
+        instead of peft's fresh initialisation.
+
+        ``distiller`` (:class:`kubetune_trainer.distill.Distiller`) replaces the training loss by
+        its knowledge-distillation loss; evaluation loss stays plain cross-entropy."""
         self.rc = rc
+        self.distiller = distiller
+        self._given_model = model
+        self.init_adapter_dir = init_adapter_dir
         self.train_order_keys = train_order_keys
         self.rt = runtime
         self.base_dir = base_dir
@@ -196,7 +211,10 @@ class SFTRecipe:
 
         t = self.rc.training
         seed_everything(t.seed)
-        self.model = self._load_model()
+        self.model = self._given_model if self._given_model is not None else self._load_model()
+        self._given_model = None
+        # Before any DDP/DeepSpeed wrapping: the hook sits on the LM head module itself.
+        self.label_head = LabelPositionHead(self.model)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.n_trainable = sum(p.numel() for p in trainable)
         self.n_params = sum(p.numel() for p in self.model.parameters())
@@ -292,6 +310,11 @@ class SFTRecipe:
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=self.rc.training.gradient_checkpointing
             )
+        if self.init_adapter_dir is not None:
+            from peft import PeftModel
+
+            # A published stage's adapter, trained further (its saved config is the same method).
+            return PeftModel.from_pretrained(model, str(self.init_adapter_dir), is_trainable=True)
         # LoRA / DoRA / rsLoRA / (IA)^3, optionally on selected layers only (adapters.py).
         return get_peft_model(model, build_peft_config(method, model))
 
@@ -394,15 +417,23 @@ class SFTRecipe:
             signal.signal(signal.SIGTERM, handler)
 
     # --- train --------------------------------------------------------------------------------
-    def _forward(self, batch: dict[str, Any]) -> Any:
+    def _forward(self, batch: dict[str, Any], train: bool = False) -> Any:
+        """Mean cross-entropy over the batch's labelled tokens (the LM head runs only there);
+        with ``train`` and a distiller, the distillation loss instead."""
         import torch
 
         # model_inputs adds use_cache=False: with a KV cache, packed rows would attend across examples.
         inputs = {k: v.to(self.rt.device) if hasattr(v, "to") else v for k, v in model_inputs(batch).items()}
-        if self.rt.precision in ("bf16", "fp16") and self.engine is None:
-            with torch.autocast(device_type=self.rt.device.type, dtype=self.rt.dtype):
-                return self.forward_model(**inputs).loss
-        return self.forward_model(**inputs).loss
+        autocast = (
+            torch.autocast(device_type=self.rt.device.type, dtype=self.rt.dtype)
+            if self.rt.precision in ("bf16", "fp16") and self.engine is None
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            out = self.label_head.forward(self.forward_model, inputs)
+            if train and self.distiller is not None:
+                return self.distiller.loss(out, inputs)
+            return out.cross_entropy()
 
     def evaluate_loss(self) -> float | None:
         """Token-weighted mean loss on the eval set (all ranks; each takes its shard)."""
@@ -476,7 +507,7 @@ class SFTRecipe:
                     self.state.micro_batch % gas == 0
                     or self.state.micro_batch == self.micro_batches_per_epoch
                 )
-                loss = self._forward(batch)
+                loss = self._forward(batch, train=True)
                 value = float(loss.detach())
                 monitor.check_finite(self.state.step + 1, value, self._lr())
                 if self.engine is not None:
@@ -640,6 +671,8 @@ class SFTRecipe:
         eta = (self.total_steps - self.state.step) * step_time
         epoch = self.state.epoch + self.state.micro_batch / self.micro_batches_per_epoch
         pct = 100.0 * self.state.step / self.total_steps
+        # The KD and SFT parts of a distillation loss (every rank: the sums are all-reduced).
+        parts = self.distiller.pop_metrics(self.rt.all_reduce_sum) if self.distiller is not None else {}
         if self.rt.is_main:
             row = {
                 "step": self.state.step,
@@ -648,6 +681,7 @@ class SFTRecipe:
                 "learning_rate": self._lr(),
                 "tokens_per_second": round(tps, 1),
                 "elapsed_s": round(now - started, 2),
+                **parts,
             }
             self._append_metrics(metrics_path, row)
         self.reporter.progress(
@@ -713,6 +747,13 @@ class SFTRecipe:
             self._save_model(out)
         self.rt.barrier()
         return out
+
+    def release_model(self) -> Any:
+        """The trained model, unwrapped, for the next stage's recipe (this recipe is spent)."""
+        self.label_head.remove()
+        model = self.model
+        self.model = self.forward_model = self.engine = self.optimizer = self.scheduler = None
+        return model
 
     def _save_model(self, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
