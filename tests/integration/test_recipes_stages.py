@@ -71,9 +71,9 @@ def _job(final_steps: int = 4) -> dict[str, Any]:
     )
 
 
-def _losses(metrics: Path) -> list[float]:
+def _losses(metrics: Path, key: str = "loss") -> list[float]:
     rows = [json.loads(x) for x in metrics.read_text().splitlines()]
-    return [r["loss"] for r in rows if r.get("loss") is not None]
+    return [r[key] for r in rows if r.get(key) is not None]
 
 
 def test_stages_run_in_order_publish_and_record_lineage(
@@ -189,12 +189,14 @@ def test_a_job_stopped_inside_a_stage_resumes_in_that_stage(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "deepspeed-zero2", "deepspeed-zero3"])
-def test_stages_under_two_torchrun_processes(
+def test_stages_and_distillation_under_two_torchrun_processes(
     strategy: str, demo_store: Path, tmp_path: Path, run_kubetune: Runner
 ) -> None:
     _split_data(demo_store)
     job = _job()
     job["spec"]["distributed"] = {"gpusPerNode": 0, "strategy": strategy}
+    # Distillation under torchrun too: every rank runs its own (unsharded) teacher next to the student.
+    job["spec"]["distillation"] = {"teacher": {"uri": job["spec"]["model"]["base"]["uri"]}, "weight": 0.5}
     path = write_job(tmp_path / "job.yaml", job)
     proc = run_kubetune(
         "run", str(path), "--nproc", "2", "--store-dir", str(demo_store), "--workdir", str(tmp_path / "w")
@@ -203,7 +205,11 @@ def test_stages_under_two_torchrun_processes(
     final = demo_store / "kubetune-demo" / "models" / MODEL / "versions" / "v1"
     manifest = json.loads((final / "manifest.json").read_text())
     assert [s["name"] for s in manifest["extra"]["stages"]] == ["general", "domain"]
+    assert manifest["extra"]["distillation"]["weight"] == 0.5
+    rows = [json.loads(x) for x in (final / "training" / "metrics.jsonl").read_text().splitlines()]
+    assert any("kd_loss" in r for r in rows)
     assert (demo_store / "kubetune-demo" / "models" / f"{MODEL}-general" / "versions" / "v1").exists()
     # The stages carried over on both ranks: the final stage starts well below the first stage's start.
-    general = _losses(tmp_path / "w" / "stages" / "1-general" / "training" / "metrics.jsonl")
-    assert _losses(final / "training" / "metrics.jsonl")[0] < general[0] - 1.0
+    # (the cross-entropy part: "loss" mixes in the distillation term)
+    general = _losses(tmp_path / "w" / "stages" / "1-general" / "training" / "metrics.jsonl", "sft_loss")
+    assert _losses(final / "training" / "metrics.jsonl", "sft_loss")[0] < general[0] - 1.0
