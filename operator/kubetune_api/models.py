@@ -63,13 +63,14 @@ class ApiModel(BaseModel):
 
 
 class BaseModelRef(ApiModel):
-    """The base model to fine-tune."""
+    """A model the trainer loads: the base to fine-tune, or a distillation teacher."""
 
     uri: str = Field(
         description=(
-            "Where the base model lives: s3://bucket/prefix, file:///abs/path, "
+            "Where the model lives: s3://bucket/prefix, file:///abs/path, "
             "hf://org/name@revision (only where the Hugging Face Hub is reachable), or "
-            "modelversion://<model>/<vN|alias> to continue from a version kubetune published."
+            "modelversion://<model>/<vN|alias> for a version kubetune published (as a base: "
+            "continue from it)."
         ),
         pattern=names.SOURCE_URI_PATTERN,
         max_length=1024,
