@@ -22,12 +22,14 @@ def build_context(settings: OperatorSettings) -> object:
     from kubetune_operator.metrics import OperatorMetrics
     from kubetune_operator.reconcile import Context
 
+    configuration = client.Configuration()
     try:
-        config.load_incluster_config()
-        api = client.ApiClient()
+        config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException:
-        api = config.new_client_from_config()
-    return Context(settings=settings, api=api, metrics=OperatorMetrics())
+        config.load_kube_config(client_configuration=configuration)
+    # One connection per worker thread: with fewer, a burst pays a TLS handshake per call.
+    configuration.connection_pool_maxsize = settings.max_workers
+    return Context(settings=settings, api=client.ApiClient(configuration), metrics=OperatorMetrics())
 
 
 def main(argv: list[str] | None = None) -> int:

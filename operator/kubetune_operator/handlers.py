@@ -105,6 +105,16 @@ def reconcile_finetunejob(
 # --- level-based mirroring --------------------------------------------------------------------
 
 
+def needs_resync(body: kopf.Body, **_: Any) -> bool:
+    """False for a FineTuneJob whose current generation has finished: nothing of it changes any more
+    (a spec change raises the generation and the update handler runs anyway)."""
+    meta, st = body.get("metadata") or {}, body.get("status") or {}
+    done = st.get("phase") in status.TERMINAL_PHASES and st.get("observedGeneration") == meta.get(
+        "generation"
+    )
+    return not done
+
+
 def resync_finetunejob(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Periodic status refresh: correct even if a child event was missed."""
     ctx = _ctx(memo)
@@ -178,6 +188,15 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, ctx_fa
         decorator(*FTJ, registry=registry, id="reconcile")(reconcile_finetunejob)
     # optional=True: no finalizer; deletion must never wait for the operator.
     kopf.on.delete(*FTJ, registry=registry, optional=True, id="forget")(finetunejob_deleted)
-    kopf.timer(*FTJ, registry=registry, interval=settings.resync_seconds, id="resync")(resync_finetunejob)
+    # initial_delay: a new object is reconciled by its create handler; an immediate timer run would
+    # only repeat that work during a burst of creations.
+    kopf.timer(
+        *FTJ,
+        registry=registry,
+        interval=settings.resync_seconds,
+        initial_delay=settings.resync_seconds,
+        when=needs_resync,
+        id="resync",
+    )(resync_finetunejob)
     kopf.on.event("batch", "v1", "jobs", labels=MANAGED, registry=registry, id="job-changed")(child_changed)
     kopf.on.event("v1", "pods", labels=MANAGED, registry=registry, id="pod-changed")(child_changed)
