@@ -66,7 +66,19 @@ def test_operator_marks_cel_only_cases_invalid_once_without_children_or_retries(
         return all((api.condition(n, "Invalid") or {}).get("status") == "True" for n in names)
 
     wait_for("Invalid=True on every CEL-only case", all_invalid, timeout=90, log=op.log)
-    versions = {n: api.ftj(n)["metadata"]["resourceVersion"] for n in names}
+    # kopf records the handled spec in an annotation just after the handler's status write; under
+    # load that lands a moment later. Settle first, then watch several resync periods.
+    versions: dict[str, str] = {}
+
+    def settled() -> bool:
+        nonlocal versions
+        now = {n: api.ftj(n)["metadata"]["resourceVersion"] for n in names}
+        same, versions = now == versions, now
+        if not same:
+            time.sleep(2)
+        return same
+
+    wait_for("FineTuneJobs settled", settled, timeout=60, log=op.log)
     # Several resync periods (KUBETUNE_OPERATOR_RESYNC_SECONDS=3): a retry loop would show here.
     time.sleep(10)
     for name, case in names.items():
