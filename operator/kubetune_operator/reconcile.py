@@ -9,6 +9,7 @@ trainer's ``status.progress`` is never clobbered.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -217,21 +218,23 @@ def observe(api: ApiClient, job: FineTuneJob, current_status: Mapping[str, Any],
 
     attempt = builders.attempt_for(job)
     namespace = job.metadata.namespace or "default"
-    sanitize = api.sanitize_for_serialization
+    # Raw JSON (_preload_content=False): the reducers read the API's own JSON form, and building
+    # client model objects only to serialise them back was ~40% of a status refresh's CPU.
     try:
-        job_obj = sanitize(client.BatchV1Api(api).read_namespaced_job(attempt.name, namespace))
+        response = client.BatchV1Api(api).read_namespaced_job(attempt.name, namespace, _preload_content=False)
+        job_obj = json.loads(response.data)
     except _api_exception() as exc:
         if _status_of(exc) != 404:
             raise
         job_obj = None
     pods = client.CoreV1Api(api).list_namespaced_pod(
-        namespace, label_selector=f"{naming.LABEL_ATTEMPT}={attempt.name}"
+        namespace, label_selector=f"{naming.LABEL_ATTEMPT}={attempt.name}", _preload_content=False
     )
     return status.Observed(
         generation=job.metadata.generation or 1,
         attempt=attempt.name,
         job=job_obj,
-        pods=[sanitize(p) for p in pods.items],
+        pods=list(json.loads(pods.data).get("items") or []),
         status=current_status,
         now=now,
         suspend_requested=job.spec.run_policy.suspend,
