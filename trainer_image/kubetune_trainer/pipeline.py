@@ -697,7 +697,13 @@ def _train(
     from kubetune_trainer.distill import build_distiller
 
     distiller = build_distiller(
-        rc, runtime, inputs.teacher, tokenizer, prepared.train, student_dir=inputs.base_dir, stream=reporter.stream
+        rc,
+        runtime,
+        inputs.teacher,
+        tokenizer,
+        prepared.train,
+        student_dir=inputs.base_dir,
+        stream=reporter.stream,
     )
     recipe = SFTRecipe(
         rc,
