@@ -23,11 +23,11 @@ quickstart: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/kubetune run examples/quickstart/finetunejob.yaml --store-dir $(STORE)
 
 lint: setup
-	$(VENV)/bin/ruff check operator trainer_image tests bench docs
-	$(VENV)/bin/ruff format --check operator trainer_image tests bench docs
+	$(VENV)/bin/ruff check api registry cli operator trainer_image tests bench docs
+	$(VENV)/bin/ruff format --check api registry cli operator trainer_image tests bench docs
 
 typecheck: setup
-	$(VENV)/bin/mypy -p kubetune_api -p kubetune_operator -p kubetune_trainer
+	$(VENV)/bin/mypy -p kubetune_api -p kubetune_registry -p kubetune_cli -p kubetune_operator -p kubetune_trainer
 
 crds: setup
 	$(PY) -m kubetune_api.crdgen

@@ -6,9 +6,9 @@
 
 A Llama-architecture model of the chosen shape with random weights (size and latency do not
 depend on what the weights learned) is written as the "merged" full-precision folder, then
-:func:`kubetune_trainer.quantize.quantize_artifacts` writes, reloads and measures every format —
+:func:`kubetune_trainer.artifacts.quantize.quantize_artifacts` writes, reloads and measures every format —
 the same call the trainer makes before publishing. The full-precision latency is measured the
-same way in the same process (:func:`kubetune_trainer.evaluate.generate`: batch 1, greedy, the
+same way in the same process (:func:`kubetune_trainer.evaluate.evaluator.generate`: batch 1, greedy, the
 same prompts and new-token count), so the speed-ups are pair by pair in one run.
 
 Latency is per ``generate`` call with ``--new-tokens`` new tokens (EOS never stops it early: the
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(a.threads)
     from bench._synth import SHAPES, build_llama, build_tokenizer, instruction_records
-    from kubetune_trainer.evaluate import ModelSource, generate, latency_percentiles, load_model
-    from kubetune_trainer.quantize import quantize_artifacts
+    from kubetune_trainer.evaluate.evaluator import ModelSource, generate, latency_percentiles, load_model
+    from kubetune_trainer.artifacts.quantize import quantize_artifacts
 
     formats = [f.strip() for f in a.formats.split(",") if f.strip()]
     tmp = Path(tempfile.mkdtemp(prefix="kubetune-bench-quant-"))

@@ -57,8 +57,8 @@ MARKERS = (
 
 def _child_main(argv: list[str]) -> int:
     """In the measured process: time SFTRecipe.setup, then run the real ``kubetune run`` CLI."""
-    from kubetune_trainer import cli
-    from kubetune_trainer.recipe import SFTRecipe
+    from kubetune_cli import main as cli
+    from kubetune_trainer.train.recipe import SFTRecipe
 
     original = SFTRecipe.setup
 
@@ -85,7 +85,7 @@ def build_store(store: Path, *, seconds_budget: float | None, threads: int) -> f
     """Build the demo store like ``kubetune demo prepare`` (optionally with a shorter pre-training)."""
     env = {**os.environ, **thread_env(threads)}
     if seconds_budget is None:
-        cmd = [sys.executable, "-m", "kubetune_trainer.cli", "demo", "prepare", "--store-dir", str(store)]
+        cmd = [sys.executable, "-m", "kubetune_cli.main", "demo", "prepare", "--store-dir", str(store)]
     else:
         code = (
             "import sys; from pathlib import Path; from kubetune_trainer.demo import prepare_quickstart; "

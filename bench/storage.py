@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(FAKE_ENV)  # boto3 in this process reads credentials from the environment
     import boto3
 
-    from kubetune_trainer.storage import S3Store, StoreSettings
+    from kubetune_registry.storage import S3Store, StoreSettings
 
     tmp = Path(tempfile.mkdtemp(prefix="kubetune-bench-storage-"))
     try:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune_trainer import cli_cluster
+from kubetune_cli import cluster as cli_cluster
 from tests.cluster.cluster import LocalCluster
 from tests.integration.test_chart_install import install_crds
 from tests.unit.test_chart_cli import parser

@@ -74,8 +74,8 @@ def mean_kl(teacher_dir: Path, student_dir: Path, eval_file: Path) -> float:
 
     from kubetune_api.models import DataSpec
     from kubetune_trainer.data import iter_batches, model_inputs, prepare_data
-    from kubetune_trainer.distill import kd_loss
-    from kubetune_trainer.label_head import LabelPositionHead
+    from kubetune_trainer.train.distill import kd_loss
+    from kubetune_trainer.train.label_head import LabelPositionHead
 
     tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
     data = DataSpec.model_validate(
@@ -126,7 +126,7 @@ def test_distillation_moves_the_student_toward_the_teacher_more_than_sft(
     assert after_kd < after_sft, (after_kd, after_sft)
 
     # What was distilled from is recorded: the manifest, the inputs record, the card, the log.
-    from kubetune_trainer.digests import digest_dir
+    from kubetune_registry.digests import digest_dir
 
     manifest = json.loads((kd_dir / "manifest.json").read_text())
     extra = manifest["extra"]["distillation"]
@@ -143,9 +143,9 @@ def test_distillation_moves_the_student_toward_the_teacher_more_than_sft(
 
 def _publish_teacher(store: Path, source: Path, alias: str) -> str:
     """Publish ``source`` as the next version of the model 'teacher' (merged/) and point ``alias`` at it."""
-    from kubetune_trainer.digests import digest_dir
-    from kubetune_trainer.registry import ModelRegistry
-    from kubetune_trainer.storage import StoreSettings
+    from kubetune_registry.digests import digest_dir
+    from kubetune_registry.versions import ModelRegistry
+    from kubetune_registry.storage import StoreSettings
 
     registry = ModelRegistry(f"s3://{BUCKET}/models", "teacher", StoreSettings(local_root=str(store)))
     staging = store.parent / f"teacher-staging-{digest_dir(source)[:8]}"

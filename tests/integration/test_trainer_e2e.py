@@ -406,7 +406,7 @@ def test_a_published_version_is_the_base_of_the_next_stage(
     assert m["parent"] == f"modelversion://{MODEL}/v1"
     assert m["inputs"]["base"]["parent"] == f"modelversion://{MODEL}/v1"
     parent_merged = version_dir(demo_store) / "merged"
-    from kubetune_trainer.digests import digest_dir
+    from kubetune_registry.digests import digest_dir
 
     assert m["inputs"]["base"]["digest"] == digest_dir(parent_merged)
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from kubetune_api.reports import EXIT_BAD_INPUT
-from kubetune_trainer.fetch import UnsafeModelError, check_weights_safety
+from kubetune_trainer.fetch.sources import UnsafeModelError, check_weights_safety
 from tests.fixtures.trainer import small_job, write_job
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from kubetune_api.models import FineTuneJobStatus, GatesStatus, ModelVersionSpec, Progress, VersionRef
-from kubetune_trainer import cli_cluster
+from kubetune_cli import cluster as cli_cluster
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -119,6 +119,6 @@ def test_versions_table_sorts_by_version_number() -> None:
 
 
 def test_cluster_commands_do_not_import_the_kubernetes_client_until_used() -> None:
-    code = "import sys, kubetune_trainer.cli_cluster; print('kubernetes' in sys.modules)"
+    code = "import sys, kubetune_cli.cluster; print('kubernetes' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

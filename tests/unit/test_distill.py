@@ -15,7 +15,7 @@ from kubetune_api.loader import SpecError, parse_finetunejob
 from kubetune_api.models import DistillationSpec
 from kubetune_api.runconfig import resolve_run_config
 from kubetune_trainer.data import iter_batches, model_inputs
-from kubetune_trainer.distill import (
+from kubetune_trainer.train.distill import (
     DistillationError,
     Distiller,
     cache_teacher_logits,
@@ -26,7 +26,7 @@ from kubetune_trainer.distill import (
     kd_loss_topk,
     mix_losses,
 )
-from kubetune_trainer.label_head import LabelPositionHead
+from kubetune_trainer.train.label_head import LabelPositionHead
 from tests.unit.test_data_batching import examples
 
 REPO = Path(__file__).resolve().parents[2]

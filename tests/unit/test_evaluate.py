@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from kubetune_trainer.evaluate import (
+from kubetune_trainer.evaluate.evaluator import (
     ModelSource,
     consistency,
     evaluate_model,

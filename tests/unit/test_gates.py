@@ -6,7 +6,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from kubetune_trainer.gates import check_gates
+from kubetune_trainer.evaluate.gates import check_gates
 
 
 @dataclass

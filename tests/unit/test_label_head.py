@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kubetune_trainer.data import iter_batches, model_inputs
-from kubetune_trainer.label_head import LabelPositionHead
+from kubetune_trainer.train.label_head import LabelPositionHead
 from tests.unit.test_data_batching import examples
 
 

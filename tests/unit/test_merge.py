@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from kubetune_trainer.merge import MERGE_TOLERANCE, max_logit_difference, merge_adapter
+from kubetune_trainer.artifacts.merge import MERGE_TOLERANCE, max_logit_difference, merge_adapter
 from tests.unit.test_evaluate import build_tiny_llama, build_tiny_tokenizer
 
 

@@ -15,11 +15,11 @@ import pytest
 from pydantic import ValidationError
 
 from kubetune_api.models import FineTuneJob, MethodSpec
-from kubetune_trainer.augment import Augmenter, TermDictionaryError, load_term_dictionary, ocr_noise
-from kubetune_trainer.cli import main as kubetune
-from kubetune_trainer.curriculum import curriculum_keys, read_difficulties
+from kubetune_trainer.data.augment import Augmenter, TermDictionaryError, load_term_dictionary, ocr_noise
+from kubetune_cli.main import main as kubetune
+from kubetune_trainer.data.curriculum import curriculum_keys, read_difficulties
 from kubetune_trainer.data import Message, Record, iter_batches
-from kubetune_trainer.health import LossHealth, RunFacts, layer_grad_norms, layer_group
+from kubetune_trainer.train.health import LossHealth, RunFacts, layer_grad_norms, layer_group
 from tests.support.crd_schema import validate
 
 BASE_SPEC: dict[str, Any] = {
@@ -323,7 +323,7 @@ def test_peft_configs_for_each_method() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kubetune_trainer.adapters import AdapterConfigError, build_peft_config
+    from kubetune_trainer.train.adapters import AdapterConfigError, build_peft_config
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(

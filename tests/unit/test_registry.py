@@ -11,15 +11,15 @@ from typing import Any
 
 import pytest
 
-from kubetune_trainer import cli_versions
-from kubetune_trainer.registry import (
+from kubetune_cli import versions as cli_versions
+from kubetune_registry.versions import (
     AliasConflict,
     IntegrityError,
     ModelRegistry,
     RegistryError,
     VersionNotFound,
 )
-from kubetune_trainer.storage import PreconditionFailed, StoreSettings
+from kubetune_registry.storage import PreconditionFailed, StoreSettings
 
 DIGEST_A = "a" * 64
 DIGEST_B = "b" * 64

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from kubetune_trainer.digests import canonical_json, digest_dir, digest_json, sha256_file
-from kubetune_trainer.storage import (
+from kubetune_registry.digests import canonical_json, digest_dir, digest_json, sha256_file
+from kubetune_registry.storage import (
     InvalidURI,
     LocalStore,
     ObjectInfo,

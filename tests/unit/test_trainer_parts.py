@@ -11,10 +11,10 @@ import pytest
 from kubetune_api.loader import load_finetunejob
 from kubetune_api.reports import TERMINATION_MESSAGE_LIMIT, TrainerResult
 from kubetune_api.runconfig import resolve_run_config
-from kubetune_trainer.checkpoint import MARKER, CheckpointManager, CheckpointMismatchError
+from kubetune_trainer.train.checkpoint import MARKER, CheckpointManager, CheckpointMismatchError
 from kubetune_trainer.reporting import Reporter
 from kubetune_trainer.runtime import Runtime, UnsupportedHardwareError, resolve_precision
-from kubetune_trainer.storage import LocalStore
+from kubetune_registry.storage import LocalStore
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -82,7 +82,7 @@ def test_precision_auto_is_fp32_on_cpu_and_fp16_needs_a_gpu() -> None:
 
 
 def test_deepspeed_config_is_generated_from_the_spec() -> None:
-    from kubetune_trainer.recipe import deepspeed_config
+    from kubetune_trainer.train.recipe import deepspeed_config
 
     rc = resolve_run_config(load_finetunejob(REPO / "examples" / "lora-7b-multinode" / "finetunejob.yaml"))
     rt = _runtime(world=16)
@@ -141,7 +141,7 @@ def test_silent_reporter_on_other_ranks(tmp_path: Path) -> None:
 
 
 def test_loss_monitor_stops_nan_and_runaway_losses_but_not_noise() -> None:
-    from kubetune_trainer.recipe import LossMonitor, TrainingDivergedError
+    from kubetune_trainer.train.recipe import LossMonitor, TrainingDivergedError
 
     calm = LossMonitor(warmup_steps=5, learning_rate=2e-4)
     for step, loss in enumerate([3.0, 2.5, 2.2, 2.4, 2.0] * 10, start=1):  # noisy but fine

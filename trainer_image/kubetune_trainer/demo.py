@@ -341,7 +341,7 @@ def pretrain_demo_base(
 def _mean_loss(model: Any, examples: list[Any], pad_token_id: int) -> float:
     """Token-weighted mean answer loss: the evaluator's own measure, so demo figures match eval reports."""
     del pad_token_id  # loss_and_perplexity batches without padding ambiguity
-    from kubetune_trainer.evaluate import loss_and_perplexity
+    from kubetune_trainer.evaluate.evaluator import loss_and_perplexity
 
     return loss_and_perplexity(model, examples, batch_size=32)[0]
 

@@ -90,7 +90,7 @@ class _Inputs:
 
 def store_settings(rc: RunConfig) -> Any:
     """StoreSettings for the RunConfig's storage section (credentials come from the environment)."""
-    from kubetune_trainer.storage import StoreSettings
+    from kubetune_registry.storage import StoreSettings
 
     s = rc.storage
     return StoreSettings(
@@ -112,13 +112,13 @@ def make_reporter(rc: RunConfig, runtime: Runtime) -> Reporter:
 def run(rc: RunConfig, *, workdir: Path, reporter: Reporter | None = None) -> RunOutcome:
     """Run the whole pipeline for this process's rank. Never raises for expected failures:
     they become a TrainerResult with a reason and the exit code of :mod:`kubetune_api.reports`."""
-    from kubetune_trainer.adapters import AdapterConfigError
+    from kubetune_trainer.train.adapters import AdapterConfigError
     from kubetune_trainer.data import DataValidationError, TemplateError
-    from kubetune_trainer.distill import DistillationError
-    from kubetune_trainer.fetch import FetchError, UnsafeModelError
-    from kubetune_trainer.quantize import UnsupportedFormatError
-    from kubetune_trainer.recipe import PreemptedError, TrainingDivergedError
-    from kubetune_trainer.storage import UnsafeKeyError
+    from kubetune_trainer.train.distill import DistillationError
+    from kubetune_trainer.fetch.sources import FetchError, UnsafeModelError
+    from kubetune_trainer.artifacts.quantize import UnsupportedFormatError
+    from kubetune_trainer.train.recipe import PreemptedError, TrainingDivergedError
+    from kubetune_registry.storage import UnsafeKeyError
 
     workdir.mkdir(parents=True, exist_ok=True)
     try:
@@ -177,15 +177,15 @@ def _data_files(path: Path) -> list[Path]:
         return [path]
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
     if not files:
-        from kubetune_trainer.fetch import FetchError
+        from kubetune_trainer.fetch.sources import FetchError
 
         raise FetchError(f"no data files ({', '.join(DATA_SUFFIXES)}) found under {path}")
     return files
 
 
 def _fetch_inputs(rc: RunConfig, runtime: Runtime, workdir: Path) -> _Inputs:
-    from kubetune_trainer.fetch import check_weights_safety, fetch
-    from kubetune_trainer.registry import ModelRegistry
+    from kubetune_trainer.fetch.sources import check_weights_safety, fetch
+    from kubetune_registry.versions import ModelRegistry
 
     settings = store_settings(rc)
     inputs_dir = workdir / "inputs"
@@ -253,7 +253,7 @@ def _fetch_inputs(rc: RunConfig, runtime: Runtime, workdir: Path) -> _Inputs:
 
 def inputs_record(rc: RunConfig, inputs: _Inputs) -> dict[str, Any]:
     """What determines the trained model: base digest, data digests, config digest, trainer version."""
-    from kubetune_trainer.digests import digest_dir, sha256_file
+    from kubetune_registry.digests import digest_dir, sha256_file
 
     def data(files: list[Path]) -> dict[str, str]:
         return {inputs.display_names[f]: sha256_file(f) for f in files}
@@ -269,7 +269,7 @@ def inputs_record(rc: RunConfig, inputs: _Inputs) -> dict[str, Any]:
     for name, files in inputs.extra_files.items():
         record["data"][f"extra:{name}"] = data(files)
     if inputs.teacher is not None:  # a different teacher trains a different model
-        from kubetune_trainer.distill import teacher_record
+        from kubetune_trainer.train.distill import teacher_record
 
         record["teacher"] = teacher_record(inputs.teacher)
     if inputs.stages:
@@ -289,7 +289,7 @@ def _fetch_term_dictionary(
     aug = rc.data.augmentation
     if aug is None or aug.synonyms is None:
         return None
-    from kubetune_trainer.fetch import fetch
+    from kubetune_trainer.fetch.sources import fetch
 
     target = workdir / "inputs" / folder
     if runtime.is_local_main:
@@ -316,7 +316,7 @@ def _augmenter(rc: RunConfig, terms_path: Path | None) -> Any:
     aug = rc.data.augmentation
     if aug is None:
         return None
-    from kubetune_trainer.augment import TermDictionaryError, augmenter_from_spec
+    from kubetune_trainer.data.augment import TermDictionaryError, augmenter_from_spec
 
     try:
         return augmenter_from_spec(
@@ -333,7 +333,7 @@ def _curriculum(
     rc: RunConfig, inputs: _Inputs, train: list[Any]
 ) -> tuple[list[float] | None, dict[str, Any]]:
     """Curriculum keys per training example (data.curriculum) and the report's summary."""
-    from kubetune_trainer.curriculum import curriculum_keys, read_difficulties
+    from kubetune_trainer.data.curriculum import curriculum_keys, read_difficulties
 
     cur = rc.data.curriculum
     difficulties = None
@@ -420,15 +420,15 @@ def _reused_result(rc: RunConfig, version: Any, inputs_digest: str, parent: str 
 
 
 def _run(rc: RunConfig, runtime: Runtime, workdir: Path, reporter: Reporter) -> RunOutcome:
-    from kubetune_trainer.digests import digest_json
-    from kubetune_trainer.registry import ModelRegistry
+    from kubetune_registry.digests import digest_json
+    from kubetune_registry.versions import ModelRegistry
 
     settings = store_settings(rc)
     registry = ModelRegistry(rc.output.uri, rc.model.name, settings)
 
     reporter.stage("Fetching", f"base {rc.model.base.uri}")
     inputs = _fetch_inputs(rc, runtime, workdir)
-    from kubetune_trainer.distill import fetch_teacher
+    from kubetune_trainer.train.distill import fetch_teacher
 
     inputs.teacher = fetch_teacher(rc, runtime, workdir)
     # One term dictionary per stage, then the job's own (None where augmentation has none).
@@ -540,7 +540,7 @@ def _run(rc: RunConfig, runtime: Runtime, workdir: Path, reporter: Reporter) -> 
         runtime.precision,
         stages=lineage,
     )
-    from kubetune_trainer.storage import open_uri
+    from kubetune_registry.storage import open_uri
 
     out_store, _ = open_uri(rc.output.uri, settings)
     for prefix in spent_prefixes:  # the version is published: its checkpoints are spent
@@ -569,7 +569,7 @@ class _Trained:
 def _full_record(rc: RunConfig, inputs: _Inputs, terms: list[Path | None]) -> dict[str, Any]:
     """inputs_record plus the augmentation term dictionaries (``terms[i]`` for stage i, the last
     for the config's own data): a dictionary changes what is trained, so its content is an input."""
-    from kubetune_trainer.digests import sha256_file
+    from kubetune_registry.digests import sha256_file
 
     record = inputs_record(rc, inputs)
     datas = [*(st.data for st in rc.stages), rc.data]
@@ -599,7 +599,7 @@ def _lineage_entry(
 
 def _checkpoint_prefix(rc: RunConfig, inputs_digest: str) -> str:
     """Where the run with these inputs keeps its checkpoints (one prefix per stage)."""
-    from kubetune_trainer.storage import join_key, open_uri
+    from kubetune_registry.storage import join_key, open_uri
 
     _, out_prefix = open_uri(rc.output.uri, store_settings(rc))
     return join_key(*([out_prefix] if out_prefix else []), rc.model.name, "checkpoints", inputs_digest[:16])
@@ -607,7 +607,7 @@ def _checkpoint_prefix(rc: RunConfig, inputs_digest: str) -> str:
 
 def _fetch_stage_weights(rc: RunConfig, runtime: Runtime, workdir: Path, version_uri: str, name: str) -> Path:
     """A published stage's adapter/ (or merged/ for full fine-tuning), fetched on every node."""
-    from kubetune_trainer.fetch import fetch
+    from kubetune_trainer.fetch.sources import fetch
 
     model_name = f"{rc.model.name}-{name}"
     version = version_uri.rstrip("/").rsplit("/", 1)[-1]
@@ -640,10 +640,10 @@ def _train(
     label: str,
 ) -> _Trained:
     """Prepare ``rc.data`` and train one stage in ``workdir`` (its staging/ holds the result)."""
-    from kubetune_trainer.checkpoint import CheckpointManager
+    from kubetune_trainer.train.checkpoint import CheckpointManager
     from kubetune_trainer.data import DataValidationError, TemplateError, prepare_data
-    from kubetune_trainer.recipe import SFTRecipe
-    from kubetune_trainer.storage import open_uri
+    from kubetune_trainer.train.recipe import SFTRecipe
+    from kubetune_registry.storage import open_uri
 
     reporter.stage("PreparingData", label)
     try:
@@ -694,7 +694,7 @@ def _train(
         scratch=workdir / "checkpoints" / f"rank-{runtime.rank}",
     )
     weights = carried.weights
-    from kubetune_trainer.distill import build_distiller
+    from kubetune_trainer.train.distill import build_distiller
 
     distiller = build_distiller(
         rc,
@@ -750,12 +750,12 @@ def _evaluate_and_publish(
 
     ``stages`` is the lineage of the stages trained before this one (recorded in the manifest's
     ``extra.stages`` and the model card)."""
-    from kubetune_trainer.adapters import adapter_record
-    from kubetune_trainer.distill import distillation_manifest_extra
-    from kubetune_trainer.evaluate import ModelSource, evaluate_model, load_model
-    from kubetune_trainer.gates import check_gates
-    from kubetune_trainer.merge import merge_adapter
-    from kubetune_trainer.quantize import quantize_artifacts
+    from kubetune_trainer.train.adapters import adapter_record
+    from kubetune_trainer.train.distill import distillation_manifest_extra
+    from kubetune_trainer.evaluate.evaluator import ModelSource, evaluate_model, load_model
+    from kubetune_trainer.evaluate.gates import check_gates
+    from kubetune_trainer.artifacts.merge import merge_adapter
+    from kubetune_trainer.artifacts.quantize import quantize_artifacts
 
     staging = workdir / "staging"
     device = "cuda" if runtime.device.type == "cuda" else "cpu"
@@ -893,7 +893,7 @@ def _evaluate_and_publish(
 
 def _copy_health(source: Path, training: Path) -> None:
     """grad-norms.jsonl + its heat map and health.json (training health), when the run wrote them."""
-    from kubetune_trainer.health import plot_grad_norms
+    from kubetune_trainer.train.health import plot_grad_norms
 
     grad_norms = source / "grad-norms.jsonl"
     if grad_norms.exists() and grad_norms.read_text().strip():
@@ -916,7 +916,7 @@ def _write_reports(
     stages: list[dict[str, Any]],
 ) -> None:
     """eval/, training/ and the model card, into the staging folder that becomes the version."""
-    from kubetune_trainer import report as reports
+    from kubetune_trainer.artifacts import report as reports
 
     training = staging / "training"
     training.mkdir(parents=True, exist_ok=True)
@@ -946,10 +946,10 @@ def _write_reports(
         "seed": t.seed,
         "distributed": f"{rc.distributed.nodes} node(s) x {rc.distributed.gpus_per_node} GPU(s), {rc.distributed.strategy}",
     }
-    from kubetune_trainer.adapters import describe
+    from kubetune_trainer.train.adapters import describe
 
     hyper.update(describe(rc.method))  # LoRA / DoRA / rsLoRA / (IA)^3 and the adapted layers
-    from kubetune_trainer.distill import describe_distillation
+    from kubetune_trainer.train.distill import describe_distillation
 
     hyper.update(describe_distillation(rc, record))  # teacher, loss mix, temperature
     if stages:

@@ -40,7 +40,7 @@ _REPORTED_ERRORS = 1000
 
 
 class RecordAugmenter(Protocol):
-    """Adds augmented copies of training records (kubetune_trainer.augment.Augmenter is one).
+    """Adds augmented copies of training records (kubetune_trainer.data.augment.Augmenter is one).
 
     ``augment`` returns the records to train on (originals first, then the copies) and a JSON-ready
     summary for the data report's ``augmentation`` key.

@@ -12,7 +12,7 @@ Teacher logits come from one of two sources (``spec.distillation.teacherLogits``
 
 * ``onTheFly`` — the teacher sits next to the student (eval mode, no gradients, same device and
   dtype policy) and runs on every micro-batch, its LM head restricted to the labelled positions
-  like the student's (:class:`~kubetune_trainer.label_head.LabelPositionHead`). Exact, but two
+  like the student's (:class:`~kubetune_trainer.train.label_head.LabelPositionHead`). Exact, but two
   models in memory and a teacher forward per step.
 * ``cached`` — before training the teacher runs once over the training examples (each example on
   its own, so the cache does not depend on packing, batch order, resume or the rank), keeps the
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from kubetune_api.runconfig import RunConfig
     from kubetune_trainer.data import TokenizedExample
     from kubetune_trainer.data.batching import Example
-    from kubetune_trainer.label_head import LabelledLogits
+    from kubetune_trainer.train.label_head import LabelledLogits
     from kubetune_trainer.runtime import Runtime
 
 log = logging.getLogger("kubetune.trainer")
@@ -268,7 +268,7 @@ def cache_teacher_logits(
 
     from kubetune_trainer.data import iter_batches
     from kubetune_trainer.data.batching import model_inputs
-    from kubetune_trainer.label_head import LabelPositionHead
+    from kubetune_trainer.train.label_head import LabelPositionHead
 
     value_dtype = value_dtype or torch.float16
     k = min(top_k, vocab_size)
@@ -341,7 +341,7 @@ class Distiller:
         self.cache = cache
         self._head: Any = None
         if teacher is not None:
-            from kubetune_trainer.label_head import LabelPositionHead
+            from kubetune_trainer.train.label_head import LabelPositionHead
 
             self._head = LabelPositionHead(teacher)
         self._sums = [0.0, 0.0, 0.0]  # kd, sft, micro-batches since the last pop_metrics
@@ -421,9 +421,9 @@ def fetch_teacher(rc: RunConfig, runtime: Runtime, workdir: Path) -> Teacher | N
     spec = rc.distillation
     if spec is None:
         return None
-    from kubetune_trainer.fetch import FetchError, check_weights_safety, fetch
+    from kubetune_trainer.fetch.sources import FetchError, check_weights_safety, fetch
     from kubetune_trainer.pipeline import store_settings
-    from kubetune_trainer.registry import ModelRegistry, VersionNotFound
+    from kubetune_registry.versions import ModelRegistry, VersionNotFound
 
     settings = store_settings(rc)
     uri = spec.teacher.uri
@@ -459,7 +459,7 @@ def fetch_teacher(rc: RunConfig, runtime: Runtime, workdir: Path) -> Teacher | N
 
 def teacher_record(teacher: Teacher) -> dict[str, Any]:
     """The inputs-record entry: the teacher's content digest decides reuse, not its URI."""
-    from kubetune_trainer.digests import digest_dir
+    from kubetune_registry.digests import digest_dir
 
     return {"uri": teacher.uri, "digest": digest_dir(teacher.path), "resolved": teacher.resolved}
 

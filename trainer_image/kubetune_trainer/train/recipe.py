@@ -39,10 +39,10 @@ from typing import Any
 
 from kubetune_api.models import Progress
 from kubetune_api.runconfig import RunConfig
-from kubetune_trainer.checkpoint import CheckpointManager
+from kubetune_trainer.train.checkpoint import CheckpointManager
 from kubetune_trainer.data import TokenizedExample, count_batches, iter_batches
 from kubetune_trainer.data.batching import model_inputs
-from kubetune_trainer.label_head import LabelPositionHead
+from kubetune_trainer.train.label_head import LabelPositionHead
 from kubetune_trainer.reporting import Reporter
 from kubetune_trainer.runtime import (
     Runtime,
@@ -183,7 +183,7 @@ class SFTRecipe:
         ``init_adapter_dir`` starts the adapter from saved adapter weights (a published stage)
         instead of peft's fresh initialisation.
 
-        ``distiller`` (:class:`kubetune_trainer.distill.Distiller`) replaces the training loss by
+        ``distiller`` (:class:`kubetune_trainer.train.distill.Distiller`) replaces the training loss by
         its knowledge-distillation loss; evaluation loss stays plain cross-entropy."""
         self.rc = rc
         self.distiller = distiller
@@ -304,7 +304,7 @@ class SFTRecipe:
             return model
         from peft import get_peft_model, prepare_model_for_kbit_training
 
-        from kubetune_trainer.adapters import build_peft_config
+        from kubetune_trainer.train.adapters import build_peft_config
 
         if method.type == "qlora":
             model = prepare_model_for_kbit_training(
@@ -602,7 +602,7 @@ class SFTRecipe:
         return self.train_order_keys
 
     def _loss_health(self) -> Any:
-        from kubetune_trainer.health import LossHealth, RunFacts
+        from kubetune_trainer.train.health import LossHealth, RunFacts
 
         h = self.rc.training.health
         health = LossHealth(
@@ -623,7 +623,7 @@ class SFTRecipe:
         return health
 
     def _check_health(self, health: Any, losses: list[float]) -> None:
-        from kubetune_trainer.health import format_warning
+        from kubetune_trainer.train.health import format_warning
 
         loss = sum(losses) / len(losses) if losses else None
         warning = health.update(self.state.step, loss)
@@ -640,7 +640,7 @@ class SFTRecipe:
             return
         if step % t.log_every_steps != 0 and step != self.total_steps:
             return
-        from kubetune_trainer.health import layer_grad_norms
+        from kubetune_trainer.train.health import layer_grad_norms
 
         row = {"step": step, "norms": layer_grad_norms(self.model.named_parameters())}
         self.state.grad_norm_history.append(row)

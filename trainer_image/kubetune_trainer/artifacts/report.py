@@ -22,9 +22,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubetune_trainer.evaluate import ALL_METRICS, EvalReport
-from kubetune_trainer.gates import GateReport
-from kubetune_trainer.quantize import ArtifactReport
+from kubetune_trainer.evaluate.evaluator import ALL_METRICS, EvalReport
+from kubetune_trainer.evaluate.gates import GateReport
+from kubetune_trainer.artifacts.quantize import ArtifactReport
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

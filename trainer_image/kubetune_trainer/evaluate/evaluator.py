@@ -464,7 +464,7 @@ def load_model(source: ModelSource, *, device: str = "cpu") -> Any:
         OSError: the files are missing or unreadable (from the loading library).
     """
     if source.kind == "onnx":
-        from kubetune_trainer.quantize import OnnxCausalLM
+        from kubetune_trainer.artifacts.quantize import OnnxCausalLM
 
         return OnnxCausalLM(source.path, device=device)
     import torch

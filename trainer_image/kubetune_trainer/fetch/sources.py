@@ -11,7 +11,7 @@ Sources (:func:`fetch`):
 * ``hf://org/name@revision`` — ``huggingface_hub.snapshot_download`` when a hub is reachable;
   otherwise :class:`FetchError` telling the user to mirror the model to s3:// or file://.
 * ``modelversion://<model>/<vN|alias>`` — a version published by kubetune, resolved through
-  :class:`~kubetune_trainer.registry.ModelRegistry` under ``registry_output_uri``. By default its
+  :class:`~kubetune_registry.versions.ModelRegistry` under ``registry_output_uri``. By default its
   ``merged/`` folder (the adapter merged into its base: a complete model) is downloaded and checked
   against the manifest's sha256s; pass ``subdir_for_modelversion="adapter"`` for the adapter alone.
 """
@@ -24,8 +24,8 @@ import shutil
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from kubetune_trainer.registry import MissingContent, ModelRegistry, VersionNotFound
-from kubetune_trainer.storage import (
+from kubetune_registry.versions import MissingContent, ModelRegistry, VersionNotFound
+from kubetune_registry.storage import (
     InvalidURI,
     StoreSettings,
     UnsafeKeyError,

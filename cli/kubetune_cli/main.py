@@ -180,9 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prep.set_defaults(func=cmd_demo_prepare)
 
-    from kubetune_trainer.cli_cluster import add_commands as add_cluster_commands
-    from kubetune_trainer.cli_data import add_commands as add_data_commands
-    from kubetune_trainer.cli_versions import add_commands as add_version_commands
+    from kubetune_cli.cluster import add_commands as add_cluster_commands
+    from kubetune_cli.data import add_commands as add_data_commands
+    from kubetune_cli.versions import add_commands as add_version_commands
 
     add_version_commands(sub)
     add_data_commands(sub)  # data validate / data prepare: no torch unless --tokenizer

@@ -45,8 +45,8 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from kubetune_api.names import check_name, is_valid_name, is_valid_version
-from kubetune_trainer.digests import sha256_file
-from kubetune_trainer.storage import (
+from kubetune_registry.digests import sha256_file
+from kubetune_registry.storage import (
     ObjectNotFound,
     ObjectStore,
     PreconditionFailed,
@@ -210,7 +210,7 @@ class ModelRegistry:
 
     Raises ValueError for an invalid model name (``^[a-z0-9]+([._-][a-z0-9]+)*$``, at most 63
     characters) and InvalidURI/UnsafeKeyError for an output URI that is not ``s3://`` or
-    ``file:///``. Object-store failures surface as :class:`~kubetune_trainer.storage.StorageError`.
+    ``file:///``. Object-store failures surface as :class:`~kubetune_registry.storage.StorageError`.
     """
 
     def __init__(

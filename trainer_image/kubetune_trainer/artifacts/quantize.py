@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubetune_trainer.evaluate import (
+from kubetune_trainer.evaluate.evaluator import (
     ModelSource,
     SourceKind,
     generate,
@@ -137,7 +137,7 @@ def check_formats_supported(formats: Sequence[str], *, device: str = "cpu") -> N
 class OnnxCausalLM:
     """Runs an exported ``model.onnx`` (logits only, no KV cache) with onnxruntime.
 
-    Implements :class:`kubetune_trainer.evaluate.TokenGenerator`, so it can be evaluated like a
+    Implements :class:`kubetune_trainer.evaluate.evaluator.TokenGenerator`, so it can be evaluated like a
     torch model. Threads: ``OMP_NUM_THREADS`` when set (onnxruntime ignores it otherwise).
     """
 
@@ -321,7 +321,7 @@ def quantize_artifacts(
     """Write each format to ``out_root/<format>/``, reload it from disk, smoke-test and measure it.
 
     Args:
-        merged_dir: the merged full-precision model (see :func:`kubetune_trainer.merge.merge_adapter`).
+        merged_dir: the merged full-precision model (see :func:`kubetune_trainer.artifacts.merge.merge_adapter`).
         formats: values of ``spec.quantization.formats``; order is kept, duplicates are ignored.
         sample_prompt_ids: token ids of a few eval prompts (drift, latency, smoke generation).
         device: ``cpu`` or ``cuda[:n]``; ONNX always runs on onnxruntime's CPU provider unless

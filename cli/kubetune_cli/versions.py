@@ -15,13 +15,13 @@ import json
 import os
 from typing import Any
 
-from kubetune_trainer.registry import (
+from kubetune_registry.versions import (
     AliasConflict,
     ModelRegistry,
     RegistryError,
     VersionNotFound,
 )
-from kubetune_trainer.storage import StorageError, StoreSettings
+from kubetune_registry.storage import StorageError, StoreSettings
 
 
 def _console() -> Any:

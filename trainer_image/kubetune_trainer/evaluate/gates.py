@@ -1,7 +1,7 @@
 """Quality gates: per-metric min/max thresholds that decide whether a model version is promotable.
 
 A gate is ``{min: float | None, max: float | None}`` keyed by a metric name from
-``spec.evaluation.gates`` (the same snake_case names :mod:`kubetune_trainer.evaluate` produces).
+``spec.evaluation.gates`` (the same snake_case names :mod:`kubetune_trainer.evaluate.evaluator` produces).
 Bounds are inclusive: ``min <= value <= max``.
 
 A gate never passes silently:
@@ -126,7 +126,7 @@ def check_gates(
 
     Args:
         metrics: metric name -> value, as computed for the tuned model (see
-            :meth:`kubetune_trainer.evaluate.EvalReport.gate_metrics`).
+            :meth:`kubetune_trainer.evaluate.evaluator.EvalReport.gate_metrics`).
         gates: metric name -> gate; a gate is any object or dict with optional ``min``/``max``
             (``kubetune_api`` Gate models, plain dicts from YAML). ``None`` or empty means no gates.
         not_computed: metric -> why it was not computed (``EvalReport.skipped``), quoted in the

@@ -20,7 +20,7 @@ from typing import Any
 
 from kubetune_trainer.reporting import now_rfc3339
 from kubetune_trainer.runtime import Runtime
-from kubetune_trainer.storage import ObjectStore, join_key
+from kubetune_registry.storage import ObjectStore, join_key
 
 log = logging.getLogger("kubetune.trainer")
 
