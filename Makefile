@@ -25,6 +25,7 @@ quickstart: setup
 lint: setup
 	$(VENV)/bin/ruff check api registry cli operator trainer_image tests bench docs
 	$(VENV)/bin/ruff format --check api registry cli operator trainer_image tests bench docs
+	$(VENV)/bin/lint-imports
 
 typecheck: setup
 	$(VENV)/bin/mypy -p kubetune_api -p kubetune_registry -p kubetune_cli -p kubetune_operator -p kubetune_trainer
@@ -38,9 +39,15 @@ crds-check: setup
 docs-check: setup
 	$(PY) docs/gen_api_reference.py --check
 
-# The real kube-apiserver/controller-manager/etcd for the integration tier (built once, cached).
+# The real Kubernetes servers for the integration tier, each built once and cached in
+# ~/.cache/kubetune (tests/cluster/README.md): the Kubernetes 1.36 CRD API server (CRD admission:
+# schemas, defaults, CEL, strict fields, OpenAPI) and kube-apiserver/controller-manager v1.20.2 + etcd
+# (workloads: Jobs, pods, RBAC, garbage collection). KUBETUNE_SKIP_KUBE=1 skips both (and their tests),
+# KUBETUNE_SKIP_K8S136=1 only the 1.36 one.
 kube:
-	@if [ -x tests/cluster/build-kube.sh ]; then tests/cluster/build-kube.sh; fi
+	@if [ "$${KUBETUNE_SKIP_KUBE:-}" != 1 ] && [ "$${KUBETUNE_SKIP_K8S136:-}" != 1 ]; then \
+	  bash tests/cluster/build-apiextensions.sh >/dev/null; fi
+	@if [ "$${KUBETUNE_SKIP_KUBE:-}" != 1 ] && [ -x tests/cluster/build-kube.sh ]; then tests/cluster/build-kube.sh; fi
 
 unit: setup tools
 	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)

@@ -23,6 +23,7 @@ from pydantic.alias_generators import to_camel
 
 from kubetune_api import names
 from kubetune_api.metrics import METRIC_NAMES, MetricName
+from kubetune_api.rules import check_spec
 
 # --- vocabularies -----------------------------------------------------------------------------
 
@@ -789,9 +790,6 @@ class FineTuneJobSpec(ApiModel):
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> FineTuneJobSpec:
-        # Imported here: rules.py imports this module for type hints.
-        from kubetune_api.rules import check_spec
-
         problems = check_spec(self)
         if problems:
             raise ValueError("; ".join(problems))

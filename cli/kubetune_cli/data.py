@@ -34,7 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubetune_api.models import CleaningSpec, FieldMapping
+from kubetune_api.loader import SpecError, load_finetunejob
+from kubetune_api.models import CleaningSpec, FieldMapping, TrainingSpec
+
+# The trainer's data layer is torch-free at import time (tests/unit/test_layering.py checks it).
+from kubetune_trainer.data import DataValidationError, prepare_data, validate_files
 
 EXIT_OK = 0
 EXIT_BAD_DATA = 3  # the same code the trainer exits with for unusable data
@@ -62,16 +66,12 @@ class CliDataSettings:
 def _settings(args: argparse.Namespace) -> tuple[Any, int, int]:
     """(data settings, seed, maxSeqLength) from --job or the defaults, with command-line overrides."""
     if args.job is not None:
-        from kubetune_api.loader import load_finetunejob
-
         spec = load_finetunejob(args.job).spec
         data: Any = spec.data.model_copy(deep=True)
         seed, max_seq = spec.training.seed, spec.training.max_seq_length
         if args.eval:  # eval files on the command line replace the job's evalSplit
             data = data.model_copy(update={"eval_split": None})
     else:
-        from kubetune_api.models import TrainingSpec
-
         data = CliDataSettings()
         seed, max_seq = TrainingSpec().seed, TrainingSpec().max_seq_length
     updates: dict[str, Any] = {}
@@ -157,9 +157,6 @@ def render_report(report: Mapping[str, Any], *, seed: int) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from kubetune_api.loader import SpecError
-    from kubetune_trainer.data import DataValidationError, prepare_data, validate_files
-
     try:
         data, seed, max_seq = _settings(args)
     except SpecError as exc:
@@ -172,7 +169,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     try:
         report = validate_files(args.files, args.eval or None, data, seed=seed)
         if report.ok and args.tokenizer is not None:
-            from transformers import AutoTokenizer
+            from transformers import (
+                AutoTokenizer,  # only with --tokenizer: [cli] installs have no transformers
+            )
 
             tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer))
             if tokenizer.pad_token_id is None:

@@ -14,16 +14,24 @@ the spec's storage section and credentials from the environment instead.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from kubetune_api.reports import TrainerResult
+from kubetune_api.loader import SpecError, load_finetunejob
+from kubetune_api.reports import EXIT_BAD_INPUT, TrainerResult
+from kubetune_api.runconfig import resolve_run_config
+from kubetune_cli.cluster import add_commands as add_cluster_commands
+from kubetune_cli.data import add_commands as add_data_commands
+from kubetune_cli.versions import add_commands as add_version_commands
+
+#: Exit code when a command needs the trainer's libraries and this install has only ``kubetune[cli]``.
+EXIT_MISSING_EXTRA = 3
 
 DEFAULT_STORE = ".kubetune/store"
 DEFAULT_WORK = ".kubetune/work"
@@ -44,11 +52,24 @@ def local_path_for(uri: str, store_dir: Path) -> Path | None:
     return None
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from kubetune_api.loader import SpecError, load_finetunejob
-    from kubetune_api.reports import EXIT_BAD_INPUT
-    from kubetune_api.runconfig import resolve_run_config
+def _trainer_module(name: str, command: str) -> Any:
+    """``kubetune_trainer.<name>``, imported when a command needs it.
 
+    Deferred on purpose: the trainer pulls in torch and transformers (seconds to import, gigabytes
+    to install), and ``kubetune[cli]`` installs without them. Returns None, after saying which extra
+    to install, when they are missing."""
+    try:
+        return importlib.import_module(f"kubetune_trainer.{name}")
+    except ModuleNotFoundError as exc:
+        print(
+            f"error: `kubetune {command}` needs the trainer's libraries ({exc.name} is not installed): "
+            "pip install 'kubetune[trainer]'",
+            file=sys.stderr,
+        )
+        return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
     try:
         job = load_finetunejob(args.job)
     except SpecError as exc:
@@ -91,8 +112,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         ]
         code = subprocess.run(cmd, env={**os.environ, **env_extra}, check=False).returncode
         if result_file.exists():
-            from kubetune_api.reports import TrainerResult
-
             result = TrainerResult.model_validate_json(result_file.read_text())
             _print_summary(result, rc.model.name, store_dir, args.remote)
         return code
@@ -107,9 +126,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         ):
             os.environ.setdefault(key, value)
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    from kubetune_trainer.pipeline import run
-
-    outcome = run(rc, workdir=workdir)
+    pipeline = _trainer_module("pipeline", "run")
+    if pipeline is None:
+        return EXIT_MISSING_EXTRA
+    outcome = pipeline.run(rc, workdir=workdir)
     if outcome.result is not None:
         _print_summary(outcome.result, rc.model.name, store_dir, args.remote)
     return outcome.exit_code
@@ -137,17 +157,17 @@ def _print_summary(r: TrainerResult, model: str, store_dir: Path, remote: bool) 
 
 def _ds_accelerator() -> str:
     try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        import torch  # deferred: only DeepSpeed runs ask, and [cli] installs have no torch
     except ImportError:
         return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cmd_demo_prepare(args: argparse.Namespace) -> int:
-    from kubetune_trainer.demo import prepare_quickstart
-
-    uris = prepare_quickstart(Path(args.store_dir).resolve())
+    demo = _trainer_module("demo", "demo prepare")
+    if demo is None:
+        return EXIT_MISSING_EXTRA
+    uris = demo.prepare_quickstart(Path(args.store_dir).resolve())
     print(
         f"[kubetune] DEMO inputs ready in {Path(args.store_dir).resolve()} (a tiny synthetic model, not a real LLM):"
     )
@@ -179,10 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--store-dir", default=DEFAULT_STORE, help=f"local object store root (default {DEFAULT_STORE})"
     )
     prep.set_defaults(func=cmd_demo_prepare)
-
-    from kubetune_cli.cluster import add_commands as add_cluster_commands
-    from kubetune_cli.data import add_commands as add_data_commands
-    from kubetune_cli.versions import add_commands as add_version_commands
 
     add_version_commands(sub)
     add_data_commands(sub)  # data validate / data prepare: no torch unless --tokenizer

@@ -15,18 +15,19 @@ import json
 import os
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
+from kubetune_registry.storage import StorageError, StoreSettings
 from kubetune_registry.versions import (
     AliasConflict,
     ModelRegistry,
     RegistryError,
     VersionNotFound,
 )
-from kubetune_registry.storage import StorageError, StoreSettings
 
 
 def _console() -> Any:
-    from rich.console import Console
-
     # Wide enough for digests when output is not a terminal (pipes, CI logs).
     width = None if os.isatty(1) else int(os.environ.get("COLUMNS", "160"))
     return Console(width=width, soft_wrap=False, highlight=False)
@@ -49,8 +50,6 @@ def _fmt_number(value: Any) -> str:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
     registry = _registry(args)
     versions = registry.list_versions()
     aliases: dict[str, list[str]] = {}
@@ -78,8 +77,6 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
     pv = _registry(args).get_version(args.ref)
     console = _console()
     if args.json:
@@ -108,8 +105,6 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
     result = _registry(args).diff(args.a, args.b)
     a, b = result["a"], result["b"]
     console = _console()
@@ -143,8 +138,6 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
     report = _registry(args).verify(args.ref)
     console = _console()
     if report.missing or report.altered or report.unexpected:
@@ -173,8 +166,6 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _print_records(title: str, records: list[Any]) -> None:
-    from rich.table import Table
-
     table = Table(title=title)
     for column in ("#", "Version", "Previous", "Time", "Actor", "Reason"):
         table.add_column(column)
@@ -212,8 +203,6 @@ def _guarded(handler: Any) -> Any:
         try:
             return int(handler(args))
         except (VersionNotFound, AliasConflict, RegistryError, StorageError, ValueError) as exc:
-            from rich.console import Console
-
             Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {exc}", markup=False)
             return 2
 
