@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import shutil
 import socket
@@ -31,7 +32,9 @@ from kubetune_cli.data import add_commands as add_data_commands
 from kubetune_cli.versions import add_commands as add_version_commands
 
 #: Exit code when a command needs the trainer's libraries and this install has only ``kubetune[cli]``.
-EXIT_MISSING_EXTRA = 3
+EXIT_MISSING_EXTRA = 2  # a usage error, as for the other commands (3 is bad input: the spec or data)
+#: What `kubetune run` and `kubetune demo` need beyond kubetune[cli] (the [trainer] extra has them).
+TRAINER_LIBRARIES = ("torch", "transformers", "peft")
 
 DEFAULT_STORE = ".kubetune/store"
 DEFAULT_WORK = ".kubetune/work"
@@ -58,15 +61,15 @@ def _trainer_module(name: str, command: str) -> Any:
     Deferred on purpose: the trainer pulls in torch and transformers (seconds to import, gigabytes
     to install), and ``kubetune[cli]`` installs without them. Returns None, after saying which extra
     to install, when they are missing."""
-    try:
-        return importlib.import_module(f"kubetune_trainer.{name}")
-    except ModuleNotFoundError as exc:
+    missing = [lib for lib in TRAINER_LIBRARIES if importlib.util.find_spec(lib) is None]
+    if missing:
         print(
-            f"error: `kubetune {command}` needs the trainer's libraries ({exc.name} is not installed): "
-            "pip install 'kubetune[trainer]'",
+            f"error: `kubetune {command}` needs the trainer's libraries ({', '.join(missing)} not "
+            "installed): pip install 'kubetune[trainer]'",
             file=sys.stderr,
         )
         return None
+    return importlib.import_module(f"kubetune_trainer.{name}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
