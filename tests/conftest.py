@@ -9,6 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.kube",
+    "tests.fixtures.crd_server",
     "tests.fixtures.models",
     "tests.fixtures.trainer",
     "tests.fixtures.operator",

@@ -8,6 +8,13 @@ inlined, ``Optional[X]`` turned into an optional ``X``, ``exclusiveMinimum`` int
 boolean form, free-form objects into ``x-kubernetes-preserve-unknown-fields``, and every nested
 object given ``default: {}`` so the API server applies nested defaults exactly as pydantic does.
 The cross-field rules of :mod:`kubetune_api.rules` become ``x-kubernetes-validations`` (CEL).
+
+A current API server (>= 1.25) validates every ``default`` *as written* (its nested defaults not
+applied) against the node's schema and CEL rules, and refuses the whole CRD when one fails: a
+``default: {}`` under ``has(self.everySteps) || has(self.everyMinutes)`` does. So an object default
+stays ``{}`` only where ``{}`` passes; elsewhere it is pydantic's default object dumped by alias.
+:func:`check_defaults` then re-checks every default of the generated CRDs, and :func:`build_crds`
+refuses (:class:`DefaultError`) to emit one that fails.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import argparse
 import copy
 import difflib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +76,12 @@ MODELVERSION_COLUMNS: list[dict[str, Any]] = [
 ]
 #: Upper bounds for maps and lists without one, so CEL cost estimation stays within budget.
 DEFAULT_MAX_PROPERTIES = 64
+#: Internal marker on a schema node: pydantic's resolved default object, used where ``{}`` fails.
+_RESOLVED = "x-kubetune-resolved-default"
+
+
+class DefaultError(ValueError):
+    """A generated ``default`` fails its own schema or CEL rules (the API server would refuse the CRD)."""
 
 
 def _model_classes(root: type[BaseModel]) -> dict[str, type[BaseModel]]:
@@ -97,7 +111,9 @@ def _factory_defaults(cls: type[BaseModel]) -> dict[str, Any]:
         alias = f.alias or name
         value = f.default_factory()  # type: ignore[call-arg]
         if isinstance(value, BaseModel):
-            out[alias] = {}
+            # `{}` lets the API server apply the nested defaults; the resolved object stands by for
+            # where `{}` itself breaks a rule (see _settle_object_defaults).
+            out[alias] = (value.model_dump(by_alias=True, mode="json", exclude_none=True),)
         elif isinstance(value, list | dict):
             out[alias] = copy.deepcopy(value)
     return out
@@ -144,7 +160,11 @@ class _Converter:
                 for key, sub in node["properties"].items():
                     conv = self.convert(sub)
                     if key in factory and "default" not in conv:
-                        conv["default"] = factory[key]
+                        if isinstance(factory[key], tuple):
+                            conv["default"] = {}
+                            conv[_RESOLVED] = factory[key][0]
+                        else:
+                            conv["default"] = factory[key]
                     props[key] = conv
                 node["properties"] = props
                 node.pop("additionalProperties", None)
@@ -293,7 +313,150 @@ def build_crds() -> dict[str, dict[str, Any]]:
         MODELVERSION_COLUMNS,
         (ModelVersion.__doc__ or "").strip(),
     )
-    return {"finetunejobs.kubetune.io.yaml": ftj, "modelversions.kubetune.io.yaml": mv}
+    crds = {"finetunejobs.kubetune.io.yaml": ftj, "modelversions.kubetune.io.yaml": mv}
+    problems: list[str] = []
+    for name, crd in crds.items():
+        schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        _settle_object_defaults(schema)
+        problems += [f"{name}: {p}" for p in check_defaults(schema)]
+    if problems:
+        raise DefaultError(
+            "generated defaults that a current API server would refuse:\n  " + "\n  ".join(problems)
+        )
+    return crds
+
+
+# ----------------------------------------------------------------------------- default checking
+def _walk(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every schema node below ``node`` (itself first) and its dotted path (``*``: map values, ``[]``: items)."""
+    yield path, node
+    for key, sub in node.get("properties", {}).items():
+        yield from _walk(sub, f"{path}.{key}")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from _walk(node["additionalProperties"], f"{path}.*")
+    if isinstance(node.get("items"), dict):
+        yield from _walk(node["items"], f"{path}.[]")
+
+
+def _settle_object_defaults(schema: dict[str, Any]) -> None:
+    """Keep ``default: {}`` where it passes its node's checks; put pydantic's resolved object elsewhere."""
+    for path, node in _walk(schema):
+        if _RESOLVED not in node:
+            continue
+        resolved = node.pop(_RESOLVED)
+        if default_problems(node["default"], node, path.lstrip(".")):
+            node["default"] = resolved
+
+
+def apply_schema_defaults(value: Any, schema: dict[str, Any]) -> Any:
+    """A copy of ``value`` with the schema's defaults applied as the API server applies them
+    (absent properties get their default, recursively, also inside map values and list items)."""
+    value = copy.deepcopy(value)
+    if isinstance(value, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                value[key] = apply_schema_defaults(value[key], sub)
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict):
+            value = {k: apply_schema_defaults(v, extra) for k, v in value.items()}
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        value = [apply_schema_defaults(v, schema["items"]) for v in value]
+    return value
+
+
+def _children(
+    value: Any, schema: dict[str, Any], path: str
+) -> Iterator[tuple[Any, dict[str, Any] | None, str]]:
+    """(child value, its schema node or None when unknown, its path) for an object's fields or a list's items."""
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        for key, sub in value.items():
+            node = props.get(key) if key in props else (extra if isinstance(extra, dict) else None)
+            yield sub, node, f"{path}.{key}"
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            yield item, schema["items"], f"{path}[{i}]"
+
+
+def _unknown_fields(value: Any, schema: dict[str, Any], path: str) -> list[str]:
+    """Fields the API server would prune: a default must be pruned already."""
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    out: list[str] = []
+    for sub, node, where in _children(value, schema, path):
+        if node is None:
+            out.append(f"{where}: unknown field (the API server would prune it)")
+        else:
+            out += _unknown_fields(sub, node, where)
+    return out
+
+
+def _cel_problems(value: Any, schema: dict[str, Any], path: str) -> list[str]:
+    """The CEL rules of ``schema`` and of its sub-nodes present in ``value`` that ``value`` breaks,
+    evaluated with cel-python. Transition rules (naming ``oldSelf``) are skipped: a default has no
+    old object, and the API server skips them for it too."""
+    try:
+        import celpy  # dev dependency (cel-python): generating the CRDs needs it
+    except ImportError as exc:  # pragma: no cover - a broken dev environment
+        raise DefaultError("cel-python (import celpy) is needed to check the CRD defaults") from exc
+
+    out: list[str] = []
+    env = celpy.Environment()
+    for rule in schema.get("x-kubernetes-validations", []):
+        if "oldSelf" in rule["rule"]:
+            continue
+        result: Any
+        try:
+            result = env.program(env.compile(rule["rule"])).evaluate({"self": celpy.json_to_cel(value)})
+        except Exception as exc:  # a rule that cannot be evaluated on the default fails it too
+            result = exc
+        if isinstance(result, Exception):
+            out.append(f"{path}: CEL rule {rule['rule']!r} cannot be evaluated: {result}")
+        elif not bool(result):
+            out.append(f"{path}: CEL rule {rule['rule']!r} is false: {rule.get('message', '')}")
+    for sub, node, where in _children(value, schema, path):
+        if node is not None:
+            out += _cel_problems(sub, node, where)
+    return out
+
+
+def default_problems(value: Any, schema: dict[str, Any], path: str) -> list[str]:
+    """Why ``value`` is not an acceptable ``default`` of the node ``schema`` at ``path`` (empty: fine).
+
+    What a current API server checks when it admits a CRD: the default *as written* (nested
+    defaults not applied) has no field the server would prune, is valid against the node's OpenAPI
+    schema (OpenAPI 3.0 is JSON Schema draft 4 for the keywords generated here) and satisfies every
+    CEL rule of the node and of its sub-nodes present in it. Stricter than the server, the default
+    with its nested defaults applied (what an object really gets) must pass the same checks.
+    """
+    import jsonschema  # dev dependency, like cel-python
+
+    validator = jsonschema.Draft4Validator({k: v for k, v in schema.items() if k != "default"})
+    for label, candidate in (
+        ("", value),
+        (" (nested defaults applied)", apply_schema_defaults(value, schema)),
+    ):
+        problems = _unknown_fields(candidate, schema, path)
+        for err in validator.iter_errors(candidate):
+            problems.append(f"{path}{''.join(f'.{p}' for p in err.absolute_path)}: {err.message}")
+        if not problems:
+            problems = _cel_problems(candidate, schema, path)
+        if problems:
+            return [p + label for p in problems]
+    return []
+
+
+def check_defaults(schema: dict[str, Any]) -> list[str]:
+    """Every ``default`` in an openAPIV3Schema that a current API server would refuse, as messages."""
+    out: list[str] = []
+    for path, node in _walk(schema):
+        if "default" in node:
+            where = path.lstrip(".") or "<root>"
+            out += [f"default of {where}: {p}" for p in default_problems(node["default"], node, where)]
+    return out
 
 
 class _NoAliasDumper(yaml.SafeDumper):

@@ -1,11 +1,18 @@
-"""Issue #9 against the real API server (v1.20) and the real operator process.
+"""Issue #9 against the v1.20 API server and the real operator process (the workload tier).
 
-* ``schema`` cases: the API server answers 422 naming the field; nothing is stored.
-* ``pruned`` cases (unknown fields): the API server stores the object WITHOUT the field (structural
-  pruning), which is what the issue's "unknown fields are pruned, not rejected" means. kubectl >= 1.27
-  asks for strict field validation by default and gets them rejected; v1.20 has no such option.
-* ``cel`` cases: a v1.20 server ignores CEL, so they are stored; the operator must then set
-  ``Invalid`` naming the field, post one InvalidSpec Event, create no children, and not retry.
+What a *current* API server does with the same corpus is proven on Kubernetes 1.36 in
+tests/integration/test_crds_k8s136.py: with ``fieldValidation=Strict`` (kubectl's default) it refuses
+every file naming the field, the ``cel`` cases included (422), the ``pruned`` cases with 400; without
+it, unknown fields are pruned with a ``Warning``. The tests here keep what only v1.20 + the operator
+can show:
+
+* ``schema`` cases: the v1.20 server answers 422 naming the field; nothing is stored.
+* ``pruned`` cases (unknown fields): v1.20 has no ``fieldValidation``; it stores the object WITHOUT
+  the field (structural pruning) and says nothing.
+* ``cel`` cases: v1.20 ignores ``x-kubernetes-validations``, so they are stored. A 1.36 server refuses
+  them; this test is the operator's own guard for an object that reaches it anyway (a server without
+  CEL enforcement, an object stored before the CRD got a rule): the operator must set ``Invalid``
+  naming the field, post one InvalidSpec Event, create no children, and not retry.
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ def test_operator_marks_cel_only_cases_invalid_once_without_children_or_retries(
 ) -> None:
     cases = [c for c in CORPUS if c.layer == "cel"]
     for case in cases:
-        api.create_ftj(case.load())  # v1.20 ignores CEL: stored as is
+        api.create_ftj(case.load())  # v1.20 ignores CEL: stored as is (1.36 refuses them: 422)
     op = operator_factory(KUBETUNE_OPERATOR_RESYNC_SECONDS="3")
     names = {c.load()["metadata"]["name"]: c for c in cases}
 
