@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(a.threads)
     from bench._synth import SHAPES, build_llama, build_tokenizer, instruction_records
-    from kubetune_trainer.evaluate.evaluator import ModelSource, generate, latency_percentiles, load_model
     from kubetune_trainer.artifacts.quantize import quantize_artifacts
+    from kubetune_trainer.evaluate.evaluator import ModelSource, generate, latency_percentiles, load_model
 
     formats = [f.strip() for f in a.formats.split(",") if f.strip()]
     tmp = Path(tempfile.mkdtemp(prefix="kubetune-bench-quant-"))

@@ -222,12 +222,12 @@ def worker_kubetune(a: argparse.Namespace) -> dict[str, Any]:
     """kubetune: FineTuneJob -> RunConfig -> prepare_data -> SFTRecipe.setup/train."""
     from transformers import AutoTokenizer
 
-    from kubetune_trainer.train.checkpoint import CheckpointManager
+    from kubetune_registry.storage import LocalStore
     from kubetune_trainer.data import count_batches, iter_batches, pack_rows, prepare_data
-    from kubetune_trainer.train.recipe import SFTRecipe
     from kubetune_trainer.reporting import Reporter
     from kubetune_trainer.runtime import init_runtime
-    from kubetune_registry.storage import LocalStore
+    from kubetune_trainer.train.checkpoint import CheckpointManager
+    from kubetune_trainer.train.recipe import SFTRecipe
 
     scratch = Path(a.scratch)
     tokenizer = AutoTokenizer.from_pretrained(a.model_dir)
@@ -510,12 +510,12 @@ def worker_profile(a: argparse.Namespace) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoTokenizer
 
-    from kubetune_trainer.train.checkpoint import CheckpointManager
+    from kubetune_registry.storage import LocalStore
     from kubetune_trainer.data import MODEL_INPUT_KEYS, iter_batches, pack_rows, prepare_data
-    from kubetune_trainer.train.recipe import SFTRecipe
     from kubetune_trainer.reporting import Reporter
     from kubetune_trainer.runtime import init_runtime
-    from kubetune_registry.storage import LocalStore
+    from kubetune_trainer.train.checkpoint import CheckpointManager
+    from kubetune_trainer.train.recipe import SFTRecipe
 
     scratch = Path(a.scratch)
     tokenizer = AutoTokenizer.from_pretrained(a.model_dir)

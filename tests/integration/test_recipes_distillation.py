@@ -144,8 +144,8 @@ def test_distillation_moves_the_student_toward_the_teacher_more_than_sft(
 def _publish_teacher(store: Path, source: Path, alias: str) -> str:
     """Publish ``source`` as the next version of the model 'teacher' (merged/) and point ``alias`` at it."""
     from kubetune_registry.digests import digest_dir
-    from kubetune_registry.versions import ModelRegistry
     from kubetune_registry.storage import StoreSettings
+    from kubetune_registry.versions import ModelRegistry
 
     registry = ModelRegistry(f"s3://{BUCKET}/models", "teacher", StoreSettings(local_root=str(store)))
     staging = store.parent / f"teacher-staging-{digest_dir(source)[:8]}"

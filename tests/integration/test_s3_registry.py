@@ -11,9 +11,9 @@ from typing import Any
 import boto3
 import pytest
 
-from kubetune_trainer.fetch.sources import fetch
-from kubetune_registry.versions import AliasConflict, ModelRegistry, VersionNotFound
 from kubetune_registry.storage import PreconditionFailed, S3Store, StoreSettings, UnsafeKeyError, open_uri
+from kubetune_registry.versions import AliasConflict, ModelRegistry, VersionNotFound
+from kubetune_trainer.fetch.sources import fetch
 from tests.fixtures.s3 import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY
 from tests.unit.test_registry import inputs, make_staging, run_cli
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from kubetune_registry.versions import ModelRegistry
 from kubetune_registry.storage import StoreSettings, UnsafeKeyError
+from kubetune_registry.versions import ModelRegistry
 from tests.fixtures.trainer import kubetune_cmd, small_job, trainer_env, write_job
 from tests.unit.test_registry import inputs, make_staging
 

@@ -22,8 +22,8 @@ from typing import Any
 import boto3
 import pytest
 
-from kubetune_registry.versions import ModelRegistry, VersionNotFound
 from kubetune_registry.storage import PreconditionFailed, S3Store, StorageError, StoreSettings
+from kubetune_registry.versions import ModelRegistry, VersionNotFound
 from tests.reliability.faultproxy import Fault, FaultProxy
 from tests.unit.test_registry import inputs, make_staging
 

@@ -156,8 +156,8 @@ def test_every_chart_value_is_documented() -> None:
 
 
 def _commands() -> set[str]:
-    from kubetune_cli import main as cli
     from kubetune_cli import cluster as cli_cluster
+    from kubetune_cli import main as cli
 
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from kubetune_trainer.fetch.sources import FetchError, UnsafeModelError, check_weights_safety, fetch
-from kubetune_registry.versions import ModelRegistry
 from kubetune_registry.storage import StoreSettings
+from kubetune_registry.versions import ModelRegistry
+from kubetune_trainer.fetch.sources import FetchError, UnsafeModelError, check_weights_safety, fetch
 
 
 def make_model(root: Path) -> Path:

@@ -8,8 +8,12 @@ from typing import Any
 
 import pytest
 
+from kubetune_trainer.artifacts.quantize import (
+    UnsupportedFormatError,
+    check_formats_supported,
+    quantize_artifacts,
+)
 from kubetune_trainer.evaluate.evaluator import ModelSource, generate, load_model
-from kubetune_trainer.artifacts.quantize import UnsupportedFormatError, check_formats_supported, quantize_artifacts
 from tests.unit.test_evaluate import build_tiny_llama, build_tiny_tokenizer
 
 NF4_MESSAGE = (

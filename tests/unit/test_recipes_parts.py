@@ -15,10 +15,10 @@ import pytest
 from pydantic import ValidationError
 
 from kubetune_api.models import FineTuneJob, MethodSpec
-from kubetune_trainer.data.augment import Augmenter, TermDictionaryError, load_term_dictionary, ocr_noise
 from kubetune_cli.main import main as kubetune
-from kubetune_trainer.data.curriculum import curriculum_keys, read_difficulties
 from kubetune_trainer.data import Message, Record, iter_batches
+from kubetune_trainer.data.augment import Augmenter, TermDictionaryError, load_term_dictionary, ocr_noise
+from kubetune_trainer.data.curriculum import curriculum_keys, read_difficulties
 from kubetune_trainer.train.health import LossHealth, RunFacts, layer_grad_norms, layer_group
 from tests.support.crd_schema import validate
 

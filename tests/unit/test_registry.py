@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from kubetune_cli import versions as cli_versions
+from kubetune_registry.storage import PreconditionFailed, StoreSettings
 from kubetune_registry.versions import (
     AliasConflict,
     IntegrityError,
@@ -19,7 +20,6 @@ from kubetune_registry.versions import (
     RegistryError,
     VersionNotFound,
 )
-from kubetune_registry.storage import PreconditionFailed, StoreSettings
 
 DIGEST_A = "a" * 64
 DIGEST_B = "b" * 64

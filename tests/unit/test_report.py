@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from kubetune_trainer.evaluate.evaluator import EvalReport, SampleRow
-from kubetune_trainer.evaluate.gates import check_gates
 from kubetune_trainer.artifacts.quantize import ArtifactReport
 from kubetune_trainer.artifacts.report import loss_figure, plot_loss, render_model_card, write_eval_report
+from kubetune_trainer.evaluate.evaluator import EvalReport, SampleRow
+from kubetune_trainer.evaluate.gates import check_gates
 
 
 def _eval_report() -> EvalReport:

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from kubetune_api.runconfig import RunConfig
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run the pipeline for the RunConfig in ``--run-config``; exit code per kubetune_api.reports."""
@@ -33,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.run_config is None:
         parser.error("--run-config (or KUBETUNE_RUN_CONFIG) is required")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from kubetune_api.runconfig import RunConfig
+    # After parsing and logging setup: --help answers without the ~10 s of torch, transformers and
+    # peft imports (measured), and what those libraries log on import goes through this format.
     from kubetune_trainer.pipeline import run
 
     rc = RunConfig.from_json(args.run_config.read_text())

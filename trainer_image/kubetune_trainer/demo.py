@@ -24,10 +24,21 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerFast
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from kubetune_trainer.data import iter_batches, model_inputs, prepare_data
+from kubetune_trainer.evaluate.evaluator import loss_and_perplexity
 
 DEMO_MODEL_NAME = "tiny-llama-demo"
 DEMO_BUCKET = "kubetune-demo"
@@ -120,9 +131,6 @@ def build_demo_tokenizer(
     ChatML ``chat_template``; any text is encodable (byte-level). ``AutoTokenizer.from_pretrained(out_dir)``
     reloads it. Deterministic for the same ``vocab_size``.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -168,9 +176,6 @@ def build_tiny_llama(
     Generation stops at ``</s>`` or ``<|im_end|>``. Returns ``out_dir``, loadable with
     ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``. Deterministic for ``seed``.
     """
-    import torch
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
-
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     im_end = cast(int, tokenizer.convert_tokens_to_ids("<|im_end|>"))
     config = LlamaConfig(
@@ -256,11 +261,6 @@ def pretrain_demo_base(
     runs out (whichever first; the step count reached is written to ``demo-training.json``). The
     model, tokenizer and a README saying it is a demo land in ``out_dir``, which is returned.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from kubetune_trainer.data import iter_batches, model_inputs, prepare_data
-
     out_dir.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -341,8 +341,6 @@ def pretrain_demo_base(
 def _mean_loss(model: Any, examples: list[Any], pad_token_id: int) -> float:
     """Token-weighted mean answer loss: the evaluator's own measure, so demo figures match eval reports."""
     del pad_token_id  # loss_and_perplexity batches without padding ambiguity
-    from kubetune_trainer.evaluate.evaluator import loss_and_perplexity
-
     return loss_and_perplexity(model, examples, batch_size=32)[0]
 
 

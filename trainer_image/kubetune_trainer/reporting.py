@@ -28,6 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from tqdm import tqdm
+
 from kubetune_api.models import Progress
 from kubetune_api.names import API_GROUP, API_VERSION
 from kubetune_api.reports import PROGRESS_LOG_PREFIX, RESULT_LOG_PREFIX, TrainerResult
@@ -154,8 +156,6 @@ class Reporter:
         """A tqdm bar for interactive runs (not in pods: their logs get the log lines)."""
         if not self.enabled or not self.stream.isatty():
             return
-        from tqdm import tqdm
-
         self._bar = tqdm(
             total=total, initial=initial, desc="training", unit="step", file=self.stream, leave=False
         )

@@ -11,10 +11,11 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import torch
+import torch
+from peft import PeftModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 __all__ = ["MERGE_TOLERANCE", "max_logit_difference", "merge_adapter"]
 
@@ -44,10 +45,6 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
         FileExistsError: ``out_dir`` exists and is not empty (a merge never overwrites).
         OSError / ValueError: the base or adapter cannot be loaded (from transformers / peft).
     """
-    import torch
-    from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"merge output {out_dir} already exists and is not empty")
@@ -81,8 +78,6 @@ def max_logit_difference(model_a: Any, model_b: Any, input_ids: torch.Tensor) ->
     Raises:
         ValueError: the logits have different shapes (different vocabularies).
     """
-    import torch
-
     with torch.no_grad():
         a = model_a.eval()(input_ids=input_ids).logits.float()
         b = model_b.eval()(input_ids=input_ids).logits.float()

@@ -7,7 +7,12 @@ Public entry points (import them from here):
 * :func:`validate_files` — the same checks and report without a tokenizer (``kubetune data validate``).
 * :func:`iter_batches` / :func:`count_batches` — deterministic, resumable, padded or packed batches.
 
-Importing this package does not import torch or transformers.
+Also here, imported by the trainer only: :mod:`~kubetune_trainer.data.augment` and
+:mod:`~kubetune_trainer.data.curriculum` (``spec.data.augmentation`` / ``curriculum``), and
+:mod:`~kubetune_trainer.data.stage`, stage 2 of a run (fetched files + tokenizer -> ``StageData``).
+
+Importing this package does not import torch or transformers (``kubetune data validate`` imports
+it in a torch-free ``[cli]`` install); ``data.stage`` does, and this file never imports it.
 """
 
 from kubetune_trainer.data.batching import (

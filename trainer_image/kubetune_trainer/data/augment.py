@@ -29,6 +29,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from kubetune_trainer.data.records import Message, Record
 
 _EXAMPLES = 3
@@ -62,8 +64,6 @@ def load_term_dictionary(path: Path, *, name: str | None = None) -> dict[str, li
     replaced by any other. Raises TermDictionaryError naming the file (``name``, default the path)
     and the bad entry.
     """
-    import yaml
-
     where = name or str(path)
     try:
         text = path.read_text(encoding="utf-8")

@@ -34,6 +34,9 @@ of a row attend to each other. :func:`model_inputs` adds it; tests prove the equ
 Both kinds carry ``num_tokens`` (real, non-pad tokens: throughput is measured in these) and
 ``num_label_tokens`` (tokens that contribute to the loss after the causal shift) as 0-d tensors.
 Only the keys in :data:`MODEL_INPUT_KEYS` go to the model; :func:`model_inputs` picks them.
+
+torch is imported by the two collate functions, when a batch is built: ``kubetune data validate``
+imports this package in a torch-free ``[cli]`` install.
 """
 
 from __future__ import annotations
@@ -205,7 +208,7 @@ def iter_batches(
 
 
 def _collate_padded(batch: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
-    import torch
+    import torch  # not at the top: this package must import without torch (see the docstring)
 
     width = max(len(e.input_ids) for e in batch)
     input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
@@ -228,7 +231,7 @@ def _collate_padded(batch: Sequence[Example], pad_token_id: int) -> dict[str, to
 def _collate_packed(
     examples: Sequence[Example], rows: Sequence[list[int]], pad_token_id: int
 ) -> dict[str, torch.Tensor]:
-    import torch
+    import torch  # not at the top: this package must import without torch (see the docstring)
 
     width = max(sum(len(examples[i].input_ids) for i in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)

@@ -44,7 +44,7 @@ def _rows(path: Path, name: str, column: str) -> Iterator[tuple[int, Any]]:
     elif suffix in CSV_SUFFIXES:
         rows = _iter_csv(path, name)
     elif suffix in PARQUET_SUFFIXES:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # Parquet only: not in the [cli] extra, and 0.5 s / 53 MB (measured)
 
         if column not in pq.ParquetFile(path).schema_arrow.names:
             return

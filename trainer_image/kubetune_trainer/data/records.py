@@ -331,7 +331,7 @@ def _iter_csv(path: Path, name: str) -> Iterator[_Row]:
 
 
 def _iter_parquet(path: Path, name: str, columns: list[str]) -> Iterator[_Row]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # Parquet only: not in the [cli] extra, and 0.5 s / 53 MB (measured)
 
     # Streamed by row group / batch: a Parquet file may be far larger than memory.
     pf = pq.ParquetFile(path)
@@ -343,7 +343,7 @@ def _iter_parquet(path: Path, name: str, columns: list[str]) -> Iterator[_Row]:
 
 
 def _parquet_columns(path: Path, name: str, form: str | None, fields: FieldNames) -> list[str] | RecordError:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # Parquet only: not in the [cli] extra, and 0.5 s / 53 MB (measured)
 
     try:
         names = set(pq.ParquetFile(path).schema_arrow.names)

@@ -27,8 +27,12 @@ Determinism: greedy generation is deterministic; sampled generation seeds torch 
 ``seed + prompt index`` before each call, so a rerun with the same seed gives the same answers
 regardless of how many prompts came before.
 
-Heavy libraries (torch, transformers, peft) are imported inside the functions that need them, so the
-pure text metrics can be used without torch.
+Loading an artifact, generating token ids from it and measuring its memory live in
+:mod:`kubetune_trainer.evaluate.loading` (re-exported here).
+
+Input of :func:`evaluate_model`: loaded models, the tokenizer, eval examples and ``spec.evaluation``.
+Output: an :class:`EvalReport`. Raises ValueError (no examples, unknown metric) and RuntimeError (a
+memory measurement failed).
 """
 
 from __future__ import annotations
@@ -43,14 +47,24 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
 
 from kubetune_api.metrics import METRIC_NAMES
 from kubetune_api.models import DEFAULT_METRICS as API_DEFAULT_METRICS
-
-if TYPE_CHECKING:
-    import torch
+from kubetune_trainer.evaluate.loading import (
+    MemoryMeasurement,
+    ModelSource,
+    SourceKind,
+    TokenGenerator,
+    generate_token_ids,
+    load_model,
+    measure_peak_memory,
+    model_device,
+)
 
 __all__ = [
     "ALL_METRICS",
@@ -102,24 +116,6 @@ class EvalExample(Protocol):
     def answer_text(self) -> str: ...
 
 
-@runtime_checkable
-class TokenGenerator(Protocol):
-    """A non-torch model that can still be evaluated (the ONNX Runtime runner in ``quantize``)."""
-
-    def generate_token_ids(
-        self,
-        prompt_ids: Sequence[int],
-        *,
-        max_new_tokens: int,
-        do_sample: bool,
-        temperature: float,
-        seed: int,
-        eos_token_id: int | list[int] | None,
-    ) -> list[int]: ...
-
-    def logits(self, input_ids: Sequence[int]) -> Any: ...  # numpy array [seq, vocab]
-
-
 def _cfg(obj: Any, name: str, default: Any = None) -> Any:
     """Read a spec field from a pydantic model / plain object (snake_case) or a dict (snake or camel)."""
     if obj is None:
@@ -142,8 +138,13 @@ def normalize_answer(text: str) -> str:
     return " ".join(no_punct.split())
 
 
+# rouge-score, sacrebleu and jsonschema are imported by the metrics that use them: together 1.7 s
+# measured (rouge-score alone 1.0 s, +44 MB), which the pipeline would otherwise spend before
+# training starts, for metrics computed after it ends (and often not requested).
+
+
 def _rouge_scorer() -> Any:
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer  # deferred: see the comment above
 
     # Default tokenizer, no stemming: the configuration most published ROUGE-L numbers use.
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
@@ -158,7 +159,7 @@ def text_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[
     Raises:
         ValueError: the lists differ in length or are empty.
     """
-    import sacrebleu
+    import sacrebleu  # deferred like rouge-score (see the comment above _rouge_scorer)
 
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
@@ -189,7 +190,7 @@ def json_validity(outputs: Sequence[str], schema: Mapping[str, Any] | None) -> f
         ValueError: ``outputs`` is empty.
         jsonschema.exceptions.SchemaError: the schema itself is invalid (a spec error, reported as such).
     """
-    import jsonschema
+    import jsonschema  # deferred like rouge-score (see the comment above _rouge_scorer)
 
     if not outputs:
         raise ValueError("json_validity needs at least one output")
@@ -242,8 +243,6 @@ def latency_percentiles(latencies_ms: Sequence[float]) -> dict[str, float]:
     Raises:
         ValueError: no latencies.
     """
-    import numpy as np
-
     if not latencies_ms:
         raise ValueError("latency_percentiles needs at least one latency")
     arr = np.asarray(latencies_ms, dtype=float)
@@ -252,15 +251,6 @@ def latency_percentiles(latencies_ms: Sequence[float]) -> dict[str, float]:
 
 # --------------------------------------------------------------------------------------------------
 # Model-based metrics
-
-
-def _model_device(model: Any) -> torch.device:
-    import torch
-
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
 
 
 def loss_and_perplexity(
@@ -275,12 +265,9 @@ def loss_and_perplexity(
     Raises:
         ValueError: no examples, or no example has an answer token (all labels are -100).
     """
-    import torch
-    import torch.nn.functional as F
-
     if not examples:
         raise ValueError("loss_and_perplexity needs at least one example")
-    device = _model_device(model)
+    device = model_device(model)
     total_loss = 0.0
     total_tokens = 0
     was_training = getattr(model, "training", False)
@@ -321,58 +308,6 @@ class Generation:
     text: str
     latency_ms: float
     new_tokens: int
-
-
-def generate_token_ids(
-    model: Any,
-    prompt_ids: Sequence[int],
-    *,
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    seed: int = 0,
-    eos_token_id: int | list[int] | None = None,
-    pad_token_id: int | None = None,
-) -> list[int]:
-    """New token ids for one prompt from a transformers/peft/quanto model or a :class:`TokenGenerator`.
-
-    Sampling is pure temperature sampling (top_k and top_p disabled), whatever the model's own
-    ``generation_config`` suggests, so results are comparable between base and tuned.
-    """
-    if isinstance(model, TokenGenerator):
-        return model.generate_token_ids(
-            prompt_ids,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            seed=seed,
-            eos_token_id=eos_token_id,
-        )
-    import torch
-
-    device = _model_device(model)
-    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-    sampling: dict[str, Any] = {"temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {}
-    torch.manual_seed(seed)
-    # no_grad, not inference_mode: optimum-quanto's int4 tensors fail under inference_mode
-    # ("Cannot set version_counter for inference tensor").
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id if pad_token_id is not None else _first(eos_token_id),
-            **sampling,
-        )
-    return [int(t) for t in out[0, ids.shape[1] :].tolist()]
-
-
-def _first(ids: int | list[int] | None) -> int | None:
-    if isinstance(ids, list):
-        return ids[0] if ids else None
-    return ids
 
 
 #: End-of-turn tokens of the chat templates the data layer writes (ChatML's <|im_end|>, Llama 3's
@@ -433,191 +368,6 @@ def generate(
         text = tokenizer.decode(new_ids, skip_special_tokens=True)
         results.append(Generation(text=text, latency_ms=elapsed_ms, new_tokens=len(new_ids)))
     return results
-
-
-# --------------------------------------------------------------------------------------------------
-# Loading artifacts and measuring their memory
-
-
-SourceKind = Literal["transformers", "peft", "quanto", "onnx", "bnb"]
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """An artifact on disk and how to load it.
-
-    kind: ``transformers`` (a full model dir: base or merged), ``peft`` (adapter at ``path`` on the
-    base at ``base_path``), ``quanto`` (optimum-quanto int8/int4 dir), ``onnx`` (dir with
-    ``model.onnx``), ``bnb`` (bitsandbytes-quantized dir, CUDA only).
-    """
-
-    kind: SourceKind
-    path: Path
-    base_path: Path | None = None
-
-
-def load_model(source: ModelSource, *, device: str = "cpu") -> Any:
-    """Load an artifact from disk, in eval mode, ready for :func:`generate`.
-
-    Raises:
-        ValueError: ``peft`` without ``base_path``, or an unknown kind.
-        OSError: the files are missing or unreadable (from the loading library).
-    """
-    if source.kind == "onnx":
-        from kubetune_trainer.artifacts.quantize import OnnxCausalLM
-
-        return OnnxCausalLM(source.path, device=device)
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model: Any
-    if source.kind == "transformers":
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype="auto")
-        model.to(device)
-    elif source.kind == "peft":
-        from peft import PeftModel
-
-        if source.base_path is None:
-            raise ValueError(f"a peft ModelSource needs base_path (adapter at {source.path})")
-        base: Any = AutoModelForCausalLM.from_pretrained(source.base_path, dtype="auto")
-        base.to(device)
-        model = PeftModel.from_pretrained(base, source.path)
-    elif source.kind == "quanto":
-        from optimum.quanto import QuantizedModelForCausalLM
-
-        model = QuantizedModelForCausalLM.from_pretrained(source.path).to(device)
-    elif source.kind == "bnb":
-        # The quantization_config saved in config.json makes transformers load the 4-bit weights.
-        model = AutoModelForCausalLM.from_pretrained(
-            source.path, device_map={"": device}, dtype=torch.bfloat16
-        )
-    else:
-        raise ValueError(f"unknown model source kind {source.kind!r}")
-    model.eval()
-    return model
-
-
-def _peak_rss_bytes() -> int:
-    """This process's peak RSS since its exec.
-
-    VmHWM (Linux) rather than ``ru_maxrss``: ru_maxrss survives exec, so a child started from a
-    trainer holding a model would report the trainer's high-water mark and bias every ratio to 1.
-    """
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource  # not Linux: the best there is (KiB on Linux, bytes on macOS)
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-@dataclass(frozen=True)
-class MemoryMeasurement:
-    """Peak memory of loading an artifact and generating with it, in a fresh process.
-
-    method ``process_peak_rss``: the child's peak RSS since exec (VmHWM; CPU). It includes the
-    interpreter and the imported frameworks (``baseline_bytes``, measured after the imports and
-    before loading), which dominate for tiny models; ``peak_bytes - baseline_bytes`` is what the
-    model itself added. method ``cuda_max_memory_allocated``: torch's peak CUDA allocation
-    (baseline 0); it does not see CUDA context or allocator-cached memory.
-    """
-
-    peak_bytes: int
-    baseline_bytes: int
-    method: Literal["process_peak_rss", "cuda_max_memory_allocated"]
-
-    @property
-    def model_bytes(self) -> int:
-        """Memory attributable to loading and running the artifact."""
-        return max(0, self.peak_bytes - self.baseline_bytes)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict including ``model_bytes``."""
-        return {**asdict(self), "model_bytes": self.model_bytes}
-
-
-def _peak_memory_child(
-    source: ModelSource, prompt_ids_list: list[list[int]], max_new_tokens: int, device: str, conn: Any
-) -> None:
-    """Runs in a spawned process: load, generate, report the high-water mark through ``conn``."""
-    try:
-        import torch
-
-        # Import what loading needs before the baseline, so the baseline holds the frameworks.
-        import transformers  # noqa: F401
-
-        if source.kind == "peft":
-            import peft  # noqa: F401
-        elif source.kind == "quanto":
-            import optimum.quanto  # noqa: F401
-        elif source.kind == "onnx":
-            import onnxruntime  # noqa: F401
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        # A high-water mark: for tiny models the imports' transient peak can exceed what the model
-        # adds, and then peak == baseline.
-        baseline = _peak_rss_bytes()
-        model = load_model(source, device=device)
-        for i, prompt in enumerate(prompt_ids_list):
-            generate_token_ids(model, prompt, max_new_tokens=max_new_tokens, seed=i)
-        if device.startswith("cuda"):
-            result = (int(torch.cuda.max_memory_allocated()), 0, "cuda_max_memory_allocated")
-        else:
-            result = (_peak_rss_bytes(), baseline, "process_peak_rss")
-        conn.send(("ok", result))
-    except BaseException as exc:  # reported to the parent, which raises with the message
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
-    finally:
-        conn.close()
-
-
-def measure_peak_memory(
-    source: ModelSource,
-    prompt_ids_list: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    device: str = "cpu",
-    timeout_s: float = 900.0,
-) -> MemoryMeasurement:
-    """Peak memory of loading ``source`` and greedily answering the prompts, in a fresh process.
-
-    A fresh (spawned) process because a high-water mark cannot be reset within a process, and
-    tracemalloc does not see torch's allocations. Ratios between two measurements made the same way
-    are what the ``peak_memory_ratio`` gate compares.
-
-    Raises:
-        RuntimeError: the child failed (its exception type and message are included) or timed out.
-    """
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    parent_conn, child_conn = ctx.Pipe(duplex=False)
-    proc = ctx.Process(
-        target=_peak_memory_child,
-        args=(source, [list(p) for p in prompt_ids_list], max_new_tokens, device, child_conn),
-        daemon=True,
-    )
-    proc.start()
-    child_conn.close()
-    try:
-        if not parent_conn.poll(timeout_s):
-            raise RuntimeError(f"memory measurement of {source.path} timed out after {timeout_s:.0f} s")
-        status, payload = parent_conn.recv()
-    except EOFError:
-        raise RuntimeError(f"memory measurement of {source.path} died (exit code {proc.exitcode})") from None
-    finally:
-        proc.join(timeout=10)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    if status != "ok":
-        raise RuntimeError(f"memory measurement of {source.path} failed: {payload}")
-    peak, baseline, method = payload
-    return MemoryMeasurement(peak_bytes=peak, baseline_bytes=baseline, method=method)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ import shutil
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from kubetune_registry.versions import MissingContent, ModelRegistry, VersionNotFound
 from kubetune_registry.storage import (
     InvalidURI,
     StoreSettings,
@@ -34,6 +33,7 @@ from kubetune_registry.storage import (
     safe_join,
     validate_key,
 )
+from kubetune_registry.versions import MissingContent, ModelRegistry, VersionNotFound
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _HF_CONFIG_FILES = ("config.json", "tokenizer_config.json", "generation_config.json", "processor_config.json")
@@ -146,7 +146,7 @@ def _fetch_hf(uri: str, dest_dir: Path) -> Path:
     )
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         raise FetchError(unreachable + " (HF_HUB_OFFLINE is set)")
-    try:
+    try:  # hf:// only; an image without huggingface_hub gets a FetchError that says so
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import (
             GatedRepoError,

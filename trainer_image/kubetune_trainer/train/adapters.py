@@ -16,6 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from peft import IA3Config, LoraConfig
+
 from kubetune_api.models import MethodSpec
 
 
@@ -25,8 +28,6 @@ class AdapterConfigError(ValueError):
 
 def linear_module_names(model: Any) -> list[str]:
     """Leaf names of the model's linear layers (``q_proj``, ``down_proj`` ...), output head excluded."""
-    import torch
-
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = {
         name.rsplit(".", 1)[-1]
@@ -58,8 +59,6 @@ def build_peft_config(method: MethodSpec, model: Any) -> Any:
     if method.type == "full":
         raise ValueError("method.type full trains the whole model: there is no adapter config")
     if method.type == "ia3":
-        from peft import IA3Config
-
         ia3 = method.ia3
         return IA3Config(
             target_modules=list(ia3.target_modules) if ia3.target_modules is not None else None,
@@ -68,8 +67,6 @@ def build_peft_config(method: MethodSpec, model: Any) -> Any:
             ),
             task_type="CAUSAL_LM",
         )
-    from peft import LoraConfig
-
     lora = method.lora
     layers = _check_layers(lora.layers, model, "spec.method.lora.layers")
     targets: Any = list(lora.target_modules)

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kubetune_registry.storage import ObjectStore, join_key
 from kubetune_trainer.reporting import now_rfc3339
 from kubetune_trainer.runtime import Runtime
-from kubetune_registry.storage import ObjectStore, join_key
 
 log = logging.getLogger("kubetune.trainer")
 

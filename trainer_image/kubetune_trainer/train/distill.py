@@ -27,7 +27,8 @@ Student and teacher must share the tokenizer (same vocabulary). Model vocabulary
 by padding rows only (both at least ``len(tokenizer)``); logits are then compared on the common
 size. Anything else is a :class:`DistillationError` (exit code 3, reason InvalidSpec).
 
-Heavy imports (torch, transformers) happen inside the functions that need them.
+The teacher itself is fetched by the fetch stage (:mod:`kubetune_trainer.fetch.teacher`);
+:func:`build_distiller` is what the train stage calls with it.
 """
 
 from __future__ import annotations
@@ -35,27 +36,24 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
-import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from kubetune_api.models import DistillationSpec
+from kubetune_api.runconfig import RunConfig
+from kubetune_trainer.data import TokenizedExample, iter_batches
+from kubetune_trainer.data.batching import Example, model_inputs
 from kubetune_trainer.data.templates import IGNORE_INDEX
-
-if TYPE_CHECKING:
-    import torch
-
-    from kubetune_api.models import DistillationSpec
-    from kubetune_api.runconfig import RunConfig
-    from kubetune_trainer.data import TokenizedExample
-    from kubetune_trainer.data.batching import Example
-    from kubetune_trainer.train.label_head import LabelledLogits
-    from kubetune_trainer.runtime import Runtime
+from kubetune_trainer.fetch.teacher import TEACHER_FIELD, Teacher
+from kubetune_trainer.runtime import Runtime
+from kubetune_trainer.train.label_head import LabelledLogits, LabelPositionHead
 
 log = logging.getLogger("kubetune.trainer")
-
-TEACHER_FIELD = "spec.distillation.teacher.uri"
 
 
 class DistillationError(ValueError):
@@ -71,8 +69,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     Both inputs are ``[n, vocab]`` with the same vocabulary; computed in fp32. With ``n == 0`` the
     result is 0 with the student's graph intact (a batch without trained tokens).
     """
-    import torch.nn.functional as F
-
     if student_logits.shape[0] == 0:
         return student_logits.float().sum() * 0.0
     t = temperature
@@ -97,8 +93,6 @@ def kd_loss_topk(
     """
     if student_logits.shape[0] == 0:
         return student_logits.float().sum() * 0.0
-    import torch.nn.functional as F
-
     t = temperature
     log_student = F.log_softmax(student_logits.float() / t, dim=-1).gather(-1, teacher_ids.long())
     log_teacher = F.log_softmax(teacher_values.float() / t, dim=-1)
@@ -158,8 +152,6 @@ def example_key(input_ids: torch.Tensor, trained: torch.Tensor) -> bytes:
     ``trained[j]`` says whether position ``j`` has a target (``labels[j + 1] != -100``). Two
     examples with the same key get the same teacher logits, wherever they sit in a batch.
     """
-    import torch
-
     h = hashlib.blake2b(digest_size=16)
     h.update(input_ids.detach().to("cpu", torch.int32).contiguous().numpy().tobytes())
     h.update(trained.detach().to("cpu", torch.uint8).contiguous().numpy().tobytes())
@@ -217,8 +209,6 @@ class TeacherLogitCache:
 
         Raises KeyError when an example of the batch was not cached (the training set changed).
         """
-        import torch
-
         labels, input_ids = inputs["labels"], inputs["input_ids"]
         ids: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
@@ -264,12 +254,6 @@ def cache_teacher_logits(
     order. ``vocab_size`` limits the logits considered (padding rows beyond it are ignored);
     ``value_dtype`` defaults to fp16 (values), ids are int32. Duplicate examples are stored once.
     """
-    import torch
-
-    from kubetune_trainer.data import iter_batches
-    from kubetune_trainer.data.batching import model_inputs
-    from kubetune_trainer.train.label_head import LabelPositionHead
-
     value_dtype = value_dtype or torch.float16
     k = min(top_k, vocab_size)
     cache = TeacherLogitCache(k)
@@ -341,8 +325,6 @@ class Distiller:
         self.cache = cache
         self._head: Any = None
         if teacher is not None:
-            from kubetune_trainer.train.label_head import LabelPositionHead
-
             self._head = LabelPositionHead(teacher)
         self._sums = [0.0, 0.0, 0.0]  # kd, sft, micro-batches since the last pop_metrics
 
@@ -358,8 +340,6 @@ class Distiller:
 
     def kd_term(self, out: LabelledLogits, inputs: Mapping[str, Any]) -> torch.Tensor:
         """``T^2 * KL(teacher || student)`` averaged over the batch's trained tokens."""
-        import torch
-
         student = out.logits[:, : self.vocab_size]
         if self.cache is not None:
             ids, values = self.cache.lookup(inputs)
@@ -399,75 +379,10 @@ class Distiller:
         return {"kd_loss": sums[0] / sums[2], "sft_loss": sums[1] / sums[2]}
 
 
-# --- pipeline wiring ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Teacher:
-    """A fetched teacher: its URI, the local folder, and the exact version when it is a ModelVersion."""
-
-    uri: str
-    path: Path
-    resolved: str | None  # modelversion://<model>/vN for a modelversion:// teacher (an alias resolved)
-
-
-def fetch_teacher(rc: RunConfig, runtime: Runtime, workdir: Path) -> Teacher | None:
-    """Fetch ``spec.distillation.teacher`` like the base model (None without distillation).
-
-    Each node's local rank 0 downloads into ``workdir/inputs/teacher`` and checks it for pickle
-    weights and remote code; the other ranks wait and use the same folder. A modelversion://
-    alias is resolved once and that exact version is fetched. Raises FetchError, UnsafeModelError.
-    """
-    spec = rc.distillation
-    if spec is None:
-        return None
-    from kubetune_trainer.fetch.sources import FetchError, check_weights_safety, fetch
-    from kubetune_trainer.pipeline import store_settings
-    from kubetune_registry.versions import ModelRegistry, VersionNotFound
-
-    settings = store_settings(rc)
-    uri = spec.teacher.uri
-    found: dict[str, str | None] | None = None
-    if runtime.is_main:
-        resolved: str | None = None
-        if uri.startswith("modelversion://"):
-            name, _, ref = uri.removeprefix("modelversion://").partition("/")
-            try:
-                version = ModelRegistry(rc.output.uri, name, settings).get_version(ref)
-            except (VersionNotFound, ValueError) as exc:
-                raise FetchError(f"{TEACHER_FIELD}: {uri}: {exc}") from None
-            resolved = f"modelversion://{name}/{version.name}"
-        found = {"resolved": resolved}
-    found = runtime.broadcast(found)
-    assert found is not None
-    resolved = found["resolved"]
-    target = workdir / "inputs" / "teacher"
-    rel: str | None = None
-    if runtime.is_local_main:
-        shutil.rmtree(target, ignore_errors=True)
-        # The resolved version, not the alias: an alias moving meanwhile cannot mix two versions.
-        path = fetch(resolved or uri, target, settings, registry_output_uri=rc.output.uri)
-        check_weights_safety(
-            path, allow_pickle=spec.teacher.allow_pickle, trust_remote_code=spec.teacher.trust_remote_code
-        )
-        rel = str(path.relative_to(workdir))
-    runtime.barrier()
-    rel = runtime.broadcast(rel)
-    assert rel is not None
-    return Teacher(uri=uri, path=workdir / rel, resolved=resolved)
-
-
-def teacher_record(teacher: Teacher) -> dict[str, Any]:
-    """The inputs-record entry: the teacher's content digest decides reuse, not its URI."""
-    from kubetune_registry.digests import digest_dir
-
-    return {"uri": teacher.uri, "digest": digest_dir(teacher.path), "resolved": teacher.resolved}
+# --- the train stage's wiring: teacher model, distiller, manifest and model-card lines --------
 
 
 def _load_teacher(rc: RunConfig, runtime: Runtime, teacher: Teacher) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
-
     spec = rc.distillation
     assert spec is not None
     # The student's dtype policy: compute dtype on GPUs, fp32 on CPU (bf16 is slow on most CPUs).
@@ -506,8 +421,6 @@ def build_distiller(
     spec = rc.distillation
     if spec is None or teacher is None:
         return None
-    from transformers import AutoConfig, AutoTokenizer
-
     teacher_tokenizer = AutoTokenizer.from_pretrained(
         str(teacher.path), trust_remote_code=spec.teacher.trust_remote_code
     )
@@ -544,8 +457,6 @@ def build_distiller(
     del model
     gc.collect()
     if runtime.device.type == "cuda":
-        import torch
-
         torch.cuda.empty_cache()
     if runtime.is_main and stream is not None:
         print(

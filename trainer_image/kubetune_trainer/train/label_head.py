@@ -22,12 +22,12 @@ have their answer tokens at different positions in every row.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
+import torch.nn.functional as F
 
 from kubetune_trainer.data.templates import IGNORE_INDEX
-
-if TYPE_CHECKING:
-    import torch
 
 
 @dataclass
@@ -45,8 +45,6 @@ class LabelledLogits:
 
     def cross_entropy(self) -> torch.Tensor:
         """Mean cross-entropy over the positions (0 with an intact graph when there are none)."""
-        import torch.nn.functional as F
-
         if self.targets.numel() == 0:
             return self.logits.float().sum() * 0.0
         return F.cross_entropy(self.logits.float(), self.targets)

@@ -1,0 +1,150 @@
+"""The artifacts stage of a run (rank 0): what ``staging/`` holds besides the trained weights.
+
+:func:`build_artifacts` — input: the :class:`~kubetune_trainer.context.RunContext`, fetch's
+``Inputs`` and the train stage's ``Trained``; output:
+:class:`Artifacts` (``merged/`` when ``output.merge`` or quantization needs it, and one
+:class:`~kubetune_trainer.artifacts.quantize.ArtifactReport` per ``spec.quantization.formats``
+entry under ``quantized/``). Raises UnsupportedFormatError, ArtifactSmokeTestError and
+FileExistsError (from :func:`~kubetune_trainer.artifacts.quantize.quantize_artifacts`).
+
+:func:`write_reports` — input: the same plus the evaluate stage's ``Evaluation``, the inputs
+record and the version name (called once the registry has allocated it) — writes ``eval/``
+(report.json, samples.jsonl), ``training/`` (run-config.json, metrics.jsonl, loss.png, training
+health) and the model card ``README.md``. Raises ValueError for a value that is not JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubetune_trainer import __version__ as TRAINER_VERSION
+from kubetune_trainer.artifacts.merge import merge_adapter
+from kubetune_trainer.artifacts.quantize import ArtifactReport, quantize_artifacts
+from kubetune_trainer.artifacts.report import plot_loss, render_model_card, write_eval_report
+from kubetune_trainer.context import RunContext
+from kubetune_trainer.evaluate.stage import Evaluation
+from kubetune_trainer.fetch.inputs import Inputs
+from kubetune_trainer.train.adapters import describe
+from kubetune_trainer.train.distill import describe_distillation
+from kubetune_trainer.train.health import plot_grad_norms
+from kubetune_trainer.train.recipe import TrainOutcome
+from kubetune_trainer.train.stage import Trained
+
+
+@dataclass
+class Artifacts:
+    """The merged model (None when nothing needed it) and the quantized artifacts' reports."""
+
+    merged_dir: Path | None = None
+    quantized: list[ArtifactReport] = field(default_factory=list)
+
+    @property
+    def formats(self) -> list[str]:
+        """The quantized formats written, in spec order."""
+        return [a.format for a in self.quantized]
+
+
+def build_artifacts(ctx: RunContext, inputs: Inputs, trained: Trained) -> Artifacts:
+    """Merge the adapter into the base and write the quantized formats (stage ``Quantizing``)."""
+    rc, reporter, staging = ctx.rc, ctx.reporter, ctx.staging
+    outcome = trained.outcome
+    merged_dir: Path | None = None
+    if rc.method.type == "full":
+        merged_dir = outcome.saved_dir
+    elif rc.output.merge or rc.quantization.formats:
+        reporter.stage("Quantizing", "merging the adapter into the base")
+        target = staging / "merged" if rc.output.merge else ctx.workdir / "merged-unpublished"
+        merged_dir = merge_adapter(inputs.base_dir, outcome.saved_dir, target)
+    quantized: list[ArtifactReport] = []
+    if rc.quantization.formats and merged_dir is not None:
+        reporter.stage("Quantizing", ", ".join(rc.quantization.formats))
+        quantized = quantize_artifacts(
+            merged_dir,
+            list(rc.quantization.formats),
+            staging / "quantized",
+            sample_prompt_ids=[list(e.prompt_ids) for e in trained.prepared.eval[:4]],
+            device=ctx.device,
+        )
+    return Artifacts(merged_dir=merged_dir, quantized=quantized)
+
+
+def write_reports(
+    ctx: RunContext,
+    outcome: TrainOutcome,
+    evaluation: Evaluation,
+    artifacts: Artifacts,
+    record: dict[str, Any],
+    version_name: str,
+    stages: list[dict[str, Any]],
+) -> None:
+    """eval/, training/ and the model card, into the staging folder that becomes the version.
+
+    ``record`` is the inputs record (its digests go on the card), ``stages`` the lineage of the
+    ``spec.stages`` entries trained before this one."""
+    rc, staging = ctx.rc, ctx.staging
+    precision = ctx.runtime.precision
+    report, gates = evaluation.report, evaluation.gates
+    training = staging / "training"
+    training.mkdir(parents=True, exist_ok=True)
+    run_config = json.loads(rc.to_json())
+    run_config["resolved"] = {"precision": precision, "trainerVersion": TRAINER_VERSION}
+    (training / "run-config.json").write_text(json.dumps(run_config, indent=2, sort_keys=True))
+    shutil.copyfile(outcome.metrics_path, training / "metrics.jsonl")
+    plot_loss(training / "metrics.jsonl", training / "loss.png")
+    _copy_health(outcome.metrics_path.parent, training)
+    write_eval_report(staging / "eval", report, gates, artifacts.quantized)
+    data_digests = {
+        f"{role} {name}": digest
+        for role, files in record.get("data", {}).items()
+        for name, digest in files.items()
+    }
+    t = rc.training
+    hyper = {
+        "method": rc.method.type,
+        "learning rate": rc.learning_rate,
+        "scheduler": f"{t.scheduler} (warm-up {t.warmup_ratio:g})",
+        "epochs" if t.max_steps is None else "max steps": t.epochs if t.max_steps is None else t.max_steps,
+        "steps run": outcome.steps,
+        "batch size x grad accumulation": f"{t.batch_size} x {t.gradient_accumulation_steps}",
+        "max sequence length": t.max_seq_length,
+        "packing": t.packing,
+        "precision": precision,
+        "seed": t.seed,
+        "distributed": f"{rc.distributed.nodes} node(s) x {rc.distributed.gpus_per_node} GPU(s), {rc.distributed.strategy}",
+    }
+    hyper.update(describe(rc.method))  # LoRA / DoRA / rsLoRA / (IA)^3 and the adapted layers
+    hyper.update(describe_distillation(rc, record))  # teacher, loss mix, temperature
+    if stages:
+        hyper["trained after stages"] = " -> ".join(
+            f"{st['name']} ({'reused ' + st['version'] if st.get('reused') else str(st.get('steps')) + ' steps'})"
+            for st in stages
+        )
+    (staging / "README.md").write_text(
+        render_model_card(
+            model_name=rc.model.name,
+            version=version_name,
+            base_model=rc.model.base.uri,
+            data_digests=data_digests,
+            hyperparameters=hyper,
+            report=report,
+            gates=gates,
+            artifacts=artifacts.quantized,
+            base_model_digest=record.get("base", {}).get("digest"),
+            lora_rank=rc.method.lora.r if rc.method.type != "full" else None,
+            vllm_lora=rc.method.type in ("lora", "qlora") and rc.method.lora.variant in ("lora", "rslora"),
+        )
+    )
+
+
+def _copy_health(source: Path, training: Path) -> None:
+    """grad-norms.jsonl + its heat map and health.json (training health), when the run wrote them."""
+    grad_norms = source / "grad-norms.jsonl"
+    if grad_norms.exists() and grad_norms.read_text().strip():
+        shutil.copyfile(grad_norms, training / "grad-norms.jsonl")
+        plot_grad_norms(training / "grad-norms.jsonl", training / "grad-norms.png")
+    if (source / "health.json").exists():
+        shutil.copyfile(source / "health.json", training / "health.json")

@@ -1,0 +1,264 @@
+"""The fetch stage: every input of a run on local disk, and the record of what they are.
+
+Input: the :class:`~kubetune_trainer.context.RunContext`. Output: :class:`Inputs` — the base model
+folder, the data files of the job and of each ``spec.stages`` entry, the extra eval sets, the
+distillation teacher and the augmentation term dictionaries, with the names reports show for each
+file — and its :class:`Identity` (:func:`identify`): the inputs record (base digest, data digests,
+config digest, trainer version) and the inputs digest the registry finds a published version by.
+
+Each node's local rank 0 downloads; the other ranks wait at a barrier and use the same folders.
+
+Raises FetchError (a source cannot be fetched, or holds no data file), UnsafeModelError (pickle
+weights or remote code the spec did not allow), BadInputError (a term dictionary prefix that does
+not hold exactly one file) and the registry's errors for a ``modelversion://`` base.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubetune_api.models import AugmentationSpec
+from kubetune_api.runconfig import RunConfig
+from kubetune_registry.digests import digest_dir, digest_json, sha256_file
+from kubetune_registry.versions import ModelRegistry
+from kubetune_trainer import __version__ as TRAINER_VERSION
+from kubetune_trainer.context import BadInputError, RunContext
+from kubetune_trainer.data import DATA_SUFFIXES
+from kubetune_trainer.fetch.sources import FetchError, check_weights_safety, fetch
+from kubetune_trainer.fetch.teacher import Teacher, fetch_teacher, teacher_record
+
+
+@dataclass
+class StageFiles:
+    """The data files of one ``spec.stages`` entry."""
+
+    name: str
+    train_files: list[Path]
+    eval_files: list[Path] | None
+
+
+@dataclass
+class Inputs:
+    """What the fetch stage put on local disk.
+
+    ``term_dictionaries`` holds one augmentation term dictionary per ``spec.stages`` entry, then
+    the job's own (None where that data has none): the last one is always this config's own.
+    """
+
+    base_dir: Path
+    train_files: list[Path]
+    eval_files: list[Path] | None
+    extra_files: dict[str, list[Path]]
+    display_names: dict[Path, str]
+    parent: str | None
+    stages: list[StageFiles] = field(default_factory=list)
+    teacher: Teacher | None = None
+    term_dictionaries: list[Path | None] = field(default_factory=lambda: [None])
+
+    def for_stage(self, index: int) -> Inputs:
+        """The inputs of stage ``index`` seen as a job of its own (see RunConfig.stage_config)."""
+        stage = self.stages[index]
+        return Inputs(
+            base_dir=self.base_dir,
+            train_files=stage.train_files,
+            eval_files=stage.eval_files,
+            extra_files=self.extra_files,
+            display_names=self.display_names,
+            parent=self.parent,
+            stages=self.stages[:index],
+            teacher=self.teacher,
+            term_dictionaries=self.term_dictionaries[: index + 1],
+        )
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What decides the trained model: the inputs record (rank 0 only; None on the other ranks)
+    and its digest (every rank), the key a published version is found again by."""
+
+    record: dict[str, Any] | None
+    digest: str
+
+
+def fetch_inputs(ctx: RunContext) -> Inputs:
+    """Fetch the base model, the data, the extra eval sets, each stage's data, the teacher and the
+    term dictionaries into ``workdir/inputs`` (stage ``Fetching``)."""
+    rc, runtime, workdir = ctx.rc, ctx.runtime, ctx.workdir
+    ctx.reporter.stage("Fetching", f"base {rc.model.base.uri}")
+    inputs_dir = workdir / "inputs"
+    parent: str | None = None
+    base_uri = rc.model.base.uri
+    if base_uri.startswith("modelversion://"):
+        name, ref = base_uri.removeprefix("modelversion://").split("/", 1)
+        version = ModelRegistry(rc.output.uri, name, ctx.store).get_version(ref)
+        parent = f"modelversion://{name}/{version.name}"
+    paths: dict[str, Any] = {}
+    if runtime.is_local_main:
+        shutil.rmtree(inputs_dir, ignore_errors=True)
+        base_dir = fetch(base_uri, inputs_dir / "base", ctx.store, registry_output_uri=rc.output.uri)
+        check_weights_safety(
+            base_dir,
+            allow_pickle=rc.model.base.allow_pickle,
+            trust_remote_code=rc.model.base.trust_remote_code,
+        )
+        paths["base"] = str(base_dir.relative_to(workdir))
+        paths["train"] = str(fetch(rc.data.train.uri, inputs_dir / "train", ctx.store).relative_to(workdir))
+        if rc.data.eval is not None:
+            paths["eval"] = str(fetch(rc.data.eval.uri, inputs_dir / "eval", ctx.store).relative_to(workdir))
+        for extra in rc.evaluation.extra_sets:
+            paths[f"extra:{extra.name}"] = str(
+                fetch(extra.uri, inputs_dir / "extra" / extra.name, ctx.store).relative_to(workdir)
+            )
+        for stage in rc.stages:
+            for role, source in (("train", stage.data.train), ("eval", stage.data.eval)):
+                if source is not None:
+                    target = inputs_dir / "stages" / stage.name / role
+                    paths[f"stage:{stage.name}:{role}"] = str(
+                        fetch(source.uri, target, ctx.store).relative_to(workdir)
+                    )
+    runtime.barrier()
+    paths = runtime.broadcast(paths)
+    display: dict[Path, str] = {}
+
+    def files(key: str, uri: str) -> list[Path]:
+        root = workdir / paths[key]
+        out = _data_files(root)
+        for f in out:
+            rel = f.relative_to(root).as_posix() if root.is_dir() else ""
+            display[f] = uri.rstrip("/") + ("/" + rel if rel else "")
+        return out
+
+    inputs = Inputs(
+        base_dir=workdir / paths["base"],
+        train_files=files("train", rc.data.train.uri),
+        eval_files=files("eval", rc.data.eval.uri) if rc.data.eval is not None else None,
+        extra_files={e.name: files(f"extra:{e.name}", e.uri) for e in rc.evaluation.extra_sets},
+        display_names=display,
+        parent=parent,
+        stages=[
+            StageFiles(
+                name=st.name,
+                train_files=files(f"stage:{st.name}:train", st.data.train.uri),
+                eval_files=files(f"stage:{st.name}:eval", st.data.eval.uri)
+                if st.data.eval is not None
+                else None,
+            )
+            for st in rc.stages
+        ],
+    )
+    inputs.teacher = fetch_teacher(ctx)
+    # One term dictionary per stage, then the job's own (None where augmentation has none).
+    inputs.term_dictionaries = [
+        _fetch_term_dictionary(ctx, st.data.augmentation, f"augmentation-terms-{st.name}") for st in rc.stages
+    ] + [_fetch_term_dictionary(ctx, rc.data.augmentation, "augmentation-terms")]
+    return inputs
+
+
+def _data_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+    if not files:
+        raise FetchError(f"no data files ({', '.join(DATA_SUFFIXES)}) found under {path}")
+    return files
+
+
+def _fetch_term_dictionary(ctx: RunContext, aug: AugmentationSpec | None, folder: str) -> Path | None:
+    """An augmentation term dictionary, fetched by each node's local rank 0 (None when unused)."""
+    if aug is None or aug.synonyms is None:
+        return None
+    runtime, workdir = ctx.runtime, ctx.workdir
+    target = workdir / "inputs" / folder
+    if runtime.is_local_main:
+        shutil.rmtree(target, ignore_errors=True)
+        fetched = fetch(aug.synonyms.uri, target, ctx.store)
+        rel = str(fetched.relative_to(workdir))
+    else:
+        rel = None
+    runtime.barrier()
+    rel = runtime.broadcast(rel)
+    path = workdir / rel
+    if path.is_dir():  # a prefix URI: it must hold exactly one file
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        if len(files) != 1:
+            raise BadInputError(
+                f"spec.data.augmentation.synonyms.uri: expected one term dictionary file, found {len(files)}"
+            )
+        path = files[0]
+    return path
+
+
+def fetch_stage_weights(ctx: RunContext, version_uri: str, name: str) -> Path:
+    """A published stage's adapter/ (or merged/ for full fine-tuning), fetched on every node."""
+    rc, runtime, workdir = ctx.rc, ctx.runtime, ctx.workdir
+    model_name = f"{rc.model.name}-{name}"
+    version = version_uri.rstrip("/").rsplit("/", 1)[-1]
+    target = workdir / "inputs" / "stages" / name / "weights"
+    rel: str | None = None
+    if runtime.is_local_main:
+        shutil.rmtree(target, ignore_errors=True)
+        fetched = fetch(
+            f"modelversion://{model_name}/{version}",
+            target,
+            ctx.store,
+            registry_output_uri=rc.output.uri,
+            subdir_for_modelversion="merged" if rc.method.type == "full" else "adapter",
+        )
+        rel = str(fetched.relative_to(workdir))
+    runtime.barrier()
+    return workdir / runtime.broadcast(rel)
+
+
+# --- what the inputs are ----------------------------------------------------------------------
+
+
+def inputs_record(rc: RunConfig, inputs: Inputs) -> dict[str, Any]:
+    """What determines the trained model: base digest, data digests, config digest, trainer version."""
+
+    def data(files: list[Path]) -> dict[str, str]:
+        return {inputs.display_names[f]: sha256_file(f) for f in files}
+
+    record: dict[str, Any] = {
+        "base": {"uri": rc.model.base.uri, "digest": digest_dir(inputs.base_dir), "parent": inputs.parent},
+        "data": {"train": data(inputs.train_files)},
+        "configDigest": rc.config_digest(),
+        "trainerVersion": TRAINER_VERSION,
+    }
+    if inputs.eval_files is not None:
+        record["data"]["eval"] = data(inputs.eval_files)
+    for name, files in inputs.extra_files.items():
+        record["data"][f"extra:{name}"] = data(files)
+    if inputs.teacher is not None:  # a different teacher trains a different model
+        record["teacher"] = teacher_record(inputs.teacher)
+    if inputs.stages:
+        # Earlier stages shape the weights too: their data is part of what was trained on.
+        record["stages"] = [
+            {"name": st.name, "train": data(st.train_files)}
+            | ({"eval": data(st.eval_files)} if st.eval_files is not None else {})
+            for st in inputs.stages
+        ]
+    return record
+
+
+def full_record(rc: RunConfig, inputs: Inputs) -> dict[str, Any]:
+    """:func:`inputs_record` plus the augmentation term dictionaries (``inputs.term_dictionaries[i]``
+    for stage i, the last for the config's own data): a dictionary changes what is trained, so its
+    content is an input."""
+    record = inputs_record(rc, inputs)
+    datas = [*(st.data for st in rc.stages), rc.data]
+    targets = [*record.get("stages", []), record["data"]]
+    for data, target, path in zip(datas, targets, inputs.term_dictionaries, strict=True):
+        if path is not None and data.augmentation is not None and data.augmentation.synonyms is not None:
+            target["augmentationTerms"] = {data.augmentation.synonyms.uri: sha256_file(path)}
+    return record
+
+
+def identify(ctx: RunContext, inputs: Inputs) -> Identity:
+    """The :class:`Identity` of ``ctx.rc`` trained on ``inputs`` (rank 0 records, every rank gets the digest)."""
+    record = full_record(ctx.rc, inputs) if ctx.runtime.is_main else None
+    return Identity(
+        record=record, digest=ctx.runtime.broadcast(digest_json(record) if record is not None else None)
+    )
