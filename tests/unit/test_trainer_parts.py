@@ -11,10 +11,10 @@ import pytest
 from kubetune_api.loader import load_finetunejob
 from kubetune_api.reports import TERMINATION_MESSAGE_LIMIT, TrainerResult
 from kubetune_api.runconfig import resolve_run_config
-from kubetune_trainer.train.checkpoint import MARKER, CheckpointManager, CheckpointMismatchError
+from kubetune_registry.storage import LocalStore
 from kubetune_trainer.reporting import Reporter
 from kubetune_trainer.runtime import Runtime, UnsupportedHardwareError, resolve_precision
-from kubetune_registry.storage import LocalStore
+from kubetune_trainer.train.checkpoint import MARKER, CheckpointManager, CheckpointMismatchError
 
 REPO = Path(__file__).resolve().parents[2]
 
