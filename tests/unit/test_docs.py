@@ -104,7 +104,9 @@ def test_spec_fields_named_in_docs_exist(page: Path) -> None:
     if page.name == "api-reference.md":
         return
     missing = []
-    for raw in re.findall(r"`((?:spec\.)?[a-z][A-Za-z0-9]*(?:\.[a-z][A-Za-z0-9]*)+)", text):  # ia3 has a digit
+    for raw in re.findall(
+        r"`((?:spec\.)?[a-z][A-Za-z0-9]*(?:\.[a-z][A-Za-z0-9]*)+)", text
+    ):  # ia3 has a digit
         path = raw.removeprefix("spec.")
         if path.split(".")[0] not in SPEC_ALIASES:
             continue
