@@ -290,6 +290,25 @@ def trainer_pods(api: ApiClient, namespace: str, obj: Mapping[str, Any]) -> list
     return sorted(pods, key=rank)
 
 
+def _completion_index(pod: Mapping[str, Any]) -> int:
+    index = str((pod["metadata"].get("annotations") or {}).get(COMPLETION_INDEX, "0"))
+    return int(index) if index.isdigit() else 0
+
+
+def pod_for_rank(pods: list[dict[str, Any]], rank: int) -> dict[str, Any] | None:
+    """The pod of node rank ``rank`` (its completion index), not the ``rank``-th pod in the list: a
+    retried rank has several pods (the failed ones stay until the Job goes), the newest is current."""
+    candidates = [p for p in pods if _completion_index(p) == rank]
+    if not candidates:
+        return None
+
+    def created(pod: Mapping[str, Any]) -> str:
+        meta = pod["metadata"]
+        return str(meta.get("creation_timestamp") or meta.get("creationTimestamp") or "")
+
+    return max(candidates, key=lambda p: (created(p), p["metadata"].get("name") or ""))
+
+
 # --- commands ---------------------------------------------------------------------------------
 
 
@@ -354,10 +373,16 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if not pods:
         print(f"error: finetunejob {namespace}/{args.name}: no trainer pods yet", file=sys.stderr)
         return EXIT_USAGE
-    if args.rank >= len(pods):
-        print(f"error: --rank {args.rank}: the job has {len(pods)} pod(s)", file=sys.stderr)
+    chosen = pod_for_rank(pods, args.rank)
+    if chosen is None:
+        ranks = sorted({_completion_index(p) for p in pods})
+        print(
+            f"error: --rank {args.rank}: no pod with that completion index (ranks: "
+            f"{', '.join(map(str, ranks))})",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
-    pod = pods[args.rank]["metadata"]["name"]
+    pod = chosen["metadata"]["name"]
     core = client.CoreV1Api(api)
     try:
         if args.follow:

@@ -16,6 +16,7 @@ explicitly, and suspension is done by not creating the Job at all.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,21 +41,76 @@ IN_CLUSTER_REPORTING = Reporting(status_patch=True, termination_message_path=TER
 
 @dataclass(frozen=True)
 class Attempt:
-    """One attempt = the Job that trains one spec fingerprint of a FineTuneJob."""
+    """One attempt = the Job that trains one spec generation of a FineTuneJob.
+
+    ``generation`` is the spec generation that started it; later generations that only flip
+    ``runPolicy.suspend`` keep it. ``fingerprint`` is what the operator reads of the spec it trains.
+    """
 
     name: str
     fingerprint: str
     generation: int
 
 
-def attempt_for(job: FineTuneJob) -> Attempt:
-    """The attempt the current spec asks for (deterministic: same spec, same Job name)."""
-    fingerprint = naming.spec_fingerprint(job.spec.to_api())
+def spec_fingerprint(job: FineTuneJob) -> str:
+    """The fingerprint of ``job``'s spec as this operator reads it (suspend left out)."""
+    return naming.spec_fingerprint(job.spec.to_api())
+
+
+def attempt_for(job: FineTuneJob, current: Mapping[str, Any] | None = None) -> Attempt:
+    """The attempt recorded in ``current`` (the status), else the one the current generation starts.
+
+    Deterministic: the same FineTuneJob and status always give the same Job name.
+    """
+    st = current or {}
+    recorded = st.get("jobName")
+    if recorded:
+        return Attempt(
+            name=str(recorded),
+            fingerprint=str(st.get("attemptFingerprint") or spec_fingerprint(job)),
+            generation=int(st.get("attemptGeneration") or st.get("observedGeneration") or 1),
+        )
+    generation = job.metadata.generation or 1
     return Attempt(
-        name=naming.job_name(_name(job), fingerprint),
-        fingerprint=fingerprint,
-        generation=job.metadata.generation or 1,
+        name=naming.job_name(_name(job), generation),
+        fingerprint=spec_fingerprint(job),
+        generation=generation,
     )
+
+
+@dataclass(frozen=True)
+class AttemptPlan:
+    """What reconciling the current generation means for the attempt.
+
+    ``action``: ``keep`` (the recorded attempt is this generation's), ``adopt`` (a new generation
+    that only changed ``runPolicy.suspend``: the attempt goes on), ``rebaseline`` (same generation,
+    but the spec reads differently: a CRD or operator upgrade changed defaults; the attempt goes on
+    and its fingerprint is re-recorded), ``new`` (start a new attempt for this generation).
+    """
+
+    action: str
+    attempt: Attempt
+
+
+def plan_attempt(job: FineTuneJob, current: Mapping[str, Any]) -> AttemptPlan:
+    """Decide from the generation, never from the spec's content alone (see :class:`AttemptPlan`).
+
+    Only a new ``metadata.generation`` can start a new attempt: an upgrade does not change it (the
+    API server bumps it only when a write changes the spec), so defaults that a new CRD or operator
+    adds never replace a running or finished Job.
+    """
+    generation = job.metadata.generation or 1
+    fingerprint = spec_fingerprint(job)
+    recorded = current.get("jobName")
+    observed = current.get("observedGeneration")
+    if recorded:
+        attempt = attempt_for(job, current)
+        if observed == generation:
+            action = "keep" if current.get("attemptFingerprint") == fingerprint else "rebaseline"
+            return AttemptPlan(action, Attempt(attempt.name, fingerprint, attempt.generation))
+        if current.get("attemptFingerprint") == fingerprint:
+            return AttemptPlan("adopt", attempt)
+    return AttemptPlan("new", Attempt(naming.job_name(_name(job), generation), fingerprint, generation))
 
 
 def _name(job: FineTuneJob) -> str:
@@ -104,10 +160,12 @@ def _metadata(job: FineTuneJob, name: str, component: str, **extra_labels: str) 
 # --- ConfigMap, Service, RBAC -----------------------------------------------------------------
 
 
-def build_configmap(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+def build_configmap(
+    job: FineTuneJob, settings: OperatorSettings, attempt: Attempt | None = None
+) -> dict[str, Any]:
     """The attempt's RunConfig as ``run-config.json``; immutable, one per attempt."""
     del settings  # same RunConfig whatever the installation: the trainer must not depend on it
-    attempt = attempt_for(job)
+    attempt = attempt or attempt_for(job)
     run_config = resolve_run_config(job, reporting=IN_CLUSTER_REPORTING)
     meta = _metadata(
         job, naming.config_map_name(attempt.name), "run-config", **{naming.LABEL_ATTEMPT: attempt.name}
@@ -187,20 +245,29 @@ def build_role_binding(job: FineTuneJob, settings: OperatorSettings) -> dict[str
 
 
 def trainer_command(job: FineTuneJob, attempt: Attempt, settings: OperatorSettings) -> list[str]:
-    """One process, or torchrun with c10d rendezvous on pod 0 through the headless Service."""
+    """One process, or torchrun with c10d rendezvous on pod 0 through the headless Service.
+
+    torchrun runs through ``settings.launcher_command`` (kubetune_trainer.launch), which exits with
+    the failing worker's code instead of torchrun's 1, so podFailurePolicy's FailJob rule on the
+    permanent exit codes matches for distributed jobs too.
+    """
     dist = job.spec.distributed
     tail = ["--run-config", RUN_CONFIG_PATH]
     if dist.nodes == 1 and dist.gpus_per_node <= 1:
         return [*settings.trainer_command, *tail]
     endpoint = f"{attempt.name}-0.{naming.service_name(_name(job))}:{settings.rendezvous_port}"
     return [
-        "torchrun",
+        *settings.launcher_command,
         f"--nnodes={dist.nodes}",
         f"--nproc-per-node={max(dist.gpus_per_node, 1)}",
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint={endpoint}",
-        # The FineTuneJob UID plus the attempt: a replaced attempt never joins the old rendezvous.
-        f"--rdzv-id={job.metadata.uid}-{attempt.fingerprint}",
+        # A preempted peer: the surviving pods restart their workers and re-rendezvous with its
+        # replacement (resuming from the checkpoint) instead of failing; see kubetune_trainer.launch.
+        f"--max-restarts={settings.torchrun_max_restarts}",
+        # The FineTuneJob UID plus the attempt's generation: a replaced attempt never joins the old
+        # rendezvous, and nothing an upgrade changes (defaults, fingerprints) moves it.
+        f"--rdzv-id={job.metadata.uid}-g{attempt.generation}",
         "-m",
         settings.trainer_module,
         *tail,
@@ -277,10 +344,10 @@ def job_suspended_at_creation(job: FineTuneJob) -> bool:
     return job.spec.run_policy.suspend or job.spec.run_policy.queue_name is not None
 
 
-def build_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+def build_job(job: FineTuneJob, settings: OperatorSettings, attempt: Attempt | None = None) -> dict[str, Any]:
     """The Indexed Job of the current attempt: one pod per node, restricted pod security."""
     spec = job.spec
-    attempt = attempt_for(job)
+    attempt = attempt or attempt_for(job)
     policy = spec.run_policy
     nodes = spec.distributed.nodes
     account = naming.trainer_account_name(_name(job))

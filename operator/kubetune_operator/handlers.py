@@ -25,6 +25,8 @@ from kubetune_operator.validation import SpecInvalid, validate_job
 
 FTJ = (names.API_GROUP, names.API_VERSION, reconcile.PLURAL)
 MANAGED = {"app.kubernetes.io/managed-by": "kubetune-operator"}
+#: The same, as the label selector sent with the children's list/watch requests.
+CHILD_SELECTOR = ",".join(f"{k}={v}" for k, v in MANAGED.items())
 
 
 def _ctx(memo: Any) -> Context:
@@ -37,8 +39,43 @@ def _ctx(memo: Any) -> Context:
 # --- FineTuneJob: create / resume / update ----------------------------------------------------
 
 
+#: Back-off after the API server refused a child: 5 s, doubling, at most 5 minutes.
+REJECTED_RETRY_SECONDS = 5.0
+REJECTED_RETRY_MAX_SECONDS = 300.0
+
+
+def rejected_retry_delay(retry: int) -> float:
+    """Seconds before retrying a refused create (``retry`` = kopf's count of earlier retries)."""
+    return float(min(REJECTED_RETRY_SECONDS * 2 ** min(retry, 16), REJECTED_RETRY_MAX_SECONDS))
+
+
+def _report_rejection(
+    ctx: Context,
+    body: kopf.Body,
+    current: Mapping[str, Any],
+    obs: status.Observed,
+    exc: reconcile.ChildRejected,
+    retry: int,
+) -> None:
+    """Stalled with the API server's words and a Warning Event (once per reason and message), then a
+    retry with back-off: the cause (a quota, a webhook, a spec field) may be removed at any time."""
+    meta = body["metadata"]
+    message = f"the API server refused to create {exc.kind} {exc.name} (HTTP {exc.status}): {exc.message}"
+    patch = status.rejected_status(obs, exc.reason, message)
+    reconcile.patch_status(ctx.api, meta["namespace"], meta["name"], patch)
+    if (current.get("reason"), current.get("message")) != (exc.reason, message):
+        reconcile.post_event(body, "Warning", exc.reason, message)
+    ctx.metrics.observe_phase(meta["namespace"], meta["name"], "Pending")
+    ctx.metrics.observe_status(meta["namespace"], meta["name"], current, status.merged(current, patch))
+    raise kopf.TemporaryError(message, delay=rejected_retry_delay(retry))
+
+
 def reconcile_finetunejob(
-    body: kopf.Body, memo: kopf.Memo, logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any
+    body: kopf.Body,
+    memo: kopf.Memo,
+    logger: logging.Logger | logging.LoggerAdapter[Any],
+    retry: int = 0,
+    **_: Any,
 ) -> None:
     """Validate, create the current attempt's children, retire older attempts, refresh status."""
     ctx = _ctx(memo)
@@ -58,6 +95,19 @@ def reconcile_finetunejob(
             )
             patch = status.invalid_status(exc.problems, obs)
             reconcile.patch_status(ctx.api, meta["namespace"], meta["name"], patch)
+            if current.get("jobName") and current.get("phase") not in status.TERMINAL_PHASES:
+                # The spec asks for nothing that can run: the previous generation's running attempt
+                # is superseded (status.history says so) and goes, as it would for a valid edit.
+                removed = reconcile.remove_attempts(
+                    ctx.api, meta["namespace"], meta["name"], meta.get("uid"), keep=None
+                )
+                if removed:
+                    reconcile.post_event(
+                        body,
+                        "Normal",
+                        "AttemptReplaced",
+                        f"generation {obs.generation} is invalid: removed {', '.join(removed)}",
+                    )
             if (current.get("phase"), current.get("reason"), current.get("message")) != (
                 "Failed",
                 "InvalidSpec",
@@ -65,32 +115,60 @@ def reconcile_finetunejob(
             ):
                 reconcile.post_event(body, "Warning", "InvalidSpec", patch["message"])
             ctx.metrics.observe_phase(meta["namespace"], meta["name"], "Failed")
+            ctx.metrics.observe_status(
+                meta["namespace"], meta["name"], current, status.merged(current, patch)
+            )
             raise kopf.PermanentError(f"invalid spec: {exc}") from None
 
-        attempt = builders.attempt_for(job)
-        if current.get("jobName") != attempt.name:
-            # A new attempt (first reconcile, or a spec change): the old attempt goes, its record stays.
+        generation = meta.get("generation") or 1
+        plan = builders.plan_attempt(job, current)
+        attempt = plan.attempt
+        obs = status.Observed(
+            generation=generation,
+            attempt=attempt.name,
+            job=None,
+            pods=[],
+            status=current,
+            now=reconcile.utc_now(),
+        )
+        if plan.action == "new":
+            # A new generation (or the first, or the first valid one): start its attempt. The status
+            # is written first, so a crash after it resumes this attempt instead of starting another.
+            reset = status.new_attempt_status(obs, attempt.fingerprint)
+            reconcile.patch_status(ctx.api, meta["namespace"], meta["name"], reset)
+            current = status.merged(current, reset)
+        elif plan.action != "keep":
+            # adopt: a new generation that only flipped runPolicy.suspend; rebaseline: the same
+            # generation read differently after an upgrade. Either way the attempt goes on as it is.
+            if plan.action == "rebaseline":
+                logger.info(
+                    "spec of generation %s reads differently (upgrade?): keeping attempt %s",
+                    generation,
+                    attempt.name,
+                )
+            keep = {"observedGeneration": generation, "attemptFingerprint": attempt.fingerprint}
+            if not current.get("attemptGeneration"):
+                keep["attemptGeneration"] = attempt.generation
+            reconcile.patch_status(ctx.api, meta["namespace"], meta["name"], keep)
+            current = status.merged(current, keep)
+
+        finished = current.get("phase") in status.TERMINAL_PHASES
+        if plan.action == "new" or not finished:
+            # The old attempt goes, its record stays (status.history, ModelVersions).
             removed = reconcile.remove_stale_attempts(ctx.api, job, attempt.name)
             if removed:
                 logger.info("replaced attempt: removed %s", ", ".join(removed))
                 reconcile.post_event(
-                    body, "Normal", "AttemptReplaced", f"spec changed: removed {', '.join(removed)}"
+                    body,
+                    "Normal",
+                    "AttemptReplaced",
+                    f"generation {generation}: removed {', '.join(removed)}",
                 )
-            obs = status.Observed(
-                generation=attempt.generation,
-                attempt=attempt.name,
-                job=None,
-                pods=[],
-                status=current,
-                now=reconcile.utc_now(),
-            )
-            reset = status.new_attempt_status(obs)
-            reconcile.patch_status(ctx.api, meta["namespace"], meta["name"], reset)
-            current = status.merged(current, reset)
-
-        finished = current.get("jobName") == attempt.name and current.get("phase") in status.TERMINAL_PHASES
         if not finished:
-            created = reconcile.ensure_children(ctx.api, job, ctx.settings)
+            try:
+                created = reconcile.ensure_children(ctx.api, job, ctx.settings, attempt)
+            except reconcile.ChildRejected as exc:
+                _report_rejection(ctx, body, current, obs, exc, retry)
             if created:
                 logger.info("created %s", ", ".join(created))
                 reconcile.post_event(body, "Normal", "Created", f"created {', '.join(created)}")
@@ -170,6 +248,11 @@ def make_startup(ours: OperatorSettings, ctx_factory: Any) -> Any:
         settings.peering.priority = ours.priority
         settings.peering.standalone = ours.standalone
         settings.peering.mandatory = not ours.standalone
+        # Server-side label selectors on the children's watches: in cluster-wide mode an unfiltered
+        # pod watch would stream every pod of the cluster through the operator. The handlers'
+        # labels= filters alone are client-side.
+        for child in (("batch", "v1", "jobs"), ("v1", "pods")):
+            settings.watching.label_selectors[child] = CHILD_SELECTOR
         # Watches end server-side, then client-side: a silently dropped connection cannot stall us.
         settings.watching.server_timeout = ours.watch_server_timeout
         settings.watching.client_timeout = ours.watch_client_timeout

@@ -79,9 +79,15 @@ def spec_fingerprint(spec: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
-def job_name(ftj_name: str, fingerprint: str) -> str:
-    """The batch/v1 Job of the attempt with this spec fingerprint."""
-    return dns_label(ftj_name, fingerprint, JOB_NAME_MAX)
+def job_name(ftj_name: str, generation: int) -> str:
+    """The batch/v1 Job of the attempt started by spec generation ``generation``: ``<name>-g<N>``.
+
+    Named after the generation, not the spec's content: what the API server shows of a stored spec
+    changes when a CRD upgrade adds a defaulted field, its generation does not (docs/operating.md,
+    "Upgrades"). Releases before 0.2 named Jobs ``<name>-<fingerprint>``; those are adopted as they are
+    (the current attempt is the one in ``status.jobName``).
+    """
+    return dns_label(ftj_name, f"g{generation}", JOB_NAME_MAX)
 
 
 def config_map_name(attempt: str) -> str:
@@ -99,14 +105,19 @@ def trainer_account_name(ftj_name: str) -> str:
     return dns_label(ftj_name, "trainer", 253)
 
 
-def model_version_name(model: str, version: str) -> str:
+def model_version_name(model: str, version: str, uri: str | None = None) -> str:
     """``<model>-<version>`` (e.g. ``tiny-demo-v1``) as an object name.
 
     Model names may hold ``_``, which object names may not: such names are mapped to ``-`` and
-    get a hash of the real model name, so ``a_b`` and ``a-b`` never share a record.
+    get a hash of the real model name, so ``a_b`` and ``a-b`` never share a record. With ``uri`` (the
+    version's folder) the name also gets a hash of it: the record of a version of the same model
+    and version name published to another registry (another ``spec.output.uri``), which must not
+    collide with the first one's ``<model>-<version>``.
     """
     names.check_name(model, "model name")
     wanted = f"{model}-{version}"
-    if "_" not in wanted:
-        return wanted
-    return f"{wanted.replace('_', '-')}-{_short_hash(model)}"
+    if "_" in wanted:
+        wanted = f"{wanted.replace('_', '-')}-{_short_hash(model)}"
+    if uri is not None:
+        wanted = f"{wanted}-{_short_hash(uri)}"
+    return wanted

@@ -79,6 +79,38 @@ def _creators(api: ApiClient) -> dict[str, tuple[Callable[..., Any], Callable[..
     }
 
 
+class ChildRejected(RuntimeError):
+    """The API server refused to create a child (400/403/422): quota, admission, an invalid field.
+
+    ``status`` is the HTTP status, ``message`` the API server's own words, ``kind``/``name`` the child.
+    """
+
+    def __init__(self, kind: str, name: str, status: int, message: str) -> None:
+        self.kind, self.name, self.status, self.message = kind, name, status, message
+        super().__init__(f"{kind} {name}: {message}")
+
+    @property
+    def reason(self) -> str:
+        """QuotaExceeded, Forbidden or ChildRejected (the CamelCase reason of the Stalled condition)."""
+        if self.status == 403 and "exceeded quota" in self.message:
+            return "QuotaExceeded"
+        return "Forbidden" if self.status == 403 else "ChildRejected"
+
+
+#: HTTP statuses that mean "the server will not create this as asked", not "try again now".
+_REJECTED = frozenset({400, 403, 422})
+
+
+def _server_message(exc: Exception) -> str:
+    body = getattr(exc, "body", None)
+    if not isinstance(body, str | bytes):
+        return str(exc)
+    try:
+        return str(json.loads(body).get("message") or body)
+    except (ValueError, AttributeError):
+        return str(body)
+
+
 def create_owned(api: ApiClient, obj: Mapping[str, Any]) -> bool:
     """Create ``obj``; True if created, False if it already existed and is owned by the same FineTuneJob.
 
@@ -92,7 +124,10 @@ def create_owned(api: ApiClient, obj: Mapping[str, Any]) -> bool:
         create(meta["namespace"], obj)
         return True
     except _api_exception() as exc:
-        if _status_of(exc) != 409:
+        code = _status_of(exc)
+        if code in _REJECTED:
+            raise ChildRejected(kind, meta["name"], int(code or 0), _server_message(exc)) from None
+        if code != 409:
             raise
     existing = read(meta["name"], meta["namespace"])
     owners = {ref.uid for ref in (existing.metadata.owner_references or [])}
@@ -106,25 +141,34 @@ def create_owned(api: ApiClient, obj: Mapping[str, Any]) -> bool:
     return False
 
 
-def desired_children(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
-    """Every child of the current attempt, in creation order (the Job last: it needs the rest)."""
+def desired_children(
+    job: FineTuneJob, settings: OperatorSettings, attempt: builders.Attempt | None = None
+) -> list[dict[str, Any]]:
+    """Every child of ``attempt``, in creation order (the Job last: it needs the rest)."""
+    attempt = attempt or builders.attempt_for(job)
     objects = [
         builders.build_service_account(job, settings),
         builders.build_role(job, settings),
         builders.build_role_binding(job, settings),
         builders.build_service(job, settings),
-        builders.build_configmap(job, settings),
+        builders.build_configmap(job, settings, attempt),
     ]
     # v1.20 cannot create a suspended Job: compat mode suspends by not creating it yet.
     if not (settings.compat_k8s_1_20 and builders.job_suspended_at_creation(job)):
-        objects.append(builders.build_job(job, settings))
+        objects.append(builders.build_job(job, settings, attempt))
     return objects
 
 
-def ensure_children(api: ApiClient, job: FineTuneJob, settings: OperatorSettings) -> list[str]:
-    """Create what is missing; returns '<Kind>/<name>' of each object created now."""
+def ensure_children(
+    api: ApiClient, job: FineTuneJob, settings: OperatorSettings, attempt: builders.Attempt
+) -> list[str]:
+    """Create what is missing; returns '<Kind>/<name>' of each object created now.
+
+    An existing child is never replaced or updated: what an attempt runs is fixed when its Job is
+    created (an upgrade that renders it differently changes only Jobs created afterwards).
+    """
     created = []
-    for obj in desired_children(job, settings):
+    for obj in desired_children(job, settings, attempt):
         if create_owned(api, obj):
             created.append(f"{obj['kind']}/{obj['metadata']['name']}")
     return created
@@ -135,27 +179,37 @@ def remove_stale_attempts(api: ApiClient, job: FineTuneJob, attempt: str) -> lis
 
     Background propagation: the Job's pods go with it. ModelVersions are never touched.
     """
+    return remove_attempts(
+        api, job.metadata.namespace or "default", job.metadata.name or "", job.metadata.uid, keep=attempt
+    )
+
+
+def remove_attempts(
+    api: ApiClient, namespace: str, name: str, uid: str | None, *, keep: str | None
+) -> list[str]:
+    """Delete the Jobs and RunConfig ConfigMaps owned by FineTuneJob ``uid``, except attempt ``keep``
+    (None: all of them, e.g. when the current generation is invalid); '<Kind>/<name>' of each."""
     from kubernetes import client
 
-    namespace = job.metadata.namespace or "default"
-    selector = f"{naming.LABEL_FINETUNEJOB}={naming.label_value(job.metadata.name or '')}"
+    selector = f"{naming.LABEL_FINETUNEJOB}={naming.label_value(name)}"
     batch = client.BatchV1Api(api)
     core = client.CoreV1Api(api)
     removed = []
     body = client.V1DeleteOptions(propagation_policy="Background")
     for old in batch.list_namespaced_job(namespace, label_selector=selector).items:
-        if old.metadata.name != attempt and _owned_by(old, job):
+        if old.metadata.name != keep and _owned_by(old, uid):
             _delete_quietly(batch.delete_namespaced_job, old.metadata.name, namespace, body)
             removed.append(f"Job/{old.metadata.name}")
+    kept_cm = naming.config_map_name(keep) if keep else None
     for cm in core.list_namespaced_config_map(namespace, label_selector=selector).items:
-        if cm.metadata.name != naming.config_map_name(attempt) and _owned_by(cm, job):
+        if cm.metadata.name != kept_cm and _owned_by(cm, uid):
             _delete_quietly(core.delete_namespaced_config_map, cm.metadata.name, namespace, body)
             removed.append(f"ConfigMap/{cm.metadata.name}")
     return removed
 
 
-def _owned_by(obj: Any, job: FineTuneJob) -> bool:
-    return any(ref.uid == job.metadata.uid for ref in (obj.metadata.owner_references or []))
+def _owned_by(obj: Any, uid: str | None) -> bool:
+    return uid is not None and any(ref.uid == uid for ref in (obj.metadata.owner_references or []))
 
 
 def _delete_quietly(delete: Callable[..., Any], name: str, namespace: str, body: Any) -> None:
@@ -213,10 +267,10 @@ def read_finetunejob(api: ApiClient, namespace: str, name: str) -> dict[str, Any
 
 
 def observe(api: ApiClient, job: FineTuneJob, current_status: Mapping[str, Any], now: str) -> status.Observed:
-    """Read the current attempt's Job and pods into :class:`status.Observed`."""
+    """Read the current attempt's Job and pods (the attempt ``status.jobName`` names) into :class:`status.Observed`."""
     from kubernetes import client
 
-    attempt = builders.attempt_for(job)
+    attempt = builders.attempt_for(job, current_status)
     namespace = job.metadata.namespace or "default"
     # Raw JSON (_preload_content=False): the reducers read the API's own JSON form, and building
     # client model objects only to serialise them back was ~40% of a status refresh's CPU.
@@ -230,16 +284,35 @@ def observe(api: ApiClient, job: FineTuneJob, current_status: Mapping[str, Any],
     pods = client.CoreV1Api(api).list_namespaced_pod(
         namespace, label_selector=f"{naming.LABEL_ATTEMPT}={attempt.name}", _preload_content=False
     )
+    pod_items = list(json.loads(pods.data).get("items") or [])
+    job_events: list[dict[str, Any]] = []
+    if job_obj is not None and not pod_items and not _job_finished(job_obj):
+        # No pods and not finished: the Job controller may be failing to create them (quota,
+        # admission). It says so only in Events on the Job.
+        events = client.CoreV1Api(api).list_namespaced_event(
+            namespace,
+            field_selector=f"involvedObject.kind=Job,involvedObject.name={attempt.name},reason=FailedCreate",
+            _preload_content=False,
+        )
+        job_events = list(json.loads(events.data).get("items") or [])
     return status.Observed(
         generation=job.metadata.generation or 1,
         attempt=attempt.name,
+        job_events=job_events,
         job=job_obj,
-        pods=list(json.loads(pods.data).get("items") or []),
+        pods=pod_items,
         status=current_status,
         now=now,
         suspend_requested=job.spec.run_policy.suspend,
         queue_name=job.spec.run_policy.queue_name,
         nodes=job.spec.distributed.nodes,
+    )
+
+
+def _job_finished(job_obj: Mapping[str, Any]) -> bool:
+    return any(
+        c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+        for c in job_obj.get("status", {}).get("conditions") or []
     )
 
 
@@ -256,10 +329,12 @@ def _changed(current: Mapping[str, Any], patch: Mapping[str, Any]) -> bool:
     return any(current.get(k) != v for k, v in patch.items())
 
 
-def ensure_model_version(api: ApiClient, record: Mapping[str, Any]) -> bool:
-    """Create the ModelVersion record; True if created, False if one of that name exists (409).
+def ensure_model_version(api: ApiClient, record: Mapping[str, Any], *, alternate: bool = True) -> str | None:
+    """Create the ModelVersion record; the name it was created under, None if it exists already.
 
-    A record of the same name with another manifest digest is reported as a Warning by the caller.
+    When the name is taken by a version of another registry (another URI), the record is created
+    under :func:`naming.model_version_name` with the URI's hash instead. A record of the same name
+    and URI with another manifest digest raises :class:`ModelVersionConflict` (a Warning Event).
     """
     from kubernetes import client
 
@@ -269,19 +344,31 @@ def ensure_model_version(api: ApiClient, record: Mapping[str, Any]) -> bool:
         custom.create_namespaced_custom_object(
             names.API_GROUP, names.API_VERSION, meta["namespace"], MV_PLURAL, dict(record)
         )
-        return True
+        return str(meta["name"])
     except _api_exception() as exc:
         if _status_of(exc) != 409:
             raise
     existing = custom.get_namespaced_custom_object(
         names.API_GROUP, names.API_VERSION, meta["namespace"], MV_PLURAL, meta["name"]
     )
+    spec = record["spec"]
+    if existing.get("spec", {}).get("uri") != spec["uri"] and alternate:
+        # Same model and version name, another registry (FineTuneJobs with different output URIs):
+        # a record of its own, named with a hash of the version's URI, never the other one's.
+        other = {
+            **record,
+            "metadata": {
+                **meta,
+                "name": naming.model_version_name(spec["model"], spec["version"], spec["uri"]),
+            },
+        }
+        return ensure_model_version(api, other, alternate=False)
     if existing.get("spec", {}).get("manifestDigest") != record["spec"]["manifestDigest"]:
         raise ModelVersionConflict(
             f"ModelVersion {meta['name']} already records manifest {existing['spec'].get('manifestDigest')}, "
             f"not {record['spec']['manifestDigest']}"
         )
-    return False
+    return None
 
 
 class ModelVersionConflict(RuntimeError):
@@ -303,23 +390,38 @@ def refresh_status(ctx: Context, body: Mapping[str, Any]) -> dict[str, Any]:
     """
     meta = body.get("metadata", {})
     current = dict(body.get("status") or {})
+    if current.get("observedGeneration") != meta.get("generation"):
+        # A generation the reconcile handler has not acted on yet: what the children show is about
+        # an earlier generation and must not be reported as this one's outcome.
+        return {}
     try:
         job = validate_job(body, ctx.settings)
     except SpecInvalid:
         return {}
     obs = observe(ctx.api, job, current, utc_now())
     patch = status.reduce_status(obs)
+    if patch.get("reason") == "ServiceAccountMissing":
+        # Someone deleted the attempt's ServiceAccount (or its token): put back what is missing, as
+        # the reconcile handler would; the Job controller's next pod creation then succeeds.
+        try:
+            restored = ensure_children(ctx.api, job, ctx.settings, builders.attempt_for(job, current))
+        except ChildRejected as exc:
+            restored = []
+            post_event(body, "Warning", exc.reason, str(exc))
+        if restored:
+            post_event(body, "Normal", "Created", f"recreated {', '.join(restored)}")
     result = status.trainer_result(obs.pods)
     if result is not None and result.version is not None:
         record = builders.build_model_version(job, result)
         try:
-            if ensure_model_version(ctx.api, record):
+            created = ensure_model_version(ctx.api, record)
+            if created is not None:
                 ctx.metrics.model_versions_created.inc()
                 post_event(
                     body,
                     "Normal",
                     "ModelVersionCreated",
-                    f"ModelVersion {record['metadata']['name']} records {result.version.uri}",
+                    f"ModelVersion {created} records {result.version.uri}",
                 )
         except ModelVersionConflict as exc:
             post_event(body, "Warning", "ModelVersionConflict", str(exc))
@@ -329,4 +431,5 @@ def refresh_status(ctx: Context, body: Mapping[str, Any]) -> dict[str, Any]:
         if event is not None:
             post_event(body, event.type, event.reason, event.message)
     ctx.metrics.observe_phase(meta["namespace"], meta["name"], patch.get("phase"))
+    ctx.metrics.observe_status(meta["namespace"], meta["name"], current, status.merged(current, patch))
     return patch

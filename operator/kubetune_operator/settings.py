@@ -44,6 +44,24 @@ class OperatorSettings(BaseModel):
         min_length=1,
         description="Runs one trainer process; '--run-config <file>' is appended.",
     )
+    launcher_command: tuple[str, ...] = Field(
+        default=("python", "-m", "kubetune_trainer.launch"),
+        min_length=1,
+        description=(
+            "Starts the processes of a multi-process job: torchrun's arguments follow. The default "
+            "is torchrun keeping the workers' exit codes (kubetune_trainer/launch.py), so "
+            "podFailurePolicy can fail fast on bad input, gates and divergence."
+        ),
+    )
+    torchrun_max_restarts: int = Field(
+        default=3,
+        ge=0,
+        le=100,
+        description=(
+            "torchrun --max-restarts: how often a pod restarts its workers in place (a lost peer, a "
+            "crash) before it fails; permanent exit codes stop at once."
+        ),
+    )
     trainer_module: str = Field(
         default="kubetune_trainer", min_length=1, description="Module torchrun starts (-m) per process."
     )
@@ -63,6 +81,51 @@ class OperatorSettings(BaseModel):
     )
     allowed_output_prefixes: tuple[str, ...] = Field(
         default=(), description="Prefixes spec.output.uri must start with; empty: any."
+    )
+    allowed_data_prefixes: tuple[str, ...] = Field(
+        default=(),
+        description=(
+            "Prefixes every data URI (spec.data.*, synonyms, any other uri outside model and output) "
+            "must be under; empty: any."
+        ),
+    )
+    allowed_storage_endpoints: tuple[str, ...] = Field(
+        default=(),
+        description="URLs spec.storage.endpoint must be under (scheme, host:port, path); empty: any.",
+    )
+    allowed_credentials_secrets: tuple[str, ...] = Field(
+        default=(),
+        description=(
+            "Names (or shell patterns, e.g. 's3-*') spec.storage.credentialsSecret may name; empty: any. "
+            "Checked by name: the operator never reads Secrets."
+        ),
+    )
+    allowed_priority_classes: tuple[str, ...] = Field(
+        default=(),
+        description=(
+            "PriorityClasses spec.resources.priorityClassName may name; empty: any except system-*, "
+            "which are refused unless listed."
+        ),
+    )
+    allowed_toleration_keys: tuple[str, ...] = Field(
+        default=(),
+        description=(
+            "Taint keys spec.resources.tolerations may tolerate; empty: any key except the "
+            "Kubernetes-owned ones (node.kubernetes.io/*, node-role.kubernetes.io/*, ...). A toleration "
+            "without a key (every taint) is refused unless '*' is listed."
+        ),
+    )
+    allowed_gpu_resource_names: tuple[str, ...] = Field(
+        default=(),
+        description=(
+            "Values spec.resources.gpuResourceName may take; empty: any extended resource (a "
+            "domain-prefixed name outside kubernetes.io). cpu, memory and other native resources "
+            "are always refused."
+        ),
+    )
+    denied_namespaces: tuple[str, ...] = Field(
+        default=("kube-system", "kube-public", "kube-node-lease"),
+        description="Namespaces whose FineTuneJobs are refused (no pods there, whatever RBAC allows).",
     )
     allow_trust_remote_code: bool = Field(
         default=False, description="Whether spec.model.base.trustRemoteCode: true is accepted."
@@ -120,7 +183,17 @@ class OperatorSettings(BaseModel):
         default=32, ge=1, description="Threads (and API connections) for the handlers' sync API calls."
     )
 
-    @field_validator("allowed_images", "allowed_base_model_prefixes", "allowed_output_prefixes")
+    @field_validator(
+        "allowed_images",
+        "allowed_base_model_prefixes",
+        "allowed_output_prefixes",
+        "allowed_data_prefixes",
+        "allowed_storage_endpoints",
+        "allowed_credentials_secrets",
+        "allowed_priority_classes",
+        "allowed_toleration_keys",
+        "allowed_gpu_resource_names",
+    )
     @classmethod
     def _no_empty_prefix(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         # An empty string prefix would allow everything while looking like a restriction.

@@ -30,6 +30,22 @@ OOM_HINT = (
     "the trainer ran out of memory (OOMKilled): raise spec.resources.memory, or lower "
     "spec.training.batchSize or maxSeqLength, or enable spec.training.gradientCheckpointing"
 )
+#: Reasons of a Stalled condition: each is posted as a Warning Event.
+STALLED_REASONS = frozenset(
+    {
+        "ImagePullBackOff",
+        "SecretNotFound",
+        "Unschedulable",
+        "CreateContainerConfigError",
+        "QuotaExceeded",
+        "PodCreationFailed",
+        "ChildRejected",
+        "Forbidden",
+        "ServiceAccountMissing",
+    }
+)
+#: Reasons the reconcile handler records when the API server refuses a child.
+REJECTION_REASONS = frozenset({"ChildRejected", "Forbidden", "QuotaExceeded"})
 _IMAGE_PULL_REASONS = frozenset({"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"})
 
 
@@ -46,6 +62,8 @@ class Observed:
     suspend_requested: bool = False
     queue_name: str | None = None
     nodes: int = 1
+    #: ``FailedCreate`` Events the Job controller posted on the attempt's Job (read only while it has no pods).
+    job_events: Sequence[Mapping[str, Any]] = ()
 
 
 @dataclass(frozen=True)
@@ -158,6 +176,46 @@ def _stall(pods: Sequence[Mapping[str, Any]]) -> Verdict | None:
     return None
 
 
+def _failed_create(obs: Observed) -> Verdict | None:
+    """The Job controller cannot create the pods (an exceeded ResourceQuota, an admission webhook)."""
+    if obs.pods or not obs.job_events:
+        return None
+    newest = max(obs.job_events, key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime") or ""))
+    message = str(newest.get("message") or "")
+    if "exceeded quota" in message:
+        return Verdict(
+            "Pending",
+            "QuotaExceeded",
+            f"the Job cannot create its pods: {message}. Ask for more quota or lower spec.resources; "
+            "the pods start once they fit",
+            stalled=True,
+        )
+    if "service account" in message or "serviceaccount" in message:
+        # The ServiceAccount admission plugin refuses a pod whose account (or, in v1.20, its token
+        # Secret) is missing; the operator recreates its per-job account on the next refresh.
+        return Verdict(
+            "Pending",
+            "ServiceAccountMissing",
+            f"the Job cannot create its pods: {message}. The operator recreates the attempt's "
+            "ServiceAccount; the pods start once it and its token exist",
+            stalled=True,
+        )
+    return Verdict("Pending", "PodCreationFailed", f"the Job cannot create its pods: {message}", stalled=True)
+
+
+def rejected_status(obs: Observed, reason: str, message: str) -> dict[str, Any]:
+    """Status patch for a child the API server refused to create (reason: ChildRejected, Forbidden,
+    QuotaExceeded): Pending and Stalled with the server's message; the operator retries with back-off."""
+    v = Verdict("Pending", reason, message, stalled=True)
+    return {
+        "phase": v.phase,
+        "reason": v.reason,
+        "message": v.message,
+        "observedGeneration": obs.generation,
+        "conditions": conditions_for(v, obs),
+    }
+
+
 def _fail_fast_pod(pods: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     for pod in pods:
         term = _terminated(pod)
@@ -224,6 +282,9 @@ def verdict(obs: Observed, result: TrainerResult | None) -> Verdict:
             )
         if obs.suspend_requested:
             return Verdict("Suspended", "Suspended", "spec.runPolicy.suspend is true: no pods run")
+        if obs.status.get("phase") == "Pending" and obs.status.get("reason") in REJECTION_REASONS:
+            # The reconcile handler's record of a refused create stands until its retry succeeds.
+            return Verdict("Pending", obs.status["reason"], obs.status.get("message") or "", stalled=True)
         return Verdict("Pending", "Creating", "creating the training Job")
     if _job_condition(job, "Complete") is not None:
         if result is None:
@@ -244,7 +305,7 @@ def verdict(obs: Observed, result: TrainerResult | None) -> Verdict:
                 "Queued", "WaitingForAdmission", f"waiting for Kueue to admit it from queue {obs.queue_name}"
             )
         return Verdict("Suspended", "Suspended", "spec.runPolicy.suspend is true: no pods run")
-    stall = _stall(obs.pods)
+    stall = _stall(obs.pods) or _failed_create(obs)
     if stall is not None:
         return stall
     if any(p.get("status", {}).get("phase") == "Running" for p in obs.pods):
@@ -372,6 +433,15 @@ def reduce_status(obs: Observed) -> dict[str, Any]:
             patch["gates"] = result.gates.to_api()
         if result.resumed_from_step is not None:
             patch["resumedFromStep"] = result.resumed_from_step
+    if v.phase in TERMINAL_PHASES and obs.attempt:
+        version = result.version.name if result is not None and result.version is not None else None
+        version = version or (obs.status.get("version") or {}).get("name")
+        entry = history_entry(
+            obs.generation, obs.attempt, v.phase, v.reason, version, patch.get("completionTime")
+        )
+        history = with_history(obs.status.get("history"), entry)
+        if history != list(obs.status.get("history") or []):
+            patch["history"] = history
     return patch
 
 
@@ -387,17 +457,96 @@ def invalid_status(problems: Sequence[tuple[str, str]], obs: Observed) -> dict[s
         "conditions": conditions_for(v, obs, invalid_message=message),
         # No attempt belongs to an invalid spec: once fixed, the spec starts a fresh attempt.
         "jobName": None,
+        "attemptGeneration": None,
+        "attemptFingerprint": None,
+        "history": _invalid_history(obs),
     }
 
 
-def new_attempt_status(obs: Observed) -> dict[str, Any]:
-    """Patch that clears the previous attempt's outcome when a new attempt starts.
+def _invalid_history(obs: Observed) -> list[dict[str, Any]]:
+    history: Sequence[Mapping[str, Any]] = obs.status.get("history") or []
+    previous = _entry_from_status(obs.status)
+    if previous is not None:
+        history = with_history(history, previous)
+    return with_history(history, history_entry(obs.generation, None, "Failed", "InvalidSpec"))
 
-    The only operator write that touches ``progress`` and ``stage``: they described the replaced
-    attempt. ``None`` deletes a key in a JSON merge patch.
+
+#: How many earlier attempts ``status.history`` keeps.
+HISTORY_LIMIT = 20
+
+
+def history_entry(
+    generation: int,
+    job_name: str | None,
+    phase: str,
+    reason: str | None = None,
+    version: str | None = None,
+    completion_time: str | None = None,
+) -> dict[str, Any]:
+    """One ``status.history`` record (empty fields left out)."""
+    entry = {
+        "generation": generation,
+        "jobName": job_name,
+        "phase": phase,
+        "reason": reason,
+        "version": version,
+        "completionTime": completion_time,
+    }
+    return {k: v for k, v in entry.items() if v not in (None, "")}
+
+
+def with_history(
+    history: Sequence[Mapping[str, Any]] | None, entry: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """``history`` with ``entry`` recorded: it replaces the record of the same Job (or, for a spec
+    that never had a Job, of the same generation); the oldest records beyond the limit go."""
+
+    def same(old: Mapping[str, Any]) -> bool:
+        if entry.get("jobName"):
+            return old.get("jobName") == entry["jobName"]
+        return not old.get("jobName") and old.get("generation") == entry.get("generation")
+
+    kept = [dict(old) for old in history or [] if not same(old)]
+    kept.append(dict(entry))
+    return kept[-HISTORY_LIMIT:]
+
+
+def _entry_from_status(st: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The history record of the attempt ``st`` describes (None when it has none)."""
+    name = st.get("jobName")
+    if not name:
+        return None
+    phase = st.get("phase")
+    finished = phase in TERMINAL_PHASES
+    return history_entry(
+        int(st.get("observedGeneration") or st.get("attemptGeneration") or 1),
+        str(name),
+        str(phase) if finished else "Superseded",
+        (st.get("reason") if finished else "NewGeneration"),
+        ((st.get("version") or {}).get("name") if finished else None),
+        st.get("completionTime") if finished else None,
+    )
+
+
+def new_attempt_status(obs: Observed, fingerprint: str | None = None) -> dict[str, Any]:
+    """Patch that starts the attempt ``obs.attempt`` for generation ``obs.generation``.
+
+    The previous attempt's outcome goes to ``history`` and everything that described it is cleared:
+    the phase is ``Pending`` and every condition is False at the new generation, so nothing (not
+    ``Succeeded``, not ``Failed``, not ``Invalid``) claims an outcome for a generation that has not
+    had one. The only operator write that touches ``progress`` and ``stage``: they described the
+    replaced attempt. ``None`` deletes a key in a JSON merge patch.
     """
-    return {
+    v = Verdict("Pending", "Creating", f"creating the training Job for generation {obs.generation}")
+    patch: dict[str, Any] = {
+        "phase": v.phase,
+        "reason": v.reason,
+        "message": v.message,
+        "observedGeneration": obs.generation,
+        "conditions": conditions_for(v, obs),
         "jobName": obs.attempt,
+        "attemptGeneration": obs.generation,
+        "attemptFingerprint": fingerprint,
         "progress": None,
         "stage": None,
         "version": None,
@@ -408,6 +557,10 @@ def new_attempt_status(obs: Observed) -> dict[str, Any]:
         "startTime": None,
         "restarts": 0,
     }
+    previous = _entry_from_status(obs.status)
+    if previous is not None and obs.status.get("jobName") != obs.attempt:
+        patch["history"] = with_history(obs.status.get("history"), previous)
+    return patch
 
 
 @dataclass(frozen=True)
@@ -424,12 +577,7 @@ def transition(before: Mapping[str, Any], patch: Mapping[str, Any]) -> Transitio
     phase, reason = patch.get("phase"), patch.get("reason")
     if phase is None or (before.get("phase"), before.get("reason")) == (phase, reason):
         return None
-    warn = phase == "Failed" or reason in (
-        "ImagePullBackOff",
-        "SecretNotFound",
-        "Unschedulable",
-        "CreateContainerConfigError",
-    )
+    warn = phase == "Failed" or reason in STALLED_REASONS
     return Transition(
         "Warning" if warn else "Normal", str(reason or phase), f"{phase}: {patch.get('message') or ''}"
     )

@@ -8,7 +8,11 @@ Job controller, garbage collector and operator see a real lifecycle. What it doe
 Scheduling
   Every Pending pod without ``spec.nodeName`` in a watched namespace is bound to the node (default
   ``kubetune-test-node``: Ready, allocatable cpu/memory/``nvidia.com/gpu``). No predicate is evaluated:
-  nodeSelector, affinity, taints, priority and resource fit are ignored.
+  nodeSelector, affinity, taints, priority and resource fit are ignored. A test can instead have a
+  pod reported the way kube-scheduler reports one that fits no node
+  (:meth:`FakeKubelet.set_unschedulable`): it stays Pending and unbound with ``PodScheduled=False``,
+  reason ``Unschedulable`` and the given message (e.g. ``0/1 nodes are available: 1 Insufficient
+  nvidia.com/gpu.``); once the rule is cleared the next relist (at most ~5 s) binds and runs it.
 
 Containers
   Init containers run one after another, then the *first* app container (other app containers are
@@ -188,6 +192,9 @@ class FakeKubelet:
         self._processes: list[PodProcess] = []
         self._image_pull_failures: set[str] = set()
         self._oom_marks: set[tuple[str, str]] = set()
+        # (namespace, labels the pod must carry, scheduler message) and the uids already reported.
+        self._unschedulable: list[tuple[str, dict[str, str], str]] = []
+        self._reported_unschedulable: dict[str, str] = {}
         self._api: Any = None
 
     # ------------------------------------------------------------------------------------- public API
@@ -254,6 +261,27 @@ class FakeKubelet:
         """Let pods using ``image`` start again (the kubelet's next pull "succeeds")."""
         with self._lock:
             self._image_pull_failures.discard(image)
+
+    def set_unschedulable(
+        self,
+        namespace: str,
+        message: str = "0/1 nodes are available: 1 Insufficient nvidia.com/gpu.",
+        *,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
+        """Report unbound Pending pods of ``namespace`` carrying ``labels`` as kube-scheduler would.
+
+        They stay Pending and unbound with ``PodScheduled=False``, reason ``Unschedulable`` and
+        ``message`` (plus a ``FailedScheduling`` Warning Event on the pod) until
+        :meth:`clear_unschedulable`.
+        """
+        with self._lock:
+            self._unschedulable.append((namespace, dict(labels or {}), message))
+
+    def clear_unschedulable(self, namespace: str) -> None:
+        """Drop the rules for ``namespace``: its pending pods are bound and run at the next relist."""
+        with self._lock:
+            self._unschedulable = [rule for rule in self._unschedulable if rule[0] != namespace]
 
     def simulate_oom_kill(self, namespace: str, name: str) -> None:
         """SIGKILL the pod's running container and report it as ``OOMKilled`` (exit code 137)."""
@@ -435,6 +463,7 @@ class FakeKubelet:
         if node and node != self.node_name:
             return
         orphan = False
+        unschedulable: str | None = None
         with self._lock:
             worker = self._workers.get(uid)
             if deleted or meta.get("deletionTimestamp"):
@@ -450,12 +479,69 @@ class FakeKubelet:
                 worker is None
                 and (pod.get("status") or {}).get("phase") == "Pending"
                 and not self._stop.is_set()
+                and not node
+                and (unschedulable := self._unschedulable_message(pod)) is not None
+            ):
+                if self._reported_unschedulable.get(uid) == unschedulable:
+                    unschedulable = None
+                else:
+                    self._reported_unschedulable[uid] = unschedulable
+            elif (
+                worker is None
+                and (pod.get("status") or {}).get("phase") == "Pending"
+                and not self._stop.is_set()
             ):
                 worker = _PodWorker(self, pod)
                 self._workers[uid] = worker
                 worker.start()
         if orphan:
             self._delete_now(namespace, meta.get("name", ""), uid)
+        if unschedulable is not None:
+            self._report_unschedulable(namespace, meta.get("name", ""), uid, unschedulable)
+
+    def _unschedulable_message(self, pod: dict[str, Any]) -> str | None:
+        """The scheduler message of the first rule ``pod`` matches (caller holds the lock)."""
+        meta = pod.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        for namespace, want, message in self._unschedulable:
+            if meta.get("namespace") == namespace and all(labels.get(k) == v for k, v in want.items()):
+                return message
+        return None
+
+    def _report_unschedulable(self, namespace: str, name: str, uid: str, message: str) -> None:
+        """What kube-scheduler writes for a pod that fits no node: the condition and a FailedScheduling Event."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        core = client.CoreV1Api(self._api)
+        now = _now()
+        condition = {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": message,
+            "lastProbeTime": None,
+            "lastTransitionTime": now,
+        }
+        try:
+            core.patch_namespaced_pod_status(name, namespace, {"status": {"conditions": [condition]}})
+            core.create_namespaced_event(
+                namespace,
+                {
+                    "metadata": {"generateName": f"{name}."},
+                    "involvedObject": {"kind": "Pod", "namespace": namespace, "name": name, "uid": uid},
+                    "type": "Warning",
+                    "reason": "FailedScheduling",
+                    "message": message,
+                    "source": {"component": "default-scheduler"},
+                    "firstTimestamp": now,
+                    "lastTimestamp": now,
+                    "count": 1,
+                },
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                log.exception("fake kubelet: reporting pod %s/%s unschedulable", namespace, name)
 
     def _delete_now(self, namespace: str, name: str, uid: str) -> None:
         """Delete a pod with grace 0 (what the kubelet does once its containers are gone); 404 is fine."""

@@ -93,12 +93,16 @@ def test_multinode_job_is_indexed_torchrun_with_gpus_and_placement() -> None:
     container = pod["containers"][0]
     attempt = builders.attempt_for(job).name
     assert container["command"] == [
-        "torchrun",
+        # torchrun through the launcher that keeps the workers' exit codes (kubetune_trainer.launch)
+        "python",
+        "-m",
+        "kubetune_trainer.launch",
         f"--nnodes={nodes}",
         f"--nproc-per-node={gpus}",
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint={attempt}-0.quickstart-rdzv:29400",
-        f"--rdzv-id=uid-1234-{builders.attempt_for(job).fingerprint}",
+        "--max-restarts=3",
+        "--rdzv-id=uid-1234-g3",
         "-m",
         "kubetune_trainer",
         "--run-config",
@@ -196,10 +200,57 @@ def test_suspend_and_kueue(suspend: bool, queue: str | None, expect_suspended: b
         assert naming.LABEL_QUEUE not in labels
 
 
-def test_suspend_does_not_change_the_attempt_but_other_changes_do() -> None:
-    base = builders.attempt_for(make_job())
-    assert builders.attempt_for(make_job(**{"runPolicy.suspend": True})).name == base.name
-    assert builders.attempt_for(make_job(**{"training.epochs": 1})).name != base.name
+def _at_generation(job: FineTuneJob, generation: int) -> FineTuneJob:
+    return job.model_copy(update={"metadata": job.metadata.model_copy(update={"generation": generation})})
+
+
+def test_attempts_are_named_after_the_generation_that_started_them() -> None:
+    first = builders.attempt_for(make_job())
+    assert (first.name, first.generation) == ("quickstart-g3", 3)
+    # Once recorded in the status, the attempt is the recorded one, whatever the spec reads like.
+    recorded = {"jobName": "quickstart-0994bf7a", "attemptGeneration": 2, "attemptFingerprint": "f"}
+    assert builders.attempt_for(make_job(), recorded).name == "quickstart-0994bf7a"
+
+
+def test_only_a_new_generation_that_changes_more_than_suspend_starts_a_new_attempt() -> None:
+    job = make_job()
+    running = builders.plan_attempt(job, {})
+    assert running.action == "new"
+    st = {
+        "jobName": running.attempt.name,
+        "attemptGeneration": 3,
+        "attemptFingerprint": running.attempt.fingerprint,
+        "observedGeneration": 3,
+    }
+    assert builders.plan_attempt(job, st).action == "keep"
+    # Suspend flipped: a new generation, the same attempt.
+    suspended = _at_generation(make_job(**{"runPolicy.suspend": True}), 4)
+    plan = builders.plan_attempt(suspended, st)
+    assert (plan.action, plan.attempt.name) == ("adopt", "quickstart-g3")
+    # Anything else: a new attempt, named after the new generation.
+    edited = _at_generation(make_job(**{"training.epochs": 1}), 4)
+    plan = builders.plan_attempt(edited, st)
+    assert (plan.action, plan.attempt.name, plan.attempt.generation) == ("new", "quickstart-g4", 4)
+
+
+def test_an_upgrade_that_changes_defaults_keeps_the_attempt() -> None:
+    """The same generation read with a defaulted field the CRD or operator added: same Job."""
+    job = make_job()
+    st = {
+        "jobName": "quickstart-g3",
+        "attemptGeneration": 3,
+        "attemptFingerprint": builders.spec_fingerprint(job),
+        "observedGeneration": 3,
+    }
+    upgraded = make_job(**{"runPolicy.activeDeadlineSeconds": 86400})
+    assert builders.spec_fingerprint(upgraded) != st["attemptFingerprint"]
+    plan = builders.plan_attempt(upgraded, st)
+    assert (plan.action, plan.attempt.name, plan.attempt.generation) == ("rebaseline", "quickstart-g3", 3)
+    assert plan.attempt.fingerprint == builders.spec_fingerprint(upgraded)
+    # A status written by a release that named Jobs by fingerprint is adopted as it is.
+    legacy = {"jobName": "quickstart-8ab681a5", "observedGeneration": 3, "phase": "Running"}
+    plan = builders.plan_attempt(job, legacy)
+    assert (plan.action, plan.attempt.name) == ("rebaseline", "quickstart-8ab681a5")
 
 
 def test_compat_1_20_drops_newer_fields_and_sets_the_index() -> None:

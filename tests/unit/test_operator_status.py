@@ -337,11 +337,68 @@ def test_transition_events() -> None:
 
 
 def test_new_attempt_clears_previous_outcome_and_merge_semantics() -> None:
-    before = {"phase": "Succeeded", "version": {"name": "v1"}, "progress": {"step": 9}, "conditions": []}
-    reset = status.new_attempt_status(observed(None, [], before))
+    before = {
+        "phase": "Succeeded",
+        "reason": "Published",
+        "observedGeneration": 1,
+        "jobName": "demo-g1",
+        "version": {"name": "v1"},
+        "progress": {"step": 9},
+        "completionTime": NOW,
+        "conditions": [
+            {"type": "Succeeded", "status": "True", "reason": "Published", "observedGeneration": 1}
+        ],
+    }
+    obs = Observed(generation=2, attempt="demo-g2", job=None, pods=[], status=before, now=LATER)
+    reset = status.new_attempt_status(obs, "abcd1234")
     after = status.merged(before, reset)
     assert "version" not in after and "progress" not in after
-    assert after["jobName"] == ATTEMPT and after["conditions"] == []
+    assert (after["jobName"], after["attemptGeneration"], after["attemptFingerprint"]) == (
+        "demo-g2",
+        2,
+        "abcd1234",
+    )
+    # Nothing claims success for generation 2: every condition is False and about generation 2.
+    assert (after["phase"], after["reason"], after["observedGeneration"]) == ("Pending", "Creating", 2)
+    conds = {c["type"]: c for c in after["conditions"]}
+    assert all(c["status"] == "False" and c["observedGeneration"] == 2 for c in conds.values())
+    assert after["history"] == [
+        {
+            "generation": 1,
+            "jobName": "demo-g1",
+            "phase": "Succeeded",
+            "reason": "Published",
+            "version": "v1",
+            "completionTime": NOW,
+        }
+    ]
+
+
+def test_history_records_each_generation_once_and_supersession() -> None:
+    running = {"phase": "Running", "observedGeneration": 1, "jobName": "demo-g1"}
+    obs = Observed(generation=2, attempt="demo-g2", job=None, pods=[], status=running, now=LATER)
+    history = status.new_attempt_status(obs)["history"]
+    assert history == [
+        {"generation": 1, "jobName": "demo-g1", "phase": "Superseded", "reason": "NewGeneration"}
+    ]
+    done = {**running, "phase": "Failed", "history": history}
+    again = status.with_history(done["history"], status.history_entry(1, "demo-g1", "Failed", "X"))
+    assert [h["phase"] for h in again] == ["Failed"]
+    many: list = []
+    for n in range(1, 30):
+        many = status.with_history(many, status.history_entry(n, f"demo-g{n}", "Succeeded"))
+    assert len(many) == status.HISTORY_LIMIT and many[-1]["generation"] == 29
+
+
+def test_succeeded_attempt_records_its_version_in_history() -> None:
+    message = PUBLISHED.to_termination_message()
+    patch = reduce_status(
+        observed(
+            job(condition=("Complete", "")),
+            [pod("Succeeded", terminated={"exitCode": 0, "message": message})],
+        )
+    )
+    assert patch["history"][-1]["version"] == "v2" and patch["history"][-1]["phase"] == "Succeeded"
 
 
 @pytest.mark.parametrize(
@@ -377,3 +434,61 @@ def test_reducers_do_not_mutate_their_inputs(case: tuple[dict[str, Any], list[di
     patch_copy = copy.deepcopy(patch)
     patch["conditions"].clear()
     assert current["conditions"] and reduce_status(obs) == patch_copy
+
+
+def test_failed_create_events_on_a_podless_job_are_a_quota_stall() -> None:
+    events = [
+        {
+            "reason": "FailedCreate",
+            "lastTimestamp": "2026-11-22T09:59:00Z",
+            "message": 'Error creating: pods "demo-g1-x" is forbidden: exceeded quota: q, requested: pods=1',
+        }
+    ]
+    obs = Observed(generation=4, attempt=ATTEMPT, job=job(), pods=[], status={}, now=NOW, job_events=events)
+    patch = reduce_status(obs)
+    assert (patch["phase"], patch["reason"]) == ("Pending", "QuotaExceeded")
+    stalled = conditions(patch)["Stalled"]
+    assert stalled["status"] == "True" and "exceeded quota" in stalled["message"]
+    event = status.transition({"phase": "Pending", "reason": "Creating"}, patch)
+    assert event is not None and event.type == "Warning" and event.reason == "QuotaExceeded"
+    other = [{**events[0], "message": 'pods "x" is forbidden: no PriorityClass with name gold was found'}]
+    obs = Observed(generation=4, attempt=ATTEMPT, job=job(), pods=[], status={}, now=NOW, job_events=other)
+    assert reduce_status(obs)["reason"] == "PodCreationFailed"
+    # Once pods exist the old events no longer matter.
+    obs = Observed(
+        generation=4, attempt=ATTEMPT, job=job(active=1), pods=[pod()], status={}, now=NOW, job_events=events
+    )
+    assert reduce_status(obs)["phase"] == "Running"
+
+
+def test_a_service_account_refusal_is_its_own_stall() -> None:
+    """Both v1.20 ServiceAccount admission refusals (account gone; its token not there yet)."""
+    for message in (
+        'Error creating: pods "demo-g1-x" is forbidden: error looking up service account ns/demo-trainer: '
+        'serviceaccount "demo-trainer" not found',
+        "Error creating: No API token found for service account "
+        '"ns/demo-trainer", retry after the token is automatically created and added to the service account',
+    ):
+        events = [{"reason": "FailedCreate", "lastTimestamp": "2026-11-22T09:59:00Z", "message": message}]
+        obs = Observed(
+            generation=4, attempt=ATTEMPT, job=job(), pods=[], status={}, now=NOW, job_events=events
+        )
+        patch = reduce_status(obs)
+        assert (patch["phase"], patch["reason"]) == ("Pending", "ServiceAccountMissing")
+        stalled = conditions(patch)["Stalled"]
+        assert stalled["status"] == "True" and "demo-trainer" in stalled["message"]
+        event = status.transition({"phase": "Pending", "reason": "Creating"}, patch)
+        assert event is not None and event.type == "Warning" and event.reason == "ServiceAccountMissing"
+
+
+def test_a_refused_child_stays_stalled_until_the_retry_creates_it() -> None:
+    obs = Observed(generation=2, attempt=ATTEMPT, job=None, pods=[], status={"jobName": ATTEMPT}, now=NOW)
+    rejected = status.rejected_status(obs, "ChildRejected", "Job x is invalid: spec.template.spec.affinity")
+    assert conditions(rejected)["Stalled"]["status"] == "True"
+    assert conditions(rejected)["Stalled"]["observedGeneration"] == 2
+    after = status.merged({"jobName": ATTEMPT}, rejected)
+    # A resync in the meantime (no Job yet) keeps saying why, instead of flipping back to Creating.
+    again = reduce_status(Observed(generation=2, attempt=ATTEMPT, job=None, pods=[], status=after, now=LATER))
+    assert (again["reason"], conditions(again)["Stalled"]["status"]) == ("ChildRejected", "True")
+    assert status.transition(after, again) is None
+    assert_status_schema_ok(rejected)
