@@ -10,6 +10,7 @@ scripts, and every COPY source exists. What is NOT checked: that the images buil
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import shlex
 import tomllib
@@ -25,6 +26,7 @@ from kubetune_operator.settings import OperatorSettings
 REPO = Path(__file__).resolve().parents[2]
 TRAINER_DOCKERFILES = [REPO / "trainer_image" / "Dockerfile", REPO / "trainer_image" / "Dockerfile.cuda"]
 OPERATOR_DOCKERFILE = REPO / "operator" / "Dockerfile"
+GATEWAY_DOCKERFILE = REPO / "gateway" / "Dockerfile"
 
 
 @dataclass
@@ -91,7 +93,7 @@ def parse_dockerfile(path: Path) -> Dockerfile:
 
 
 def all_dockerfiles() -> list[Path]:
-    return [*TRAINER_DOCKERFILES, OPERATOR_DOCKERFILE]
+    return [*TRAINER_DOCKERFILES, OPERATOR_DOCKERFILE, GATEWAY_DOCKERFILE]
 
 
 def pyproject() -> dict[str, Any]:
@@ -230,3 +232,15 @@ def test_parser_catches_an_unpinned_root_image(tmp_path: Path) -> None:
     assert df.stages[0].base == "python:latest"
     with pytest.raises(AssertionError, match="no USER"):
         _final_user(df)
+
+
+def test_gateway_image_is_its_extra_and_runs_as_the_charts_user() -> None:
+    df = parse_dockerfile(GATEWAY_DOCKERFILE)
+    runs = " ".join(a for a, _ in df.all("RUN"))
+    assert 'pip install ".[gateway]"' in runs and "torch" not in runs
+    uid, _ = _final_user(df)
+    chart = (REPO / "charts" / "kubetune" / "templates" / "gateway.yaml").read_text()
+    assert f"runAsUser: {uid}" in chart
+    (entry,) = [a for (op, a, _) in df.final().instructions if op == "ENTRYPOINT"]
+    script = json.loads(entry)[0]
+    assert script in pyproject()["project"]["scripts"]
