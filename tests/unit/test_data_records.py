@@ -244,24 +244,33 @@ def test_unsupported_file_type(tmp_path: Path) -> None:
     assert err.whole_file and "unsupported file type '.txt'" in err.message
 
 
-def test_cleaning() -> None:
+def test_default_cleaning_never_changes_an_answers_meaning() -> None:
     c = spec().cleaning
-    assert clean_text("\u201cHi\u201d \uff02there\uff02 \u2018x\u2019", c) == '"Hi" "there" \'x\''
-    assert clean_text("a\x00b\x1bc\r\nd\re", c) == "abc\nd\ne"
+    code = "def f(x):\n    if x:\n        return  [1,   2]  # aligned\n\n\n\n    return None"
+    assert clean_text(code, c) == code  # inner spaces, indentation and blank lines kept
     assert (
-        clean_text("  word   and\u3000word  \n\n\n\n    indented\t\tcode  ", c)
+        clean_text("  \u201cHi\u201d, it\u2019s  \uff02x\uff02 \n", c)
+        == "\u201cHi\u201d, it\u2019s  \uff02x\uff02"
+    )
+    assert clean_text("a\x00b\x1bc\r\nd\re", c) == "abc\nd\ne"
+
+
+def test_each_normalisation_is_an_explicit_option() -> None:
+    quotes = spec(cleaning={"normalizeQuotes": True}).cleaning
+    assert clean_text("\u201cHi\u201d \uff02there\uff02 \u2018x\u2019", quotes) == '"Hi" "there" \'x\''
+    spaces = spec(cleaning={"normalizeWhitespace": True}).cleaning
+    assert (
+        clean_text("  word   and\u3000word  \n\n\n\n    indented\t\tcode  ", spaces)
         == "word and word\n\n    indented code"
     )
-    off = spec(
-        cleaning={"stripControlChars": False, "normalizeWhitespace": False, "normalizeQuotes": False}
-    ).cleaning
+    off = spec(cleaning={"stripControlChars": False, "stripWhitespace": False}).cleaning
     assert clean_text(" \u201cx\u201d\x00  ", off) == " \u201cx\u201d\x00  "
 
 
 def test_dedup_after_cleaning_and_report(tmp_path: Path) -> None:
     rows = [
         {"prompt": "Hi", "completion": "\u201cyes\u201d"},
-        {"prompt": " Hi ", "completion": '"yes"'},  # same after cleaning
+        {"prompt": " Hi ", "completion": "\u201cyes\u201d "},  # same after cleaning
         {"prompt": "Other", "completion": "no"},
     ]
     path = write(tmp_path / "d.jsonl", rows)

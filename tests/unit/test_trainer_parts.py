@@ -141,14 +141,18 @@ def test_silent_reporter_on_other_ranks(tmp_path: Path) -> None:
 
 
 def test_loss_monitor_stops_nan_and_runaway_losses_but_not_noise() -> None:
-    from kubetune_trainer.train.recipe import LossMonitor, TrainingDivergedError
+    from kubetune_trainer.train.divergence import DivergenceMonitor, RecipeFacts
+    from kubetune_trainer.train.recipe import TrainingDivergedError  # re-exported for the pipeline
 
-    calm = LossMonitor(warmup_steps=5, learning_rate=2e-4)
+    facts = RecipeFacts(learning_rate=2e-4, max_grad_norm=1.0, warmup_ratio=0.03, scheduler="cosine")
+    calm = DivergenceMonitor(facts)
     for step, loss in enumerate([3.0, 2.5, 2.2, 2.4, 2.0] * 10, start=1):  # noisy but fine
         calm.update(step, loss)
-    with pytest.raises(TrainingDivergedError, match=r"loss became nan at step 7 .*learningRate"):
+    with pytest.raises(TrainingDivergedError, match=r"loss became nan at step 7.*learningRate"):
         calm.update(7, float("nan"))
-    runaway = LossMonitor(warmup_steps=0, learning_rate=1.0)
-    with pytest.raises(TrainingDivergedError, match=r"diverged.*learningRate \(now 1\)"):
+    runaway = DivergenceMonitor(
+        RecipeFacts(learning_rate=1.0, max_grad_norm=1.0, warmup_ratio=0.1, scheduler="cosine")
+    )
+    with pytest.raises(TrainingDivergedError, match=r"diverged.*learningRate \(now 1"):
         for step in range(1, 200):
             runaway.update(step, 1.0 if step < 20 else 1.0 * 1.3 ** (step - 20))
