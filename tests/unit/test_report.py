@@ -160,9 +160,10 @@ def test_model_card_tables_and_loading_instructions() -> None:
     assert "| accuracy | 0.41 | 0.94 | 0.53 |" in card
     assert "`json_validity` (spec.evaluation.jsonSchema is not set)" in card
     # Gates table.
-    assert "| accuracy | >= 0.92 | 0.94 | pass | accuracy = 0.94 meets >= 0.92 |" in card
-    assert "| latency_p95_ms | <= 100 | 120 | FAIL | latency_p95_ms = 120 is above max 100 |" in card
-    assert "| json_validity | >= 0.99 | — | FAIL |" in card
+    assert "3 gate(s) ran: 3 from `spec.evaluation.gates`, 0 default" in card
+    assert "| accuracy | spec | >= 0.92 | 0.94 | pass | accuracy = 0.94 meets >= 0.92 |" in card
+    assert "| latency_p95_ms | spec | <= 100 | 120 | FAIL | latency_p95_ms = 120 is above max 100 |" in card
+    assert "| json_validity | spec | >= 0.99 | — | FAIL |" in card
     # Quantized variants.
     assert "| int8 | quantized/int8/ | 3.0 MiB | 0.3 | 41 | 55.5 | 0.012 | 0.8 |" in card
     # How to load: peft, transformers, quanto, vLLM (rank 32 needs --max-lora-rank).

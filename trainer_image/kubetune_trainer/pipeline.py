@@ -154,7 +154,9 @@ def _run(ctx: RunContext) -> RunOutcome:
     if existing is not None:  # this exact run was published before: nothing trains
         result = reuse_version(ctx, existing, identity.digest, inputs.parent)
         ctx.reporter.result(result)
-        return RunOutcome(exit_code=EXIT_OK, result=result, version_uri=existing.uri)
+        # The outcome is remembered: a digest whose version failed its gates fails again (exit 4).
+        code = EXIT_GATES_FAILED if result.reason == "GateFailed" else EXIT_OK
+        return RunOutcome(exit_code=code, result=result, version_uri=existing.uri)
 
     tokenizer = load_tokenizer(ctx, inputs.base_dir)
     carried, lineage, spent_checkpoints = _train_stages(ctx, inputs, tokenizer)

@@ -121,6 +121,8 @@ class Reporter:
         """Enter a pipeline stage (Fetching, PreparingData, Training, Evaluating, ...)."""
         if not self.enabled:
             return
+        if stage == self._stage and not message:
+            return  # already there (loading the tokenizer and preparing the data are one stage)
         self._stage = stage
         print(f"[kubetune] stage {stage}" + (f": {message}" if message else ""), file=self.stream, flush=True)
         if self.kube:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from kubetune_trainer.artifacts.quantize import ArtifactReport
 from kubetune_trainer.evaluate.evaluator import ALL_METRICS, EvalReport
 from kubetune_trainer.evaluate.gates import GateReport
+from kubetune_trainer.evaluate.quality import is_default_gate
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -240,6 +241,8 @@ def render_model_card(
         f"Fine-tuned from `{base_model}` by kubetune. "
         + (
             "**All quality gates passed.**"
+            if gates.passed and gates.results
+            else "**No quality gate ran.**"
             if gates.passed
             else "**Quality gates FAILED: this version is not promotable.**"
         ),
@@ -284,18 +287,35 @@ def render_model_card(
 
     out += ["## Gates", ""]
     if gates.results:
+        ran = len(gates.results)
+        defaults = sum(is_default_gate(r.metric) for r in gates.results)
         out += [
+            f"{ran} gate(s) ran: {ran - defaults} from `spec.evaluation.gates`, {defaults} default "
+            "(the tuned model must beat its base; opt out with `spec.evaluation.requireImprovement: false`).",
+            "",
             _table(
-                ["Metric", "Requirement", "Value", "Result", "Detail"],
+                ["Gate", "Source", "Requirement", "Value", "Result", "Detail"],
                 [
-                    (r.metric, _requirement(r.min, r.max), r.value, "pass" if r.passed else "FAIL", r.message)
+                    (
+                        r.metric,
+                        "default" if is_default_gate(r.metric) else "spec",
+                        _requirement(r.min, r.max),
+                        r.value,
+                        "pass" if r.passed else "FAIL",
+                        r.message,
+                    )
                     for r in gates.results
                 ],
             ),
             "",
         ]
     else:
-        out += ["No gates were set in `spec.evaluation.gates`.", ""]
+        out += [
+            "No gate ran: `spec.evaluation.gates` is empty and the default gates were opted out "
+            "(`spec.evaluation.requireImprovement: false`), so nothing checked that this model is better "
+            "than its base and `promote.when: gatesPassed` does not promote it.",
+            "",
+        ]
 
     out += ["## Quantized variants", ""]
     if artifacts:

@@ -116,6 +116,12 @@ def write_reports(
         "seed": t.seed,
         "distributed": f"{rc.distributed.nodes} node(s) x {rc.distributed.gpus_per_node} GPU(s), {rc.distributed.strategy}",
     }
+    gguf = record.get("base", {}).get("gguf")
+    if gguf:  # the base was a GGUF file: the card says what was trained on (dequantised weights)
+        hyper["base model file"] = (
+            f"GGUF {gguf['file']} ({gguf['fileType']}, {gguf['architecture']}, sha256 {gguf['sha256']}), "
+            f"dequantised to {gguf['dequantizedTo']} by transformers {gguf['transformers']} for training"
+        )
     hyper.update(describe(rc.method))  # LoRA / DoRA / rsLoRA / (IA)^3 and the adapted layers
     hyper.update(describe_distillation(rc, record))  # teacher, loss mix, temperature
     if stages:

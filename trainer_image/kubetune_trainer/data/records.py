@@ -183,12 +183,16 @@ _QUOTES = str.maketrans(
 def clean_text(text: str, cleaning: CleaningSettings) -> str:
     """Apply ``data.cleaning`` to one text field.
 
-    * stripControlChars: CR and CRLF become LF, then C0/C1 control characters other than LF and
-      TAB are removed.
-    * normalizeWhitespace: runs of spaces (any Unicode space, TAB) inside a line become one space,
-      trailing spaces go, three or more line breaks become two, and the text is stripped. Leading
-      indentation of lines after the first is kept, because answers are often code.
-    * normalizeQuotes: curly, angle and full-width quotes become ASCII ``"`` and ``'``.
+    The defaults never change what the text means (issue 17): inner spaces, indentation, blank
+    lines and quotes are kept as written; each rewriting normalisation is an opt-in option.
+
+    * stripControlChars (default on): CR and CRLF become LF, then C0/C1 control characters other
+      than LF and TAB are removed.
+    * stripWhitespace (default on): whitespace before and after the whole field is removed.
+    * normalizeWhitespace (opt-in): runs of spaces (any Unicode space, TAB) inside a line become
+      one space, trailing spaces go, three or more line breaks become two, and the text is
+      stripped. Leading indentation of lines after the first is kept.
+    * normalizeQuotes (opt-in): curly, angle and full-width quotes become ASCII ``"`` and ``'``.
     """
     if cleaning.strip_control_chars:
         text = _CONTROL.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
@@ -200,6 +204,9 @@ def clean_text(text: str, cleaning: CleaningSettings) -> str:
             body = line.lstrip(" \t")
             lines.append(line[: len(line) - len(body)] + _HSPACE.sub(" ", body).rstrip())
         text = _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
+    # Settings objects written before stripWhitespace existed (the demo's) strip, as before.
+    if getattr(cleaning, "strip_whitespace", True):
+        text = text.strip()
     return text
 
 

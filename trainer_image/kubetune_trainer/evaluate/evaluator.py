@@ -470,12 +470,17 @@ def _score_model(
     consistency_prompts: int,
     seed: int,
     batch_size: int,
+    max_samples: int | None = None,
 ) -> tuple[dict[str, float], list[str]]:
-    """Metrics for one model on one set, and its greedy answers (empty when none were needed)."""
+    """Metrics for one model on one set, and its greedy answers (empty when none were needed).
+
+    Loss and perplexity are taken over every example (one eval_loss per version, the one the
+    training loop reports too); generation metrics over the first ``max_samples`` only."""
     metrics: dict[str, float] = {}
     if {"eval_loss", "perplexity"} & set(requested):
         loss, ppl = loss_and_perplexity(model, examples, batch_size=batch_size)
         metrics.update(eval_loss=loss, perplexity=ppl)
+    examples = list(examples)[:max_samples] if max_samples is not None else examples
     answers: list[str] = []
     if _GENERATION_METRICS & set(requested):
         gens = generate(
@@ -554,7 +559,8 @@ def evaluate_model(
     cons_prompts = int(consistency_prompts or _cfg(cons_cfg, "prompts", 20))
     adapter_disabled_base = base is None and hasattr(tuned, "disable_adapter")
     compare_base = bool(_cfg(eval_cfg, "compare_base", True)) and (base is not None or adapter_disabled_base)
-    examples = list(examples)[:max_samples]
+    examples = list(examples)
+    generation_examples = examples[:max_samples]  # maxSamples bounds generation, never the loss
 
     skipped: dict[str, str] = {}
     if "json_validity" in requested and json_schema is None:
@@ -570,6 +576,7 @@ def evaluate_model(
         "consistency_prompts": cons_prompts,
         "seed": seed,
         "batch_size": batch_size,
+        "max_samples": max_samples,
     }
     tuned_metrics, tuned_answers = _score_model(tuned, tokenizer, examples, requested, **score_kwargs)
     base_metrics: dict[str, float] | None = None
@@ -602,14 +609,14 @@ def evaluate_model(
             tuned=tuned_answers[i] if tuned_answers else "",
             base=base_answers[i] if base_answers else None,
         )
-        for i, ex in enumerate(examples)
+        for i, ex in enumerate(generation_examples)
     ]
 
     extra: dict[str, dict[str, dict[str, float] | None]] = {}
     # Extra sets: quality metrics only; latency and consistency are properties of the model, not the set.
     extra_requested = [m for m in requested if m not in {"consistency", "peak_memory_ratio"}]
     for name, set_examples in (extra_sets or {}).items():
-        subset = list(set_examples)[:max_samples]
+        subset = list(set_examples)
         if not subset:
             raise ValueError(f"extra eval set {name!r} has no examples")
         t_metrics, t_answers = _score_model(tuned, tokenizer, subset, extra_requested, **score_kwargs)
@@ -629,7 +636,7 @@ def evaluate_model(
                 tuned=t_answers[i] if t_answers else "",
                 base=b_answers[i] if b_answers else None,
             )
-            for i, ex in enumerate(subset)
+            for i, ex in enumerate(subset[:max_samples])
         )
 
     return EvalReport(
@@ -640,6 +647,7 @@ def evaluate_model(
         settings={
             "metrics": requested,
             "max_samples": max_samples,
+            "generation_examples": len(generation_examples),
             "max_new_tokens": max_new_tokens,
             "consistency": {
                 "samples": cons_samples,

@@ -4,7 +4,8 @@ Input: the :class:`~kubetune_trainer.context.RunContext`, fetch's ``Inputs`` (ba
 eval sets), the train stage's ``Trained`` (weights in ``staging/``, eval examples) and the
 tokenizer. Output: :class:`Evaluation` — the
 :class:`~kubetune_trainer.evaluate.evaluator.EvalReport` and the
-:class:`~kubetune_trainer.evaluate.gates.GateReport` of ``spec.evaluation.gates`` — and the
+:class:`~kubetune_trainer.evaluate.gates.GateReport` of ``spec.evaluation.gates`` followed by the
+default gates of :mod:`~kubetune_trainer.evaluate.quality` (unless ``requireImprovement: false``) — and the
 ``eval:``/``base:``/``gates:`` console lines.
 
 Raises ValueError (no eval example, unknown metric), RuntimeError (a memory measurement failed)
@@ -21,6 +22,7 @@ from kubetune_trainer.data import TokenizedExample, prepare_data
 from kubetune_trainer.evaluate.evaluator import EvalReport, evaluate_model
 from kubetune_trainer.evaluate.gates import GateReport, check_gates
 from kubetune_trainer.evaluate.loading import ModelSource, load_model
+from kubetune_trainer.evaluate.quality import default_gates, with_default_gates
 from kubetune_trainer.fetch.inputs import Inputs
 from kubetune_trainer.train.stage import Trained
 
@@ -68,6 +70,19 @@ def evaluate_stage(ctx: RunContext, inputs: Inputs, trained: Trained, tokenizer:
     del tuned, base
     gate_specs: dict[str, Any] = dict(rc.evaluation.gates.items())
     gates = check_gates(report.gate_metrics(), gate_specs, not_computed=report.skipped)
+    if rc.evaluation.require_improvement:
+        # The default gates (quality.py): better than the base, and the training loss fell.
+        gates = with_default_gates(
+            gates,
+            default_gates(
+                report.tuned,
+                report.base,
+                gate_specs,
+                learning=trained.outcome.learning,
+                min_loss_decrease=rc.evaluation.min_train_loss_decrease,
+                learning_rate=rc.learning_rate,
+            ),
+        )
     print(
         "[kubetune] eval: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(report.tuned.items())),
         file=reporter.stream,

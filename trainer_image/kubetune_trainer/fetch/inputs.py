@@ -6,15 +6,24 @@ distillation teacher and the augmentation term dictionaries, with the names repo
 file — and its :class:`Identity` (:func:`identify`): the inputs record (base digest, data digests,
 config digest, trainer version) and the inputs digest the registry finds a published version by.
 
+A base that is a GGUF file (or a folder holding one; :mod:`kubetune_trainer.fetch.gguf`) is
+dequantised to the training precision (bf16 when ``training.precision`` is bf16, else fp32) into
+``inputs/gguf-dequantized``, which the later stages load; the inputs record keeps the GGUF file's
+own sha256 under ``base.gguf``, and the log says what was done. ``KUBETUNE_GGUF_CACHE`` names a
+folder that keeps conversions across runs.
+
 Each node's local rank 0 downloads; the other ranks wait at a barrier and use the same folders.
 
-Raises FetchError (a source cannot be fetched, or holds no data file), UnsafeModelError (pickle
+Raises FetchError (a source cannot be fetched, or holds no data file), GgufError (a GGUF base
+transformers cannot load, named by its architecture), UnsafeModelError (pickle
 weights or remote code the spec did not allow), BadInputError (a term dictionary prefix that does
 not hold exactly one file) and the registry's errors for a ``modelversion://`` base.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +35,8 @@ from kubetune_registry.digests import digest_dir, digest_json, sha256_file
 from kubetune_registry.versions import ModelRegistry
 from kubetune_trainer import __version__ as TRAINER_VERSION
 from kubetune_trainer.context import BadInputError, RunContext
-from kubetune_trainer.data import DATA_SUFFIXES
+from kubetune_trainer.data import DATA_SUFFIXES, validate_files
+from kubetune_trainer.fetch.gguf import GgufBase, find_gguf, prepare_gguf_base
 from kubetune_trainer.fetch.sources import FetchError, check_weights_safety, fetch
 from kubetune_trainer.fetch.teacher import Teacher, fetch_teacher, teacher_record
 
@@ -57,6 +67,7 @@ class Inputs:
     stages: list[StageFiles] = field(default_factory=list)
     teacher: Teacher | None = None
     term_dictionaries: list[Path | None] = field(default_factory=lambda: [None])
+    base_gguf: dict[str, str] | None = None  # GgufBase.lineage() when the base was a GGUF file
 
     def for_stage(self, index: int) -> Inputs:
         """The inputs of stage ``index`` seen as a job of its own (see RunConfig.stage_config)."""
@@ -71,6 +82,7 @@ class Inputs:
             stages=self.stages[:index],
             teacher=self.teacher,
             term_dictionaries=self.term_dictionaries[: index + 1],
+            base_gguf=self.base_gguf,
         )
 
 
@@ -98,13 +110,6 @@ def fetch_inputs(ctx: RunContext) -> Inputs:
     paths: dict[str, Any] = {}
     if runtime.is_local_main:
         shutil.rmtree(inputs_dir, ignore_errors=True)
-        base_dir = fetch(base_uri, inputs_dir / "base", ctx.store, registry_output_uri=rc.output.uri)
-        check_weights_safety(
-            base_dir,
-            allow_pickle=rc.model.base.allow_pickle,
-            trust_remote_code=rc.model.base.trust_remote_code,
-        )
-        paths["base"] = str(base_dir.relative_to(workdir))
         paths["train"] = str(fetch(rc.data.train.uri, inputs_dir / "train", ctx.store).relative_to(workdir))
         if rc.data.eval is not None:
             paths["eval"] = str(fetch(rc.data.eval.uri, inputs_dir / "eval", ctx.store).relative_to(workdir))
@@ -119,6 +124,21 @@ def fetch_inputs(ctx: RunContext) -> Inputs:
                     paths[f"stage:{stage.name}:{role}"] = str(
                         fetch(source.uri, target, ctx.store).relative_to(workdir)
                     )
+        # The data is fetched and validated before the base model: a bad line 3 must not cost a
+        # base model download on a GPU node first (prepare_data checks the same again, later).
+        _validate_data(rc, workdir, paths)
+        base_dir = fetch(base_uri, inputs_dir / "base", ctx.store, registry_output_uri=rc.output.uri)
+        gguf_file = find_gguf(base_dir)
+        if gguf_file is not None:
+            gguf_base = _dequantize_gguf_base(ctx, gguf_file, inputs_dir)
+            base_dir = gguf_base.model_dir
+            paths["gguf"] = gguf_base.lineage()
+        check_weights_safety(
+            base_dir,
+            allow_pickle=rc.model.base.allow_pickle,
+            trust_remote_code=rc.model.base.trust_remote_code,
+        )
+        paths["base"] = str(base_dir.relative_to(workdir))
     runtime.barrier()
     paths = runtime.broadcast(paths)
     display: dict[Path, str] = {}
@@ -133,6 +153,7 @@ def fetch_inputs(ctx: RunContext) -> Inputs:
 
     inputs = Inputs(
         base_dir=workdir / paths["base"],
+        base_gguf=paths.get("gguf"),
         train_files=files("train", rc.data.train.uri),
         eval_files=files("eval", rc.data.eval.uri) if rc.data.eval is not None else None,
         extra_files={e.name: files(f"extra:{e.name}", e.uri) for e in rc.evaluation.extra_sets},
@@ -155,6 +176,31 @@ def fetch_inputs(ctx: RunContext) -> Inputs:
         _fetch_term_dictionary(ctx, st.data.augmentation, f"augmentation-terms-{st.name}") for st in rc.stages
     ] + [_fetch_term_dictionary(ctx, rc.data.augmentation, "augmentation-terms")]
     return inputs
+
+
+def _validate_data(rc: RunConfig, workdir: Path, paths: dict[str, Any]) -> None:
+    """The job's and each stage's fetched data, validated as prepare_data will (no tokenizer).
+    Raises DataValidationError naming file, line and field."""
+
+    def listed(key: str, uri: str) -> tuple[list[Path], dict[Path, str]]:
+        root = workdir / paths[key]
+        files = _data_files(root)
+        names = {
+            f: uri.rstrip("/") + ("/" + f.relative_to(root).as_posix() if root.is_dir() else "")
+            for f in files
+        }
+        return files, names
+
+    checks = [(rc.data, "train", "eval")] + [
+        (st.data, f"stage:{st.name}:train", f"stage:{st.name}:eval") for st in rc.stages
+    ]
+    for data, train_key, eval_key in checks:
+        train, names = listed(train_key, data.train.uri)
+        evals: list[Path] | None = None
+        if data.eval is not None:
+            evals, eval_names = listed(eval_key, data.eval.uri)
+            names |= eval_names
+        validate_files(train, evals, data, seed=rc.training.seed, display_names=names).raise_if_failed()
 
 
 def _data_files(path: Path) -> list[Path]:
@@ -212,6 +258,29 @@ def fetch_stage_weights(ctx: RunContext, version_uri: str, name: str) -> Path:
     return workdir / runtime.broadcast(rel)
 
 
+GGUF_CACHE_ENV = "KUBETUNE_GGUF_CACHE"
+"""A folder where dequantised GGUF bases are kept across runs (keyed on the file's sha256, the
+precision and the transformers version); unset, each run dequantises into its own work dir."""
+
+
+def _dequantize_gguf_base(ctx: RunContext, gguf_file: Path, inputs_dir: Path) -> GgufBase:
+    """Dequantise a GGUF base to the training precision into ``inputs_dir/gguf-dequantized``."""
+    precision = "bf16" if ctx.rc.training.precision == "bf16" else "fp32"
+    cache = os.environ.get(GGUF_CACHE_ENV)
+    base = prepare_gguf_base(
+        gguf_file, inputs_dir, precision=precision, cache_dir=Path(cache) if cache else None
+    )
+    local = inputs_dir / "gguf-dequantized"  # where prepare_gguf_base writes without a cache
+    if base.model_dir != local:  # a cached folder: hard-linked in (read-only use), like a file:// base
+        fetch(f"file://{base.model_dir}", local, ctx.store)
+    print(
+        f"[kubetune] base: {base.describe()}{' (cached conversion)' if base.cached else ''}",
+        file=ctx.reporter.stream,
+        flush=True,
+    )
+    return dataclasses.replace(base, model_dir=local)
+
+
 # --- what the inputs are ----------------------------------------------------------------------
 
 
@@ -222,7 +291,10 @@ def inputs_record(rc: RunConfig, inputs: Inputs) -> dict[str, Any]:
         return {inputs.display_names[f]: sha256_file(f) for f in files}
 
     record: dict[str, Any] = {
-        "base": {"uri": rc.model.base.uri, "digest": digest_dir(inputs.base_dir), "parent": inputs.parent},
+        "base": {"uri": rc.model.base.uri, "digest": digest_dir(inputs.base_dir), "parent": inputs.parent}
+        # A GGUF base: the file's own sha256, and what it was dequantised to (the digest above is
+        # of the dequantised folder the trainer loaded).
+        | ({"gguf": inputs.base_gguf} if inputs.base_gguf else {}),
         "data": {"train": data(inputs.train_files)},
         "configDigest": rc.config_digest(),
         "trainerVersion": TRAINER_VERSION,
@@ -256,9 +328,32 @@ def full_record(rc: RunConfig, inputs: Inputs) -> dict[str, Any]:
     return record
 
 
+def content_identity(record: dict[str, Any]) -> dict[str, Any]:
+    """What the inputs digest is taken over: the record's content digests, in reading order, without
+    the URIs they were read from. Moving the data or the base model to another place (or a
+    ``modelversion://`` base to a plain copy) therefore reuses the version; any change of content,
+    file order, config or trainer version does not."""
+
+    def digests(part: dict[str, Any]) -> dict[str, Any]:
+        # Each role (train, eval, extra:<name>, augmentationTerms) maps names to digests: keep the digests.
+        return {role: list(files.values()) for role, files in part.items() if isinstance(files, dict)}
+
+    out: dict[str, Any] = {
+        "base": record["base"]["digest"],
+        "data": digests(record["data"]),
+        "configDigest": record["configDigest"],
+        "trainerVersion": record["trainerVersion"],
+    }
+    if "teacher" in record:
+        out["teacher"] = record["teacher"]["digest"]
+    if "stages" in record:
+        out["stages"] = [{"name": st["name"], **digests(st)} for st in record["stages"]]
+    return out
+
+
 def identify(ctx: RunContext, inputs: Inputs) -> Identity:
-    """The :class:`Identity` of ``ctx.rc`` trained on ``inputs`` (rank 0 records, every rank gets the digest)."""
+    """The :class:`Identity` of ``ctx.rc`` trained on ``inputs`` (rank 0 records, every rank gets the
+    digest, taken over :func:`content_identity` of the record)."""
     record = full_record(ctx.rc, inputs) if ctx.runtime.is_main else None
-    return Identity(
-        record=record, digest=ctx.runtime.broadcast(digest_json(record) if record is not None else None)
-    )
+    digest = digest_json(content_identity(record)) if record is not None else None
+    return Identity(record=record, digest=ctx.runtime.broadcast(digest))

@@ -28,10 +28,13 @@ from kubetune_registry.storage import open_uri
 from kubetune_registry.versions import PublishedVersion
 from kubetune_trainer import __version__ as TRAINER_VERSION
 from kubetune_trainer.artifacts.stage import Artifacts, write_reports
+from kubetune_trainer.artifacts.standalone import make_standalone
 from kubetune_trainer.context import RunContext
 from kubetune_trainer.evaluate.gates import GateReport
+from kubetune_trainer.evaluate.quality import promotable
 from kubetune_trainer.evaluate.stage import Evaluation
 from kubetune_trainer.fetch.inputs import Identity, Inputs
+from kubetune_trainer.publish.serving import write_serving_manifests
 from kubetune_trainer.reporting import now_rfc3339
 from kubetune_trainer.train.adapters import adapter_record
 from kubetune_trainer.train.distill import distillation_manifest_extra
@@ -62,7 +65,8 @@ def reuse_version(
     if rc.output.promote and ctx.runtime.is_main:
         # Promotion is a commit: a changed promote rule on the same inputs moves the alias
         # without retraining (moving it to where it already points records nothing).
-        gates_passed = result.gates.passed if result.gates is not None else True
+        # gatesPassed never passes vacuously: a version that ran no gate is not promoted by it.
+        gates_passed = result.gates is not None and result.gates.passed and bool(result.gates.results)
         moved = ctx.registry.promote(
             rc.output.promote.alias, version.name, gates_passed, rc.output.promote.when
         )
@@ -88,6 +92,7 @@ def publish_stage(
     record = identity.record or {}
     outcome, gates = trained.outcome, evaluation.gates
     ctx.reporter.stage("Publishing")
+    extra = _manifest_extra(ctx, outcome, artifacts, record) | ({"stages": stages} if stages else {})
     version = registry.publish(
         ctx.staging,
         inputs=record,
@@ -95,16 +100,24 @@ def publish_stage(
         metrics=_finite(evaluation.report.tuned),
         gates=gates.to_dict(),
         parent=inputs.parent,
-        extra=_manifest_extra(ctx, outcome, artifacts, record) | ({"stages": stages} if stages else {}),
+        extra=extra,
         # The card names its own version, which the registry allocates: write it once claimed.
-        before_upload=lambda name, _uri: write_reports(
-            ctx, outcome, evaluation, artifacts, record, name, stages
+        before_upload=lambda name, uri: _finish_staging(
+            ctx, outcome, evaluation, artifacts, record, name, stages, uri, extra
         ),
     )
     promoted: str | None = None
     if rc.output.promote and not version.reused:
-        moved = registry.promote(rc.output.promote.alias, version.name, gates.passed, rc.output.promote.when)
+        ok, why = promotable(gates)
+        moved = registry.promote(rc.output.promote.alias, version.name, ok, rc.output.promote.when)
         promoted = rc.output.promote.alias if moved is not None else None
+        if moved is None and ctx.runtime.is_main:
+            print(
+                f"[kubetune] alias {rc.output.promote.alias} not moved (promote.when "
+                f"{rc.output.promote.when}): {why}",
+                file=ctx.reporter.stream,
+                flush=True,
+            )
     reason: Reason = "GateFailed" if not gates.passed else ("Reused" if version.reused else "Published")
     message = f"published {version.uri}" if not version.reused else f"reused {version.uri}"
     if not gates.passed:
@@ -198,6 +211,26 @@ def _manifest_extra(
     }
 
 
+def _finish_staging(
+    ctx: RunContext,
+    outcome: TrainOutcome,
+    evaluation: Evaluation,
+    artifacts: Artifacts,
+    record: dict[str, Any],
+    name: str,
+    stages: list[dict[str, Any]],
+    uri: str,
+    extra: dict[str, Any],
+) -> None:
+    """The reports and the model card, then no scratch path or boilerplate README left in the
+    version, then the serving manifests (serving/: KServe and vLLM)."""
+    write_reports(ctx, outcome, evaluation, artifacts, record, name, stages)
+    make_standalone(
+        ctx.staging, base_uri=ctx.rc.model.base.uri, base_digest=(record.get("base") or {}).get("digest")
+    )
+    write_serving_manifests(ctx, name, uri, extra)
+
+
 def _finite(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
 
@@ -209,10 +242,19 @@ def _reused_result(
     gates = manifest.get("gates") or {}
     gate_results = [GateResult.model_validate(r) for r in gates.get("results", [])] if gates else []
     failed = sum(not r.passed for r in gate_results)
+    passed = bool(gates.get("passed", True))
+    # The digest remembers its outcome: a version that failed its gates stays GateFailed on re-runs.
+    message = f"inputs digest matches published version {version.name}: nothing was trained"
+    if not passed:
+        why = "; ".join(r.message for r in gate_results if not r.passed)
+        message = (
+            f"inputs digest matches version {version.name}, which failed its gates ({why}); nothing was "
+            "trained. Change the data, the hyperparameters or the gates to train again"
+        )
     return TrainerResult(
-        outcome="Succeeded",
-        reason="Reused",
-        message=f"inputs digest matches published version {version.name}: nothing was trained",
+        outcome="Succeeded" if passed else "Failed",
+        reason="Reused" if passed else "GateFailed",
+        message=message[:1500],
         model=rc.model.name,
         base=rc.model.base.uri,
         parent=parent,
@@ -223,7 +265,7 @@ def _reused_result(
         inputs_digest=inputs_digest,
         metrics=_finite(manifest.get("metrics", {})),
         gates=GatesStatus(
-            passed=bool(gates.get("passed", True)),
+            passed=passed,
             summary="none"
             if not gate_results
             else ("passed" if not failed else f"failed {failed}/{len(gate_results)}"),

@@ -8,7 +8,7 @@
 * :class:`LossHealth` watches the logged loss and returns a warning (printed, kept in
   ``training/health.json``) when it plateaus or rises, each with the likely causes for this run:
   learning rate too high, context too short (many examples truncated at ``maxSeqLength``), too
-  little domain data. It only warns; :class:`~kubetune_trainer.train.recipe.LossMonitor` still stops a
+  little domain data. It only warns; :class:`~kubetune_trainer.train.divergence.DivergenceMonitor` stops a
   run whose loss is NaN or runs away.
 
 matplotlib is imported by :func:`plot_grad_norms` alone: 2 s and 54 MB to import (measured), spent

@@ -19,7 +19,8 @@ to go through object storage with our own data position; the loop is short, and 
 (model, LoRA, schedules, ZeRO) comes from transformers, peft and DeepSpeed.
 
 Raises
-  * :class:`TrainingDivergedError` when the loss becomes NaN/inf or runs away (exit code 5);
+  * :class:`~kubetune_trainer.train.divergence.TrainingDivergedError` when the loss or gradient norm
+    becomes NaN/inf or explodes against the run's own first steps, from step 1 (exit code 5);
   * :class:`~kubetune_trainer.runtime.UnsupportedHardwareError` for QLoRA/fp16 without a GPU;
   * :class:`PreemptedError` after saving a checkpoint on SIGTERM.
 """
@@ -57,14 +58,12 @@ from kubetune_trainer.runtime import (
 )
 from kubetune_trainer.train.adapters import build_peft_config
 from kubetune_trainer.train.checkpoint import CheckpointManager
+from kubetune_trainer.train.divergence import DivergenceMonitor, RecipeFacts
+from kubetune_trainer.train.divergence import TrainingDivergedError as TrainingDivergedError
 from kubetune_trainer.train.health import LossHealth, RunFacts, format_warning, layer_grad_norms
 from kubetune_trainer.train.label_head import LabelPositionHead
 
 log = logging.getLogger("kubetune.trainer")
-
-
-class TrainingDivergedError(RuntimeError):
-    """The loss became NaN/inf or diverged; the message says what to change."""
 
 
 class PreemptedError(RuntimeError):
@@ -86,6 +85,8 @@ class TrainState:
     # Training health (health.py): rebuilt into training/grad-norms.jsonl and health.json on resume.
     grad_norm_history: list[dict[str, Any]] = field(default_factory=list)
     health_warnings: list[dict[str, Any]] = field(default_factory=list)
+    # DivergenceMonitor.state_dict(): a resumed run judges against the same first steps.
+    divergence: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -101,41 +102,7 @@ class TrainOutcome:
     metrics_path: Path
     tokens_seen: int
     train_seconds: float
-
-
-class LossMonitor:
-    """Stops a run whose loss is NaN/inf or running away, with a reason a user can act on.
-
-    Divergence = after warm-up (and at least 10 steps), the smoothed loss (EMA, 0.9) is both more
-    than 4x and more than 2.0 above the best smoothed loss seen so far. Both conditions keep
-    noisy small-batch runs from tripping it.
-    """
-
-    def __init__(self, warmup_steps: int, learning_rate: float) -> None:
-        self.warmup_steps = warmup_steps
-        self.learning_rate = learning_rate
-        self.ema: float | None = None
-        self.best: float | None = None
-
-    def check_finite(self, step: int, loss: float, lr: float) -> None:
-        if not math.isfinite(loss):
-            raise TrainingDivergedError(
-                f"loss became {loss} at step {step} (lr {lr:.2e}): lower training.learningRate, keep "
-                "maxGradNorm, or use fp32/bf16 instead of fp16"
-            )
-
-    def update(self, step: int, loss: float) -> None:
-        """Feed one optimizer step's loss. Raises TrainingDivergedError."""
-        self.check_finite(step, loss, self.learning_rate)
-        self.ema = loss if self.ema is None else 0.9 * self.ema + 0.1 * loss
-        if step <= max(self.warmup_steps, 10):
-            return
-        self.best = self.ema if self.best is None else min(self.best, self.ema)
-        if self.ema > 4 * self.best and self.ema - self.best > 2:
-            raise TrainingDivergedError(
-                f"loss diverged: smoothed loss {self.ema:.3f} vs best {self.best:.3f} at step {step}; "
-                f"lower training.learningRate (now {self.learning_rate:g}) or raise warmupRatio"
-            )
+    learning: dict[str, Any] = field(default_factory=dict)  # DivergenceMonitor.learning()
 
 
 def deepspeed_config(rc: RunConfig, runtime: Runtime) -> dict[str, Any]:
@@ -460,7 +427,16 @@ class SFTRecipe:
         window_start, window_tokens, window_steps = time.monotonic(), 0, 0
         loss_window: list[float] = []
         last_loss: float | None = None
-        monitor = LossMonitor(round(t.warmup_ratio * self.total_steps), self.rc.learning_rate)
+        monitor = DivergenceMonitor(
+            RecipeFacts(
+                learning_rate=self.rc.learning_rate,
+                max_grad_norm=t.max_grad_norm,
+                warmup_ratio=t.warmup_ratio,
+                scheduler=t.scheduler,
+                precision=self.rt.precision,
+            )
+        )
+        monitor.load_state_dict(self.state.divergence)
         health = self._loss_health()
         grad_norms_path = metrics_path.parent / "grad-norms.jsonl"
         if self.rt.is_main:
@@ -490,8 +466,14 @@ class SFTRecipe:
                 )
                 loss = self._forward(batch, train=True)
                 value = float(loss.detach())
-                monitor.check_finite(self.state.step + 1, value, self._lr())
+                if not self.rt.distributed:
+                    # One process: stop before a NaN reaches the weights. With several ranks the
+                    # all-reduced step loss below is NaN on every rank, so all of them stop together.
+                    monitor.check_finite(self.state.step + 1, value, self._lr())
                 if self.engine is not None:
+                    # Our boundary, not DeepSpeed's own micro-step counter: the partial accumulation
+                    # that ends an epoch is an optimizer step (and an LR step) for both.
+                    self.engine.set_gradient_accumulation_boundary(boundary)
                     self.engine.backward(loss)
                     self.engine.step()
                 else:
@@ -507,21 +489,31 @@ class SFTRecipe:
                 window_tokens += int(batch["num_tokens"])
                 if not boundary:
                     continue
+                grad_norm: float | None = None
                 if self.engine is None:
                     self._record_grad_norms(grad_norms_path)
-                    torch.nn.utils.clip_grad_norm_(
+                    total_norm = torch.nn.utils.clip_grad_norm_(
                         [p for p in self.model.parameters() if p.requires_grad], t.max_grad_norm
                     )
+                    grad_norm = float(total_norm)
                     self.optimizer.step()
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
+                else:
+                    grad_norm = _as_float(self.engine.get_global_grad_norm())
+                    if self.rt.precision == "fp16" and grad_norm is not None and not math.isfinite(grad_norm):
+                        grad_norm = None  # an overflow DeepSpeed's loss scaler skipped, not a divergence
                 self.state.step += 1
                 window_steps += 1
                 step_loss = self.rt.all_reduce_sum([accum_loss / max(accum_n, 1)])[0] / self.rt.world_size
                 accum_loss, accum_n = 0.0, 0
                 last_loss = step_loss
                 loss_window.append(step_loss)
-                monitor.update(self.state.step, step_loss)
+                spike = monitor.update(self.state.step, step_loss, grad_norm)
+                self.state.divergence = monitor.state_dict()
+                if spike is not None and self.rt.is_main:
+                    self.state.health_warnings.append(spike)
+                    print(f"[kubetune] {format_warning(spike)}", file=self.reporter.stream, flush=True)
                 if self.state.step % t.log_every_steps == 0 or self.state.step == self.total_steps:
                     window_start, window_tokens, window_steps = self._log(
                         loss_window, window_start, window_tokens, window_steps, started, metrics_path
@@ -566,6 +558,7 @@ class SFTRecipe:
             metrics_path=metrics_path,
             tokens_seen=self.state.tokens_seen,
             train_seconds=time.monotonic() - started,
+            learning=monitor.learning(),
         )
 
     def _lr(self) -> float:
@@ -734,3 +727,10 @@ class SFTRecipe:
         if self.rc.method.type == "full":
             model.config.use_cache = True
         model.save_pretrained(str(out), safe_serialization=True)
+
+
+def _as_float(value: Any) -> float | None:
+    """DeepSpeed's global grad norm (a float, a 0-d tensor, or None when it kept none)."""
+    if value is None:
+        return None
+    return float(value.item() if hasattr(value, "item") else value)
