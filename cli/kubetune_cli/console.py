@@ -42,6 +42,9 @@ class ConsoleFilter(io.TextIOBase):
         self.console = console
         self.log = log
         self._pending = ""
+        # True while the lines being routed belong to one write() that began a kubetune line: a
+        # multi-line message (e.g. "[kubetune] FAILED ...: first errors:\n  file:2: ...") stays whole.
+        self._kubetune_message = False
 
     def writable(self) -> bool:
         return True
@@ -58,12 +61,16 @@ class ConsoleFilter(io.TextIOBase):
         return getattr(self.console, "encoding", None) or "utf-8"
 
     def write(self, text: str) -> int:
+        if not self._pending:
+            self._kubetune_message = bool(_KEEP.match(_ANSI.sub("", text)))
         self._pending += text
         while True:
             newline = self._pending.find("\n")
             if newline >= 0:
                 line, self._pending = self._pending[: newline + 1], self._pending[newline + 1 :]
                 self._route(line)
+                if not self._pending:
+                    self._kubetune_message = False
                 continue
             if "\r" in self._pending and _KEEP.match(_ANSI.sub("", self._pending)):
                 # A bar redraw without a newline: show it now.
@@ -74,7 +81,7 @@ class ConsoleFilter(io.TextIOBase):
 
     def _route(self, chunk: str) -> None:
         plain = _ANSI.sub("", chunk)
-        if _KEEP.match(plain) or (plain.strip("\r\n ") == "" and "\r" in plain):
+        if self._kubetune_message or _KEEP.match(plain) or (plain.strip("\r\n ") == "" and "\r" in plain):
             self.console.write(chunk)
             self.console.flush()
         else:

@@ -9,6 +9,7 @@ tests/integration/test_quickstart_console.py.
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -154,3 +155,19 @@ def test_a_stage_entered_twice_is_announced_once() -> None:
         "[kubetune] stage PreparingData: stage 2/2: final",
         "[kubetune] stage Training",
     ]
+
+
+def test_a_multi_line_kubetune_message_reaches_the_console_whole() -> None:
+    """The FAILED line of bad data lists the file:line errors on the lines after it (one print)."""
+    console, log = io.StringIO(), io.StringIO()
+    stream = ConsoleFilter(console, log)
+    print("third-party chatter", file=stream)
+    print(
+        "[kubetune] FAILED (InvalidData): 2 invalid records; first errors:\n  s3://b/train.jsonl:2: not JSON\n  s3://b/train.jsonl:4: empty output",
+        file=stream,
+    )
+    print("  indented third-party line", file=stream)
+    stream.close_out()
+    assert "s3://b/train.jsonl:2: not JSON" in console.getvalue()
+    assert "s3://b/train.jsonl:4: empty output" in console.getvalue()
+    assert "third-party" not in console.getvalue() and "indented third-party line" in log.getvalue()
