@@ -68,7 +68,7 @@ def _trainer_module(name: str, command: str) -> Any:
     missing = [lib for lib in TRAINER_LIBRARIES if importlib.util.find_spec(lib) is None]
     if missing:
         print(
-            f"error: `kubetune {command}` needs the trainer's libraries ({', '.join(missing)} not "
+            f"[kubetune] error: `kubetune {command}` needs the trainer's libraries ({', '.join(missing)} not "
             "installed): pip install 'kubetune[trainer]'",
             file=sys.stderr,
         )
@@ -106,7 +106,10 @@ def _run_job(args: argparse.Namespace, rc: RunConfig, workdir: Path, store_dir: 
     nproc = args.nproc or 1
     if nproc > 1:
         if rc.distributed.strategy == "none":
-            print("error: --nproc > 1 needs spec.distributed.strategy ddp or deepspeed-*", file=sys.stderr)
+            print(
+                "[kubetune] error: --nproc > 1 needs spec.distributed.strategy ddp or deepspeed-*",
+                file=sys.stderr,
+            )
             return EXIT_BAD_INPUT
         config = workdir / "run-config.json"
         config.write_text(rc.to_json())
