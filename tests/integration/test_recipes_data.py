@@ -38,6 +38,8 @@ def test_augmentation_curriculum_and_health_are_reported_and_published(
 
     job = small_job(
         **{
+            # Not a quality test: explicitly opt out of the default quality gates (issue 17).
+            "evaluation.requireImprovement": False,
             "data.train": {"uri": f"{DATA}/train.jsonl"},
             "data.eval": None,
             "data.evalSplit": 0.1,
