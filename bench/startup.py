@@ -42,8 +42,9 @@ from typing import Any
 from bench._common import REPO_ROOT, format_machine, format_table, machine_info, median, thread_env
 
 QUICKSTART = REPO_ROOT / "examples" / "quickstart" / "finetunejob.yaml"
-SETUP_BEGIN = "[bench-startup] setup begin"
-SETUP_END = "[bench-startup] setup end"
+# "[kubetune]" lines, so the quiet console of `kubetune run` shows them (everything else goes to console.log).
+SETUP_BEGIN = "[kubetune] bench-startup: setup begin"
+SETUP_END = "[kubetune] bench-startup: setup end"
 
 MARKERS = (
     ("cli+spec", "[kubetune] running FineTuneJob"),
