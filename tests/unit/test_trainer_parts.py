@@ -14,7 +14,13 @@ from kubetune_api.runconfig import resolve_run_config
 from kubetune_registry.storage import LocalStore
 from kubetune_trainer.reporting import Reporter
 from kubetune_trainer.runtime import Runtime, UnsupportedHardwareError, resolve_precision
-from kubetune_trainer.train.checkpoint import MARKER, CheckpointManager, CheckpointMismatchError
+from kubetune_trainer.train.checkpoint import (
+    MARKER,
+    CheckpointManager,
+    CheckpointMismatchError,
+    ResumePlan,
+    check_resume_plan,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,6 +78,56 @@ def test_a_checkpoint_from_another_world_size_is_reported_not_silently_used(tmp_
     assert info is not None
     with pytest.raises(CheckpointMismatchError, match="written by 1 processes, this run has 2"):
         other.download(info)
+
+
+PLAN = ResumePlan(
+    world_size=2,
+    strategy="ddp",
+    micro_batch_size=8,
+    gradient_accumulation_steps=2,
+    micro_batches_per_epoch=9,
+    train_examples=140,
+    data_order_seed=7,
+    total_steps=20,
+)
+
+
+def test_a_resume_under_the_same_plan_is_allowed_and_records_the_effective_batch() -> None:
+    saved = PLAN.to_dict()
+    assert saved["effectiveBatch"] == 32
+    check_resume_plan(12, json.loads(json.dumps(saved)), PLAN)  # as read back from state.json
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (
+            {"micro_batch_size": 4},
+            "microBatchSize=8, effectiveBatch=32; this run has microBatchSize=4, effectiveBatch=16",
+        ),
+        ({"gradient_accumulation_steps": 4}, "gradientAccumulationSteps=2, effectiveBatch=32"),
+        ({"train_examples": 139, "micro_batches_per_epoch": 8}, "microBatchesPerEpoch=9, trainExamples=140"),
+        ({"data_order_seed": 8}, "dataOrderSeed=7; this run has dataOrderSeed=8"),
+        ({"strategy": "deepspeed-zero2"}, "strategy=ddp; this run has strategy=deepspeed-zero2"),
+    ],
+)
+def test_a_resume_under_another_plan_is_refused_naming_what_differs(
+    change: dict[str, object], named: str
+) -> None:
+    import dataclasses
+
+    current = dataclasses.replace(PLAN, **change)  # type: ignore[arg-type]
+    with pytest.raises(CheckpointMismatchError) as refused:
+        check_resume_plan(12, PLAN.to_dict(), current)
+    assert str(refused.value).startswith("checkpoint step 12 was written with ") and named in str(
+        refused.value
+    )
+    assert "delete the run's checkpoints" in str(refused.value)
+
+
+def test_a_checkpoint_without_a_plan_is_not_resumed_blindly() -> None:
+    with pytest.raises(CheckpointMismatchError, match="records no resume plan"):
+        check_resume_plan(4, None, PLAN)
 
 
 def test_precision_auto_is_fp32_on_cpu_and_fp16_needs_a_gpu() -> None:

@@ -6,6 +6,16 @@ derived from the inputs digest, so a restarted pod — or ``kubetune run`` of th
 kill — finds its own checkpoints and nothing else. A step folder without ``COMPLETE.json`` (the
 process died while uploading) is ignored on resume and deleted when a newer complete one exists.
 The newest ``keep`` complete checkpoints are kept.
+
+Exact resume: besides the weights, optimizer and schedule, a checkpoint records where the data
+cursor is (epoch and micro-batches consumed, in ``state.json``), every rank's RNG states
+(``rng-rank<N>.pt``: Python, NumPy, torch CPU and CUDA) and the :class:`ResumePlan` it was
+written under (world size, strategy, per-rank micro-batch size, gradient accumulation, effective
+batch, micro-batches per epoch, training examples, data-order seed, planned steps). A run resumes
+only under the same plan (:func:`check_resume_plan`); anything else would not continue the same
+run (other shards, another effective batch, a different schedule) and is refused with the fields
+that differ. Checkpoints are written only after an optimizer step, so they never hold a partial
+gradient accumulation.
 """
 
 from __future__ import annotations
@@ -30,6 +40,61 @@ _STEP_RE = re.compile(r"step-(\d{8})/")
 
 class CheckpointMismatchError(RuntimeError):
     """The newest checkpoint was written by a different layout (e.g. another world size)."""
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What a checkpoint's data cursor and optimizer state mean: a resume needs all of it equal."""
+
+    world_size: int
+    strategy: str
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    micro_batches_per_epoch: int
+    train_examples: int
+    data_order_seed: int
+    total_steps: int
+
+    @property
+    def effective_batch(self) -> int:
+        """Examples per optimizer step over all ranks (micro-batch x accumulation x world size)."""
+        return self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "worldSize": self.world_size,
+            "strategy": self.strategy,
+            "microBatchSize": self.micro_batch_size,
+            "gradientAccumulationSteps": self.gradient_accumulation_steps,
+            "effectiveBatch": self.effective_batch,
+            "microBatchesPerEpoch": self.micro_batches_per_epoch,
+            "trainExamples": self.train_examples,
+            "dataOrderSeed": self.data_order_seed,
+            "totalSteps": self.total_steps,
+        }
+
+
+def check_resume_plan(step: int, saved: dict[str, Any] | None, current: ResumePlan) -> None:
+    """Raise CheckpointMismatchError naming every field where the checkpoint's plan differs.
+
+    ``saved`` is the ``plan`` a checkpoint recorded (None for a checkpoint written before plans
+    were recorded: refused too, since exactness cannot be shown)."""
+    now = current.to_dict()
+    if saved is None:
+        raise CheckpointMismatchError(
+            f"checkpoint step {step} records no resume plan (written by an older trainer), so an exact "
+            "resume cannot be verified. Delete the run's checkpoints to start over."
+        )
+    differ = [k for k in now if saved.get(k) != now[k]]
+    if differ:
+        was = ", ".join(f"{k}={saved.get(k)}" for k in differ)
+        has = ", ".join(f"{k}={now[k]}" for k in differ)
+        raise CheckpointMismatchError(
+            f"checkpoint step {step} was written with {was}; this run has {has}: its data cursor and "
+            "optimizer state would not continue the same run. Restore the settings it was written "
+            "with (distributed.nodes/gpusPerNode, --nproc, training.batchSize/"
+            "gradientAccumulationSteps), or delete the run's checkpoints to start over."
+        )
 
 
 @dataclass(frozen=True)

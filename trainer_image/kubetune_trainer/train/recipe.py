@@ -57,7 +57,7 @@ from kubetune_trainer.runtime import (
     set_rng_state,
 )
 from kubetune_trainer.train.adapters import build_peft_config
-from kubetune_trainer.train.checkpoint import CheckpointManager
+from kubetune_trainer.train.checkpoint import CheckpointManager, ResumePlan, check_resume_plan
 from kubetune_trainer.train.divergence import DivergenceMonitor, RecipeFacts
 from kubetune_trainer.train.divergence import TrainingDivergedError as TrainingDivergedError
 from kubetune_trainer.train.health import LossHealth, RunFacts, format_warning, layer_grad_norms
@@ -285,12 +285,8 @@ class SFTRecipe:
             return
         local = self.checkpoints.download(info)
         state = json.loads((local / "state.json").read_text())
-        if state.get("totalSteps") != self.total_steps:
-            log.warning(
-                "checkpoint planned %s steps, this run plans %s: continuing with the new plan",
-                state.get("totalSteps"),
-                self.total_steps,
-            )
+        # Exact resume or none: the same shards, effective batch and schedule (checkpoint.py).
+        check_resume_plan(info.step, state.get("plan"), self.resume_plan())
         if self.engine is not None:
             self.engine.load_checkpoint(str(local / "deepspeed"), tag="ckpt", load_module_strict=False)
         else:
@@ -323,6 +319,20 @@ class SFTRecipe:
                 flush=True,
             )
 
+    def resume_plan(self) -> ResumePlan:
+        """What this run's checkpoints mean (recorded in each; a resume must match it)."""
+        t = self.rc.training
+        return ResumePlan(
+            world_size=self.rt.world_size,
+            strategy=self.rt.strategy,
+            micro_batch_size=t.batch_size,
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            micro_batches_per_epoch=self.micro_batches_per_epoch,
+            train_examples=len(self.train_examples),
+            data_order_seed=t.seed,
+            total_steps=self.total_steps,
+        )
+
     def _trainable_names(self) -> set[str]:
         return {n for n, p in self.model.named_parameters() if p.requires_grad}
 
@@ -343,7 +353,14 @@ class SFTRecipe:
         torch.save(rng_state(), local / f"rng-rank{self.rt.rank}.pt")
         if self.rt.is_main:
             (local / "state.json").write_text(
-                json.dumps({"trainState": self.state.__dict__, "totalSteps": self.total_steps}, default=float)
+                json.dumps(
+                    {
+                        "trainState": self.state.__dict__,
+                        "totalSteps": self.total_steps,
+                        "plan": self.resume_plan().to_dict(),
+                    },
+                    default=float,
+                )
             )
         self.checkpoints.commit(
             step, local, {"configDigest": self.rc.config_digest(), "strategy": self.rt.strategy}
