@@ -387,3 +387,72 @@ def test_bad_inputs_get_openai_errors_and_create_nothing_and_cancel_frees_the_qu
     a.fine_tuning.jobs.cancel(again.id)
     # (created the same second, so only the set is certain; ties are ordered by id)
     assert {j.id for j in a.fine_tuning.jobs.list()} == {again.id, job.id}
+
+
+@pytest.mark.slow
+def test_data_the_trainer_refuses_after_upload_fails_the_job_with_the_file_and_line(gateway: Gateway) -> None:
+    """Upload checks records; the trainer alone knows the tokenizer. Records whose prompt fills
+    the template's maxSeqLength (128 tokens) pass the upload and leave no answer token to learn: the
+    job reads `failed`, its error names the uploaded file's lines, and its events say so."""
+    a = gateway.client(gateway.token_a)
+    long_prompt = " ".join(f"word{i}" for i in range(400))
+    body = b"".join(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"{n} {long_prompt}"},
+                    {"role": "assistant", "content": "ok"},
+                ]
+            }
+        ).encode()
+        + b"\n"
+        for n in range(4)
+    )
+    train = _upload(a, "long.jsonl", body)
+    assert train.status == "processed"  # every record is valid JSON in the chat form
+    job = a.fine_tuning.jobs.create(model=BASE, training_file=train.id)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        job = a.fine_tuning.jobs.retrieve(job.id)
+        if job.status in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(1)
+    assert job.status == "failed", (job, gateway.operator.log.read_text()[-3000:])
+    assert job.error is not None and job.error.code == "InvalidData", job.error
+    assert "no training examples left" in job.error.message and "maxSeqLength=128" in job.error.message
+    assert f"/files/{train.id}/data.jsonl:1" in job.error.message, job.error.message
+    assert job.fine_tuned_model is None and job.finished_at
+    events = a.fine_tuning.jobs.list_events(job.id, limit=100).data
+    failed = [e for e in events if e.level == "error"]
+    assert failed and any("no training examples left" in e.message for e in failed), [
+        e.message for e in events
+    ]
+    assert a.fine_tuning.jobs.checkpoints.list(job.id).data == []
+    assert not any(m.id.startswith(f"ft:{BASE}:") for m in a.models.list())
+
+
+def test_a_namespace_resourcequota_refusal_is_a_429_and_creates_nothing(
+    gateway: Gateway, kube_api: Any
+) -> None:
+    """Tenant B has no gateway job limit; its namespace's ResourceQuota (real quota admission and
+    the real quota controller of the v1.20 API server) allows no FineTuneJob at all."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(kube_api)
+    b = gateway.client(gateway.token_b)
+    good = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+    train = _upload(b, "ok.jsonl", good * 3)
+    core.create_namespaced_resource_quota(
+        gateway.ns_b,
+        {"metadata": {"name": "no-finetunejobs"}, "spec": {"hard": {"count/finetunejobs.kubetune.io": "0"}}},
+    )
+    deadline = time.monotonic() + 60  # admission judges by the status the quota controller computes
+    while not (core.read_namespaced_resource_quota("no-finetunejobs", gateway.ns_b).status.hard or {}):
+        assert time.monotonic() < deadline, "the quota controller never computed the quota's status"
+        time.sleep(0.2)
+    with pytest.raises(openai.RateLimitError) as refused:
+        b.fine_tuning.jobs.create(model=BASE, training_file=train.id)
+    err = refused.value
+    assert err.status_code == 429 and err.code == "quota_exceeded", err
+    assert "ResourceQuota" in err.message and "count/finetunejobs.kubetune.io" in err.message, err.message
+    assert gateway.ftjs(gateway.ns_b) == [] and list(b.fine_tuning.jobs.list()) == []

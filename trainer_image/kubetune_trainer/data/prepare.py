@@ -119,6 +119,7 @@ class DataReport:
     eval_examples: int = 0
     truncated: int = 0
     dropped_too_long: int = 0
+    dropped_at: list[str] = field(default_factory=list)  # file:line of each record dropped as too long
     total_tokens: int = 0
     train_tokens: int = 0
     train_label_tokens: int = 0
@@ -323,6 +324,7 @@ def _tokenize(
                 ids, labels = ids[:max_seq_length], labels[:max_seq_length]
                 if all(t == IGNORE_INDEX for t in labels):
                     report.dropped_too_long += 1
+                    report.dropped_at.append(f"{record.file}:{record.line}")
                     continue
                 report.truncated += 1
             else:
@@ -378,9 +380,17 @@ def prepare_data(
     train, train_lengths = _tokenize(train_records, template, tokenizer, max_seq_length, report)
     evals, eval_lengths = _tokenize(eval_records, template, tokenizer, max_seq_length, report)
     if not train:
+        shown = report.dropped_at[:10]
+        more = (
+            f", ... and {len(report.dropped_at) - len(shown)} more"
+            if len(report.dropped_at) > len(shown)
+            else ""
+        )
         raise ValueError(
             f"no training examples left: {len(train_records)} valid records, "
-            f"{report.dropped_too_long} dropped as longer than maxSeqLength={max_seq_length}"
+            f"{report.dropped_too_long} dropped as longer than maxSeqLength={max_seq_length} "
+            "(the prompt alone fills it, so no answer token is left to learn)"
+            + (f": {', '.join(shown)}{more}" if shown else "")
         )
     report.train_examples, report.eval_examples = len(train), len(evals)
     report.token_length_histogram = _histogram(train_lengths + eval_lengths, max_seq_length)
