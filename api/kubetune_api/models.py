@@ -23,7 +23,7 @@ from pydantic.alias_generators import to_camel
 
 from kubetune_api import names
 from kubetune_api.metrics import METRIC_NAMES, MetricName
-from kubetune_api.rules import check_spec
+from kubetune_api.rules import check_spec, split_gate_key
 
 # --- vocabularies -----------------------------------------------------------------------------
 
@@ -35,7 +35,7 @@ TemplateName = Literal["auto", "inst", "chatml", "alpaca", "tokenizer"]
 SchedulerName = Literal["cosine", "linear", "constant"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Strategy = Literal["none", "ddp", "deepspeed-zero2", "deepspeed-zero3"]
-QuantFormat = Literal["int8", "int4", "onnx-int8", "nf4"]
+QuantFormat = Literal["int8", "int4", "onnx-int8", "nf4", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m"]
 PromoteWhen = Literal["gatesPassed", "always"]
 AddressingStyle = Literal["auto", "path", "virtual"]
 Phase = Literal["Pending", "Queued", "Suspended", "Running", "Succeeded", "Failed"]
@@ -634,6 +634,17 @@ class Gate(ApiModel):
 
     min: float | None = Field(default=None, description="The metric must be >= min.")
     max: float | None = Field(default=None, description="The metric must be <= max.")
+    max_drop_vs_tuned: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description=(
+            "Artifact gates (<artifact>.<metric>) only: the artifact may be at most this fraction "
+            "worse than the tuned model on the same metric and eval set, in the metric's bad "
+            "direction (0.02 = 2%: rouge_l >= 0.98 x tuned; latency_p95_ms or eval_loss <= 1.02 x "
+            "tuned). Combines with min/max."
+        ),
+    )
 
 
 class ConsistencySpec(ApiModel):
@@ -700,13 +711,27 @@ class EvaluationSpec(ApiModel):
     extra_sets: list[NamedDataSource] = Field(
         default_factory=list, max_length=16, description="Extra evaluation sets."
     )
-    gates: dict[MetricName, Gate] = Field(
+    gates: dict[str, Gate] = Field(
         default_factory=dict,
         description=(
-            "Per-metric thresholds, e.g. {accuracy: {min: 0.92}, latency_p95_ms: {max: 500}}. A failed "
-            "gate makes the version not promotable."
+            "Per-metric thresholds; a failed gate makes the version not promotable. A key <metric> "
+            "judges the tuned model as evaluated (the adapter on its base; the trained weights for "
+            "full fine-tuning), e.g. {accuracy: {min: 0.92}}. A key <artifact>.<metric> judges a "
+            "published artifact, evaluated on the same eval set: merged or a format of "
+            "quantization.formats, e.g. {int8.latency_p95_ms: {max: 500}, onnx-int8.rouge_l: "
+            "{maxDropVsTuned: 0.02}}."
         ),
     )
+
+    def gate_metrics(self) -> list[MetricName]:
+        """The metric names the gates need, once each, in gate order (``int8.rouge_l`` needs
+        ``rouge_l``, of the tuned model too: an artifact is compared with it)."""
+        out: list[MetricName] = []
+        for key in self.gates:
+            metric = split_gate_key(key)[1]
+            if metric in METRIC_NAMES and metric not in out:
+                out.append(metric)  # type: ignore[arg-type]
+        return out
 
 
 class QuantizationSpec(ApiModel):
@@ -714,8 +739,11 @@ class QuantizationSpec(ApiModel):
 
     formats: list[QuantFormat] = Field(
         default_factory=list,
-        max_length=4,
-        description="int8/int4 (optimum-quanto), onnx-int8 (ONNX + onnxruntime dynamic int8), nf4 (bitsandbytes; GPU).",
+        max_length=len(get_args(QuantFormat)),  # one job may ask for every format
+        description=(
+            "int8/int4 (optimum-quanto), onnx-int8 (ONNX + onnxruntime dynamic int8), nf4 (bitsandbytes; "
+            "GPU), gguf-f16/gguf-q8_0/gguf-q4_k_m (llama.cpp GGUF + Ollama Modelfile). Each is evaluated on the eval set like the tuned model (gate it as <format>.<metric>)."
+        ),
     )
 
 
@@ -762,6 +790,57 @@ class StorageSpec(ApiModel):
         description=(
             "Secret in the job's namespace with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and optionally "
             "AWS_SESSION_TOKEN). Mounted into the trainer pods as environment; the operator never reads it."
+        ),
+    )
+
+
+class MlflowTrackingSpec(ApiModel):
+    """An MLflow tracking server that follows the run and registers its version."""
+
+    tracking_uri: str = Field(
+        pattern=r"^https?://[^\s/]+(/.*)?$",
+        max_length=1024,
+        description="MLflow tracking server URL (also used as the model registry URI).",
+    )
+    experiment: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="MLflow experiment of the run; spec.model.name when unset.",
+    )
+    registered_model: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description=(
+            "MLflow registered model the published version is registered in (source = the version's URI, "
+            "linked to the run), with kubetune's promotion alias mirrored; spec.model.name when unset."
+        ),
+    )
+    register_version: bool = Field(
+        default=True,
+        description="Register the published version in MLflow's model registry; false tracks the run only.",
+    )
+    credentials_secret: str | None = Field(
+        default=None,
+        pattern=names.DNS1123_SUBDOMAIN_PATTERN,
+        max_length=253,
+        description=(
+            "Secret in the job's namespace with MLFLOW_TRACKING_TOKEN (or MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD). Mounted into the trainer pods as environment; the operator never reads it."
+        ),
+    )
+
+
+class TrackingSpec(ApiModel):
+    """Experiment tracking. It never changes what is trained (not part of the inputs digest)."""
+
+    mlflow: MlflowTrackingSpec | None = Field(
+        default=None,
+        description=(
+            "Track the run in MLflow: parameters, per-step training metrics, evaluation metrics, gates, "
+            "the model card and a link to the version. A tracking server that fails is a warning, never a "
+            "failed run."
         ),
     )
 
@@ -825,6 +904,7 @@ class FineTuneJobSpec(ApiModel):
     )
     output: OutputSpec = Field(description="Where versions are published.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="Object-store connection.")
+    tracking: TrackingSpec | None = Field(default=None, description="Experiment tracking (MLflow).")
     run_policy: RunPolicySpec = Field(
         default_factory=RunPolicySpec, description="Retries, deadlines, suspend, Kueue."
     )

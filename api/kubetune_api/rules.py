@@ -20,7 +20,67 @@ from kubetune_api.metrics import METRIC_NAMES
 FineTuneJobSpec = Any
 DataSpec = Any
 
-_METRICS_CEL = "[" + ", ".join(f"'{m}'" for m in METRIC_NAMES) + "]"
+#: What a gate key may name besides the tuned model: the merged model and the quantized formats
+#: (``spec.quantization.formats``, kubetune_api.models.QuantFormat) — the artifacts a version ships.
+GATE_ARTIFACTS: tuple[str, ...] = (
+    "merged",
+    "int8",
+    "int4",
+    "onnx-int8",
+    "nf4",
+    "gguf-f16",
+    "gguf-q8_0",
+    "gguf-q4_k_m",
+)
+#: Every valid key of ``spec.evaluation.gates``: ``<metric>`` or ``<artifact>.<metric>``.
+GATE_KEYS: tuple[str, ...] = METRIC_NAMES + tuple(f"{a}.{m}" for a in GATE_ARTIFACTS for m in METRIC_NAMES)
+
+
+def split_gate_key(key: str) -> tuple[str | None, str]:
+    """``"int8.rouge_l"`` -> ``("int8", "rouge_l")``; ``"rouge_l"`` -> ``(None, "rouge_l")`` (the tuned
+    model). Metric and artifact names hold no dot, so the first dot separates them."""
+    artifact, dot, metric = key.partition(".")
+    return (artifact, metric) if dot else (None, key)
+
+
+def _cel_list(values: tuple[str, ...]) -> str:
+    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
+
+
+def _merged_ships(spec: FineTuneJobSpec) -> bool:
+    """A version holds merged/ when output.merge is on, and always for full fine-tuning."""
+    return spec.method.type == "full" or spec.output.merge
+
+
+def _unshipped_artifact_gates(spec: FineTuneJobSpec) -> list[str]:
+    problems = []
+    formats = list(spec.quantization.formats)
+    for key in spec.evaluation.gates:
+        artifact, _ = split_gate_key(key)
+        if artifact is None or artifact not in GATE_ARTIFACTS:
+            continue
+        if artifact == "merged" and not _merged_ships(spec):
+            problems.append(
+                f"{key}: the merged model is not published (spec.output.merge is false); "
+                "set output.merge: true or gate a quantized format"
+            )
+        elif artifact != "merged" and artifact not in formats:
+            problems.append(
+                f"{key}: artifact {artifact} is not in spec.quantization.formats "
+                f"({', '.join(formats) or 'empty'}); "
+                f"add {artifact} there or remove the gate"
+            )
+    return problems
+
+
+_ARTIFACT_SHIPPED_CEL = (
+    "!has(self.evaluation) || !has(self.evaluation.gates) || self.evaluation.gates.all(k, "
+    "!k.contains('.') || "
+    "(k.startsWith('merged.') && ((has(self.method) && has(self.method.type) && self.method.type == 'full') "
+    "|| !has(self.output.merge) || self.output.merge)) || "
+    "(has(self.quantization) && has(self.quantization.formats) && "
+    "self.quantization.formats.exists(f, k.startsWith(f + '.'))))"
+)
 
 
 @dataclass(frozen=True)
@@ -28,7 +88,8 @@ class Rule:
     """One cross-field rule.
 
     ``scope`` is the dotted path of the schema node the CEL rule is attached to (``self`` there);
-    ``field`` is the spec path the message is about; ``ok`` returns True when the spec obeys it.
+    ``field`` is the spec path the message is about; ``ok`` returns True when the spec obeys it;
+    ``explain``, when set, gives the specific messages for a spec that breaks it.
     """
 
     name: str
@@ -37,6 +98,9 @@ class Rule:
     cel: str
     message: str
     ok: Callable[[FineTuneJobSpec], bool]
+    #: Messages naming exactly what is wrong (e.g. which gate key), for pydantic; CEL messages are
+    #: static, so the API server shows ``message``.
+    explain: Callable[[FineTuneJobSpec], list[str]] | None = None
 
 
 def _world_size(spec: FineTuneJobSpec) -> int:
@@ -82,9 +146,12 @@ _SPEC_RULES: tuple[Rule, ...] = (
         name="gate-has-bound",
         scope="spec.evaluation.gates.*",
         field="spec.evaluation.gates",
-        cel="has(self.min) || has(self.max)",
-        message="every gate needs min or max",
-        ok=lambda s: all(g.min is not None or g.max is not None for g in s.evaluation.gates.values()),
+        cel="has(self.min) || has(self.max) || has(self.maxDropVsTuned)",
+        message="every gate needs min or max (or, on an artifact, maxDropVsTuned)",
+        ok=lambda s: all(
+            g.min is not None or g.max is not None or g.max_drop_vs_tuned is not None
+            for g in s.evaluation.gates.values()
+        ),
     ),
     Rule(
         name="gate-bounds-ordered",
@@ -100,9 +167,45 @@ _SPEC_RULES: tuple[Rule, ...] = (
         name="gates-name-known-metrics",
         scope="spec.evaluation",
         field="spec.evaluation.gates",
-        cel="!has(self.gates) || self.gates.all(k, k in " + _METRICS_CEL + ")",
-        message="gates must name known metrics: " + ", ".join(METRIC_NAMES),
-        ok=lambda s: all(k in METRIC_NAMES for k in s.evaluation.gates),
+        cel="!has(self.gates) || self.gates.all(k, k in " + _cel_list(GATE_KEYS) + ")",
+        message="gates must name a known metric (the tuned model) or <artifact>.<metric> (artifact: "
+        + ", ".join(GATE_ARTIFACTS)
+        + "); metrics: "
+        + ", ".join(METRIC_NAMES),
+        ok=lambda s: all(k in GATE_KEYS for k in s.evaluation.gates),
+        explain=lambda s: [
+            f"unknown gate {k!r}: name a metric ({', '.join(METRIC_NAMES)}) or <artifact>.<metric> "
+            f"with artifact one of {', '.join(GATE_ARTIFACTS)}"
+            for k in s.evaluation.gates
+            if k not in GATE_KEYS
+        ],
+    ),
+    Rule(
+        name="gate-artifact-is-published",
+        scope="spec",
+        field="spec.evaluation.gates",
+        cel=_ARTIFACT_SHIPPED_CEL,
+        message="a gate <artifact>.<metric> needs that artifact in the version: a format listed in "
+        "spec.quantization.formats, or merged with output.merge true",
+        ok=lambda s: not _unshipped_artifact_gates(s),
+        explain=_unshipped_artifact_gates,
+    ),
+    Rule(
+        name="gate-drop-is-on-an-artifact",
+        scope="spec.evaluation",
+        field="spec.evaluation.gates",
+        cel="!has(self.gates) || self.gates.all(k, k.contains('.') || !has(self.gates[k].maxDropVsTuned))",
+        message="maxDropVsTuned compares an artifact with the tuned model: use it on <artifact>.<metric> gates only",
+        ok=lambda s: all(
+            split_gate_key(k)[0] is not None or g.max_drop_vs_tuned is None
+            for k, g in s.evaluation.gates.items()
+        ),
+        explain=lambda s: [
+            f"{k}: maxDropVsTuned compares an artifact with the tuned model; use it on a gate such "
+            f"as int8.{k}, or set min/max"
+            for k, g in s.evaluation.gates.items()
+            if split_gate_key(k)[0] is None and g.max_drop_vs_tuned is not None
+        ],
     ),
     Rule(
         name="checkpoint-cadence",
@@ -213,7 +316,12 @@ RULES: tuple[Rule, ...] = _SPEC_RULES + _data_rules() + _STAGE_RULES
 
 def check_spec(spec: FineTuneJobSpec) -> list[str]:
     """Messages for every rule the spec breaks, each starting with the field path."""
-    return [f"{r.field}: {r.message}" for r in RULES if not r.ok(spec)]
+    problems: list[str] = []
+    for r in RULES:
+        if not r.ok(spec):
+            details = r.explain(spec) if r.explain is not None else []
+            problems += [f"{r.field}: {d}" for d in details] or [f"{r.field}: {r.message}"]
+    return problems
 
 
 def world_size(spec: FineTuneJobSpec) -> int:

@@ -34,6 +34,7 @@ from kubetune_api.models import (
     OutputSpec,
     QuantizationSpec,
     StageSpec,
+    TrackingSpec,
     TrainingSpec,
 )
 
@@ -113,6 +114,7 @@ class RunConfig(ApiModel):
     output: OutputSpec = Field(description="Registry root and promotion.")
     storage: ResolvedStorage = Field(default_factory=ResolvedStorage, description="Object-store connection.")
     reporting: Reporting = Field(default_factory=Reporting, description="Progress and result reporting.")
+    tracking: TrackingSpec | None = Field(default=None, description="Experiment tracking (MLflow).")
 
     @property
     def learning_rate(self) -> float:
@@ -138,11 +140,11 @@ class RunConfig(ApiModel):
         """The parts of the config that change what is trained.
 
         Left out, so a GitOps re-sync or a move of the same data is free: the job's identity,
-        storage connection, reporting, the output location, checkpoint cadence, logging and health monitoring,
+        storage connection, reporting, experiment tracking, the output location, checkpoint cadence, logging and health monitoring,
         and source URIs (the content digests of base model and data stand for them).
         """
         d = self.to_api()
-        for key in ("job", "storage", "reporting", "output", "schemaVersion"):
+        for key in ("job", "storage", "reporting", "output", "schemaVersion", "tracking"):
             d.pop(key, None)
         d["model"].pop("name", None)
         d["model"]["base"].pop("uri", None)
@@ -215,7 +217,7 @@ def resolve_run_config(
     if data.eval is None and data.eval_split is None:
         data = data.model_copy(update={"eval_split": DEFAULT_EVAL_SPLIT})
     evaluation = spec.evaluation
-    missing = [m for m in evaluation.gates if m not in evaluation.metrics]
+    missing = [m for m in evaluation.gate_metrics() if m not in evaluation.metrics]
     if evaluation.require_improvement and "eval_loss" not in [*evaluation.metrics, *missing]:
         missing.append("eval_loss")  # the default gate eval_loss_vs_base needs it
     if missing:
@@ -247,6 +249,7 @@ def resolve_run_config(
             credentials_secret=spec.storage.credentials_secret,
         ),
         reporting=reporting or Reporting(),
+        tracking=spec.tracking,
     )
 
 

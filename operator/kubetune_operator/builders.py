@@ -378,10 +378,13 @@ def build_job(job: FineTuneJob, settings: OperatorSettings, attempt: Attempt | N
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
-    if spec.storage.credentials_secret:
+    secrets = [spec.storage.credentials_secret]
+    if spec.tracking is not None and spec.tracking.mlflow is not None:
+        secrets.append(spec.tracking.mlflow.credentials_secret)  # MLFLOW_TRACKING_TOKEN etc.
+    if any(secrets):
         # Referenced, never read by the operator: a missing Secret shows up as the pod's
         # CreateContainerConfigError, which the status reducer turns into SecretNotFound.
-        container["envFrom"] = [{"secretRef": {"name": spec.storage.credentials_secret}}]
+        container["envFrom"] = [{"secretRef": {"name": name}} for name in dict.fromkeys(secrets) if name]
     pod_spec: dict[str, Any] = {
         # podFailurePolicy requires Never; restarts are new pods counted by backoffLimit.
         "restartPolicy": "Never",

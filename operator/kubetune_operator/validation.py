@@ -242,16 +242,20 @@ def _storage_problems(job: FineTuneJob, settings: OperatorSettings) -> list[tupl
                 f"({', '.join(settings.allowed_storage_endpoints)})",
             )
         )
-    secret = storage.credentials_secret
     patterns = settings.allowed_credentials_secrets
-    if secret and patterns and not any(fnmatch.fnmatchcase(secret, p) for p in patterns):
-        problems.append(
-            (
-                "spec.storage.credentialsSecret",
-                f"{secret!r} is not a Secret FineTuneJobs may use on this platform "
-                f"({', '.join(settings.allowed_credentials_secrets)})",
+    mlflow = job.spec.tracking.mlflow if job.spec.tracking is not None else None
+    named = [("spec.storage.credentialsSecret", storage.credentials_secret)] + (
+        [("spec.tracking.mlflow.credentialsSecret", mlflow.credentials_secret)] if mlflow is not None else []
+    )
+    for field, secret in named:
+        if secret and patterns and not any(fnmatch.fnmatchcase(secret, p) for p in patterns):
+            problems.append(
+                (
+                    field,
+                    f"{secret!r} is not a Secret FineTuneJobs may use on this platform "
+                    f"({', '.join(settings.allowed_credentials_secrets)})",
+                )
             )
-        )
     return problems
 
 

@@ -34,13 +34,14 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 import unicodedata
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import IO, TYPE_CHECKING, Any, Literal, Protocol, cast, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -82,6 +83,53 @@ class UnsafeKeyError(ValueError):
 
 class InvalidURI(ValueError):
     """A storage URI that is not ``s3://bucket[/prefix]`` or ``file:///absolute/path``."""
+
+
+# --- bytes read ---------------------------------------------------------------------------------
+
+
+class _ReadCounter:
+    """Object bytes this process has read through any store, across threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bytes = 0
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self._bytes += n
+
+    @property
+    def total(self) -> int:
+        with self._lock:
+            return self._bytes
+
+
+_READ = _ReadCounter()
+
+
+def bytes_read() -> int:
+    """How many object bytes this process has read from any store so far: downloads, small GETs
+    and streamed reads (``download_file``, ``download_dir``, ``get_bytes``, ``open_read``), of
+    ``s3://`` and local stores alike. LISTs and HEADs read no object bytes and are not counted;
+    ``file://`` sources the trainer hard-links are not read through a store either. Take the
+    difference of two calls to measure one operation."""
+    return _READ.total
+
+
+class _CountingReader:
+    """A read-only stream that adds what is read from it to the process's byte count."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def read(self, size: int = -1) -> bytes:
+        data: bytes = self._inner.read(size)
+        _READ.add(len(data))
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
 
 # --- settings and value types -----------------------------------------------------------------
@@ -379,7 +427,9 @@ class LocalStore(_DirTransfers):
         try:
             with open(path, "rb") as fh:
                 st = os.fstat(fh.fileno())
-                return fh.read(), _stat_etag(st)
+                data = fh.read()
+                _READ.add(len(data))
+                return data, _stat_etag(st)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise ObjectNotFound(f"{self.uri_for(key)} does not exist") from None
 
@@ -429,7 +479,7 @@ class LocalStore(_DirTransfers):
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise ObjectNotFound(f"{self.uri_for(key)} does not exist") from None
         with fh:
-            yield fh
+            yield cast(IO[bytes], _CountingReader(fh))
 
     def upload_file(self, path: Path, key: str) -> None:
         target = self._path(key)
@@ -457,6 +507,7 @@ class LocalStore(_DirTransfers):
         os.close(fd)
         try:
             shutil.copyfile(source, tmp_name)
+            _READ.add(os.stat(tmp_name).st_size)
             os.replace(tmp_name, path)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -583,7 +634,9 @@ class S3Store(_DirTransfers):
         try:
             response = self._client.get_object(Bucket=self.bucket, Key=key)
             with contextlib.closing(response["Body"]) as body:
-                return body.read(), str(response["ETag"])
+                data = body.read()
+                _READ.add(len(data))
+                return data, str(response["ETag"])
         except (ClientError, BotoCoreError) as exc:
             code, status = _error_code(exc)
             if status == 404 or code in ("NoSuchKey", "404"):
@@ -626,7 +679,7 @@ class S3Store(_DirTransfers):
                 raise self._not_found(key) from None
             raise self._fail("reading", key, exc) from None
         with contextlib.closing(response["Body"]) as body:
-            yield body
+            yield cast(IO[bytes], _CountingReader(body))
 
     def upload_file(self, path: Path, key: str) -> None:
         from boto3.exceptions import S3UploadFailedError  # boto3 is deferred: see make_s3_client
@@ -648,6 +701,7 @@ class S3Store(_DirTransfers):
             if status == 404 or code in ("NoSuchKey", "404"):
                 raise self._not_found(key) from None
             raise self._fail("downloading", key, exc) from None
+        _READ.add(path.stat().st_size)
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         paginator = self._client.get_paginator("list_objects_v2")

@@ -271,6 +271,31 @@ def test_secret_is_referenced_never_inlined() -> None:
     assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(obj)
 
 
+def test_the_mlflow_tracking_secret_is_referenced_beside_the_storage_one() -> None:
+    tracking = {"mlflow": {"trackingUri": "https://mlflow.example.com", "credentialsSecret": "mlflow-token"}}
+    obj = builders.build_job(
+        make_job(**{"storage.credentialsSecret": "s3-creds", "tracking": tracking}), OperatorSettings()
+    )
+    container = obj["spec"]["template"]["spec"]["containers"][0]
+    assert container["envFrom"] == [
+        {"secretRef": {"name": "s3-creds"}},
+        {"secretRef": {"name": "mlflow-token"}},
+    ]
+    assert "MLFLOW_TRACKING_TOKEN" not in json.dumps(obj)
+    # Only the tracking secret: still mounted; the same Secret for both: mounted once.
+    alone = builders.build_job(make_job(tracking=tracking), OperatorSettings())
+    assert alone["spec"]["template"]["spec"]["containers"][0]["envFrom"] == [
+        {"secretRef": {"name": "mlflow-token"}}
+    ]
+    both = {"mlflow": {**tracking["mlflow"], "credentialsSecret": "s3-creds"}}
+    same = builders.build_job(
+        make_job(**{"storage.credentialsSecret": "s3-creds", "tracking": both}), OperatorSettings()
+    )
+    assert same["spec"]["template"]["spec"]["containers"][0]["envFrom"] == [
+        {"secretRef": {"name": "s3-creds"}}
+    ]
+
+
 def test_image_override_and_default() -> None:
     settings = OperatorSettings(
         trainer_image="registry.local/kubetune/trainer:1", allowed_images=("registry.local/",)

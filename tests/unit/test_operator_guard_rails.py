@@ -101,6 +101,17 @@ def test_uri_prefixes_compare_scheme_bucket_and_whole_segments(uri: str, prefix:
         ({"data.eval.uri": "s3://data-evil/eval.jsonl"}, "spec.data.eval.uri"),
         ({"storage.endpoint": "https://attacker.example.com"}, "spec.storage.endpoint"),
         ({"storage.credentialsSecret": "admin-kubeconfig"}, "spec.storage.credentialsSecret"),
+        (
+            {
+                "tracking": {
+                    "mlflow": {
+                        "trackingUri": "https://mlflow.example.com",
+                        "credentialsSecret": "admin-token",
+                    }
+                }
+            },
+            "spec.tracking.mlflow.credentialsSecret",
+        ),
         ({"resources.priorityClassName": "system-cluster-critical"}, "spec.resources.priorityClassName"),
         ({"resources.tolerations": [{"operator": "Exists"}]}, "spec.resources.tolerations[0]"),
         (

@@ -171,8 +171,14 @@ def test_model_card_tables_and_loading_instructions() -> None:
     assert 'AutoModelForCausalLM.from_pretrained("merged")' in card
     assert 'QuantizedModelForCausalLM.from_pretrained("quantized/int8")' in card
     assert (
-        "vllm serve <base model> --enable-lora --lora-modules support-bot=adapter --max-lora-rank 32" in card
+        "vllm serve base-model --tokenizer adapter --enable-lora --lora-modules support-bot=adapter "
+        "--max-lora-rank 32" in card
     )
+    # The base model is a folder the card names, with its URI, digest and how to copy it there.
+    assert "<base model" not in card
+    assert "`hf://Qwen/Qwen2.5-0.5B@main` (digest `sha256:aaa`) into `base-model/`" in card
+    assert "hf download Qwen/Qwen2.5-0.5B --revision main --local-dir base-model" in card
+    assert 'AutoModelForCausalLM.from_pretrained("base-model")' in card
     assert 'LoRARequest("support-bot", 1, "adapter")' in card
     assert "onnxruntime" not in card  # no onnx-int8 artifact, no ONNX instructions
 
@@ -192,4 +198,9 @@ def test_model_card_onnx_section_and_passing_gates() -> None:
     )
     assert "**All quality gates passed.**" in card
     assert 'ort.InferenceSession("quantized/onnx-int8/model.onnx"' in card
+    # The ONNX snippet renders the chat template and stops on every listed stop id, not only EOS.
+    assert "tokenizer.apply_chat_template(" in card and "add_generation_prompt=True" in card
+    assert '["stop_token_ids"]' in card and "if next_id in stop_ids:" in card
+    assert "eos_token_id" not in card.split("The ONNX model")[1].split("```bash")[0]
+    assert "aws s3 sync s3://models/base base-model/" in card
     assert "--max-lora-rank" not in card

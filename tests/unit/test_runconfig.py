@@ -50,3 +50,30 @@ def test_config_digest_ignores_identity_and_locations_but_not_hyperparameters() 
     assert a.config_digest() == b.config_digest()
     c = resolve_run_config(FineTuneJob.model_validate(with_spec(**{"training.learningRate": 1e-3})))
     assert c.config_digest() != a.config_digest()
+
+
+def test_tracking_reaches_the_trainer_but_never_the_inputs_digest() -> None:
+    tracking = {"mlflow": {"trackingUri": "https://mlflow.example.com", "credentialsSecret": "mlflow-token"}}
+    plain = resolve_run_config(FineTuneJob.model_validate(MINIMAL))
+    tracked = resolve_run_config(FineTuneJob.model_validate(with_spec(tracking=tracking)))
+    assert tracked.tracking is not None and tracked.tracking.mlflow is not None
+    assert tracked.tracking.mlflow.tracking_uri == "https://mlflow.example.com"
+    assert RunConfig.from_json(tracked.to_json()) == tracked
+    assert tracked.config_digest() == plain.config_digest()  # a re-run with tracking on is reused
+
+
+def test_mlflow_run_parameters_are_the_digest_material_and_hold_no_connection_or_secret() -> None:
+    from kubetune_trainer.tracking import run_params
+
+    tracking = {"mlflow": {"trackingUri": "https://mlflow.example.com", "credentialsSecret": "mlflow-token"}}
+    job = with_spec(
+        tracking=tracking,
+        **{"storage.credentialsSecret": "s3-creds", "storage.endpoint": "https://s3.example.com"},
+    )
+    params = run_params(resolve_run_config(FineTuneJob.model_validate(job)))
+    assert params["training.learningRate"] == "0.0002" and params["method.type"] == "lora"
+    assert params["model.base.uri"] and params["data.train.uri"]
+    text = " ".join([*params, *params.values()])
+    for never in ("s3-creds", "mlflow-token", "https://s3.example.com", "mlflow.example.com", "storage."):
+        assert never not in text
+    assert all(len(v) <= 6000 for v in params.values())

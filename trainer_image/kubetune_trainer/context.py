@@ -21,6 +21,7 @@ from kubetune_registry.storage import StoreSettings
 from kubetune_registry.versions import ModelRegistry
 from kubetune_trainer.reporting import KubeStatusClient, Reporter
 from kubetune_trainer.runtime import Runtime
+from kubetune_trainer.tracking import MlflowTracker
 
 
 class BadInputError(ValueError):
@@ -36,10 +37,13 @@ def store_settings(rc: RunConfig) -> StoreSettings:
 
 
 def make_reporter(rc: RunConfig, runtime: Runtime) -> Reporter:
-    """Rank 0 reports; in a cluster it also patches the FineTuneJob status."""
+    """Rank 0 reports; in a cluster it also patches the FineTuneJob status, and with
+    ``spec.tracking.mlflow`` it tracks the run in MLflow."""
     kube = KubeStatusClient.from_environment() if rc.reporting.status_patch and runtime.is_main else None
+    tracked = rc.tracking is not None and rc.tracking.mlflow is not None and runtime.is_main
     return Reporter(
         enabled=runtime.is_main,
+        tracker=MlflowTracker(rc, store_settings(rc)) if tracked else None,
         kube=kube,
         termination_message_path=rc.reporting.termination_message_path if runtime.is_main else None,
         min_interval_s=rc.reporting.progress_every_seconds,

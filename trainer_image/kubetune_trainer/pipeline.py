@@ -42,17 +42,19 @@ from kubetune_api.reports import (
     TrainerResult,
 )
 from kubetune_api.runconfig import RunConfig
-from kubetune_registry.storage import UnsafeKeyError
+from kubetune_registry.storage import UnsafeKeyError, bytes_read
 from kubetune_trainer.artifacts.quantize import UnsupportedFormatError
 from kubetune_trainer.artifacts.stage import build_artifacts
 from kubetune_trainer.context import BadInputError, RunContext, make_reporter, store_settings
 from kubetune_trainer.data import DataValidationError, TemplateError
 from kubetune_trainer.data.stage import load_tokenizer, prepare_stage_data
 from kubetune_trainer.evaluate.stage import evaluate_stage
+from kubetune_trainer.fetch.fingerprints import recall_identity, remember_models
 from kubetune_trainer.fetch.inputs import (
     Identity,
     Inputs,
-    fetch_inputs,
+    fetch_data,
+    fetch_models,
     fetch_stage_weights,
     identify,
     inputs_record,
@@ -69,6 +71,7 @@ from kubetune_trainer.publish.stage import (
 from kubetune_trainer.reporting import Reporter
 from kubetune_trainer.runtime import UnsupportedHardwareError, init_runtime
 from kubetune_trainer.train.adapters import AdapterConfigError
+from kubetune_trainer.train.checkpoint import CheckpointMismatchError
 from kubetune_trainer.train.distill import DistillationError
 from kubetune_trainer.train.recipe import PreemptedError, TrainingDivergedError
 from kubetune_trainer.train.stage import Carry, Trained, checkpoint_prefix, train_stage
@@ -114,7 +117,8 @@ def run(rc: RunConfig, *, workdir: Path, reporter: Reporter | None = None) -> Ru
         return _fail(reporter, rc, EXIT_BAD_INPUT, "InvalidData", str(exc))
     except UnsafeModelError as exc:
         return _fail(reporter, rc, EXIT_BAD_INPUT, "UnsafeModel", str(exc))
-    except (AdapterConfigError, DistillationError) as exc:
+    except (AdapterConfigError, DistillationError, CheckpointMismatchError) as exc:
+        # A checkpoint from another plan: restarting would refuse again, so it is permanent.
         return _fail(reporter, rc, EXIT_BAD_INPUT, "InvalidSpec", str(exc))
     except FetchError as exc:
         return _fail(reporter, rc, EXIT_BAD_INPUT, "FetchFailed", str(exc))
@@ -148,11 +152,27 @@ def _fail(reporter: Reporter, rc: RunConfig, code: int, reason: Any, message: st
 
 def _run(ctx: RunContext) -> RunOutcome:
     rc, runtime = ctx.rc, ctx.runtime
-    inputs = fetch_inputs(ctx)
-    identity = identify(ctx, inputs)
-    existing = find_published(ctx, identity.digest)
-    if existing is not None:  # this exact run was published before: nothing trains
-        result = reuse_version(ctx, existing, identity.digest, inputs.parent)
+    read_before = bytes_read()
+    data = fetch_data(ctx)
+    # The models' digests from their manifests or listing fingerprints: a re-run is reused before
+    # a single weight is downloaded, when the stores can say what the models are.
+    recall = recall_identity(ctx, data)
+    existing = find_published(ctx, recall.digest) if recall.digest is not None else None
+    digest = recall.digest
+    if existing is not None:
+        if runtime.is_main:
+            print(
+                f"[kubetune] {recall.describe(bytes_read() - read_before)}",
+                file=ctx.reporter.stream,
+                flush=True,
+            )
+    else:
+        inputs = fetch_models(ctx, data)
+        identity = identify(ctx, inputs)
+        remember_models(ctx, recall, inputs, identity)
+        existing, digest = find_published(ctx, identity.digest), identity.digest
+    if existing is not None and digest is not None:  # this exact run was published before: nothing trains
+        result = reuse_version(ctx, existing, digest, data.parent)
         ctx.reporter.result(result)
         # The outcome is remembered: a digest whose version failed its gates fails again (exit 4).
         code = EXIT_GATES_FAILED if result.reason == "GateFailed" else EXIT_OK

@@ -106,8 +106,12 @@ class Reporter:
         termination_message_path: str | None = None,
         min_interval_s: float = 10.0,
         stream: TextIO | None = None,
+        tracker: Any = None,
     ) -> None:
+        """``tracker`` (:class:`kubetune_trainer.tracking.MlflowTracker`) gets every stage, progress
+        report and the result too (``spec.tracking.mlflow``)."""
         self.enabled = enabled
+        self.tracker = tracker
         self.kube = kube
         self.termination_message_path = termination_message_path
         self.min_interval_s = min_interval_s
@@ -124,6 +128,8 @@ class Reporter:
         if stage == self._stage and not message:
             return  # already there (loading the tokenizer and preparing the data are one stage)
         self._stage = stage
+        if self.tracker is not None:
+            self.tracker.stage(stage)
         print(f"[kubetune] stage {stage}" + (f": {message}" if message else ""), file=self.stream, flush=True)
         if self.kube:
             self.kube.patch_status({"stage": stage, "progress": {"stage": stage, "updatedAt": now_rfc3339()}})
@@ -134,6 +140,8 @@ class Reporter:
         if not self.enabled:
             return
         p = p.model_copy(update={"stage": self._stage or p.stage, "updated_at": now_rfc3339()})
+        if self.tracker is not None:
+            self.tracker.progress(p)
         if self._bar is not None:
             self._bar.n = p.step
             self._bar.set_postfix(loss=f"{p.loss:.4f}" if p.loss is not None else "?", refresh=False)
@@ -177,6 +185,8 @@ class Reporter:
             file=self.stream,
             flush=True,
         )
+        if self.tracker is not None:
+            self.tracker.result(result)
         if self.termination_message_path:
             try:
                 Path(self.termination_message_path).write_text(result.to_termination_message())

@@ -12,11 +12,17 @@ Formats (``spec.quantization.formats``), written to ``out_root/<format>/``:
                quantization of the weights. For CPU serving with onnxruntime.
 ``nf4``        bitsandbytes 4-bit NF4 (double quantization, bf16 compute) saved with
                ``save_pretrained``; needs a CUDA GPU and the bitsandbytes package.
+``gguf-f16``, ``gguf-q8_0``, ``gguf-q4_k_m``
+               ``model.gguf`` for llama.cpp / Ollama / LM Studio, written by llama.cpp's own
+               converter and quantizer, with an Ollama ``Modelfile`` beside it
+               (:mod:`kubetune_trainer.artifacts.gguf_export`); needs llama-cpp-python, built by
+               ``scripts/build-llama-cpp.sh``.
 
 Every artifact directory also holds the tokenizer, so it is self-contained. After writing, each
 artifact is loaded again from disk and must generate on the sample prompts with finite logits; its
-size, logit drift against the full-precision merged model, latency and (optionally) peak memory go
-into an :class:`ArtifactReport`.
+size, logit drift against the full-precision merged model, smoke-test latency and (optionally) peak
+memory go into an :class:`ArtifactReport`. Its quality on the eval set, which gates read, is measured
+afterwards by the artifacts stage (:func:`kubetune_trainer.evaluate.evaluator.evaluate_artifact`).
 
 All formats are checked against the hardware before any work starts: a format that cannot run here
 raises :class:`UnsupportedFormatError` with a message saying what to change.
@@ -41,11 +47,12 @@ import torch
 from optimum.quanto import QuantizedModelForCausalLM, qint4, qint8
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from kubetune_trainer.evaluate.evaluator import generate, latency_percentiles
+from kubetune_trainer.artifacts.gguf_export import GGUF_FORMATS, gguf_unavailable_reason, write_gguf
+from kubetune_trainer.evaluate.evaluator import generate, latency_percentiles, stop_token_ids
 from kubetune_trainer.evaluate.loading import (
     ModelSource,
-    OnnxCausalLM,
     SourceKind,
+    TokenGenerator,
     load_model,
     measure_peak_memory,
 )
@@ -57,12 +64,25 @@ __all__ = [
     "UnsupportedFormatError",
     "check_formats_supported",
     "quantize_artifacts",
+    "source_kind",
 ]
 
-FORMATS: tuple[str, ...] = ("int8", "int4", "onnx-int8", "nf4")
+FORMATS: tuple[str, ...] = ("int8", "int4", "onnx-int8", "nf4", *GGUF_FORMATS)
 _SOURCE_KIND: dict[str, SourceKind] = {"int8": "quanto", "int4": "quanto", "onnx-int8": "onnx", "nf4": "bnb"}
+_SOURCE_KIND.update(dict.fromkeys(GGUF_FORMATS, "gguf"))  # gguf-*: artifacts/gguf_export.py
 # Above this the fp32 ONNX graph must keep its weights in external data (protobuf's 2 GiB limit).
 _ONNX_EXTERNAL_DATA_BYTES = 1536 * 1024 * 1024
+
+
+def source_kind(fmt: str) -> SourceKind:
+    """How :func:`~kubetune_trainer.evaluate.loading.load_model` loads a format's directory.
+
+    Raises:
+        UnsupportedFormatError: an unknown format.
+    """
+    if fmt not in _SOURCE_KIND:
+        raise UnsupportedFormatError(f"unknown quantization format {fmt!r}; supported: {', '.join(FORMATS)}")
+    return _SOURCE_KIND[fmt]
 
 
 class UnsupportedFormatError(ValueError):
@@ -79,7 +99,9 @@ class ArtifactReport:
 
     ``size_ratio`` is the artifact directory's size / the merged full-precision directory's.
     ``logit_drift_*`` compare the artifact's logits with the merged model's on the sample prompts
-    (all positions, all vocabulary entries). Latency is per greedy ``generate`` call (batch 1).
+    (all positions, all vocabulary entries). Latency is per greedy ``generate`` call (batch 1) of
+    the smoke test (a few sample prompts, ``max_new_tokens`` 16); the artifact's latency on the eval
+    set, which ``<format>.latency_p95_ms`` gates read, is in its ``ArtifactEvaluation``.
     ``peak_memory_ratio`` is against the merged full-precision model (same architecture and size as
     the base) measured the same way; None when memory was not measured.
     """
@@ -130,6 +152,8 @@ def check_formats_supported(formats: Sequence[str], *, device: str = "cpu") -> N
                     "nf4 needs the bitsandbytes package, which this trainer image lacks — use the CUDA "
                     "trainer image or remove nf4 from spec.quantization.formats"
                 ) from None
+        if fmt in GGUF_FORMATS and (why := gguf_unavailable_reason()) is not None:
+            raise UnsupportedFormatError(why)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,7 +207,10 @@ def _write_onnx_int8(merged_dir: Path, out_dir: Path) -> None:
             weight_type=QuantType.QInt8,
             use_external_data_format=fp32_bytes // 4 > _ONNX_EXTERNAL_DATA_BYTES,
         )
-    # Serving needs to know the contract of the graph: write it next to it.
+    # Serving needs to know the contract of the graph, and where an answer ends (a chat model ends
+    # it with the template's end-of-turn token, e.g. <|im_end|>, not only EOS): write both next to it.
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    stop_ids = stop_token_ids(model, tokenizer)
     (out_dir / "kubetune-onnx.json").write_text(
         json.dumps(
             {
@@ -194,6 +221,8 @@ def _write_onnx_int8(merged_dir: Path, out_dir: Path) -> None:
                 "outputs": {"logits": "float32 [batch, sequence, vocab]"},
                 "kv_cache": False,
                 "weights": "int8 (onnxruntime quantize_dynamic, QInt8)",
+                "stop_token_ids": stop_ids,
+                "stop_tokens": tokenizer.convert_ids_to_tokens(stop_ids),
             },
             indent=2,
         )
@@ -225,9 +254,9 @@ def _dir_size(directory: Path) -> tuple[int, list[str]]:
 
 
 def _logits(model: Any, input_ids: Sequence[int]) -> np.ndarray:
-    """[seq, vocab] float32 logits of one sequence from a torch model or an :class:`OnnxCausalLM`."""
-    if isinstance(model, OnnxCausalLM):
-        return model.logits(input_ids)
+    """[seq, vocab] float32 logits of one sequence from a torch model or a :class:`TokenGenerator`."""
+    if isinstance(model, TokenGenerator):  # ONNX or GGUF
+        return np.asarray(model.logits(input_ids), dtype=np.float32)
     try:
         device = next(model.parameters()).device
     except (AttributeError, StopIteration):
@@ -246,6 +275,7 @@ def quantize_artifacts(
     device: str = "cpu",
     max_new_tokens: int = 16,
     measure_memory: bool = True,
+    template: str | None = None,
 ) -> list[ArtifactReport]:
     """Write each format to ``out_root/<format>/``, reload it from disk, smoke-test and measure it.
 
@@ -258,6 +288,7 @@ def quantize_artifacts(
         max_new_tokens: tokens generated per sample prompt for the smoke test and latency.
         measure_memory: measure each artifact's peak memory (and the merged model's, as the
             reference) in a fresh process — a few seconds each for small models.
+        template: the run's resolved ``data.template``, for the gguf-* formats' Ollama Modelfile.
 
     Returns:
         One :class:`ArtifactReport` per format, in order.
@@ -304,6 +335,8 @@ def quantize_artifacts(
                 _write_quanto(merged_dir, out_dir, fmt)
             elif fmt == "onnx-int8":
                 _write_onnx_int8(merged_dir, out_dir)
+            elif fmt in GGUF_FORMATS:
+                write_gguf(merged_dir, out_dir, fmt, template=template)
             else:
                 _write_nf4(merged_dir, out_dir, device)
             tokenizer.save_pretrained(out_dir)

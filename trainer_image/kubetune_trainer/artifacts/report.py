@@ -5,8 +5,9 @@
     {"schema_version": 1,
      "passed": bool,                      # all gates passed (the version is promotable)
      "evaluation": EvalReport.to_dict(),  # tuned/base metrics, extra sets, skipped, memory, settings
-     "gates": GateReport.to_dict(),
-     "artifacts": [ArtifactReport.to_dict(), ...]}
+     "gates": GateReport.to_dict(),       # <artifact>.<metric> gates included
+     "artifacts": [ArtifactReport.to_dict(), ...],  # quantization: size, drift, smoke test, memory
+     "artifact_evaluations": [ArtifactEvaluation.to_dict(), ...]}  # merged + formats on the eval set
 
 ``samples.jsonl``: one ``SampleRow`` per line: ``{"set", "prompt", "reference", "tuned", "base"}``.
 
@@ -23,8 +24,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kubetune_api.rules import split_gate_key
 from kubetune_trainer.artifacts.quantize import ArtifactReport
-from kubetune_trainer.evaluate.evaluator import ALL_METRICS, EvalReport
+from kubetune_trainer.evaluate.evaluator import ALL_METRICS, ArtifactEvaluation, EvalReport
 from kubetune_trainer.evaluate.gates import GateReport
 from kubetune_trainer.evaluate.quality import is_default_gate
 
@@ -43,7 +45,12 @@ REPORT_SCHEMA_VERSION = 1
 
 
 def write_eval_report(
-    eval_dir: Path, report: EvalReport, gates: GateReport, artifacts: Sequence[ArtifactReport]
+    eval_dir: Path,
+    report: EvalReport,
+    gates: GateReport,
+    artifacts: Sequence[ArtifactReport],
+    *,
+    artifact_evaluations: Sequence[ArtifactEvaluation] = (),
 ) -> None:
     """Write ``eval_dir/report.json`` and ``eval_dir/samples.jsonl`` (creating ``eval_dir``).
 
@@ -58,6 +65,7 @@ def write_eval_report(
         "evaluation": report.to_dict(),
         "gates": gates.to_dict(),
         "artifacts": [a.to_dict() for a in artifacts],
+        "artifact_evaluations": [e.to_dict() for e in artifact_evaluations],
     }
     # allow_nan=False: a NaN would make the file unreadable by strict JSON parsers (jq, Go, JS).
     (eval_dir / "report.json").write_text(
@@ -170,27 +178,138 @@ def _requirement(lo: float | None, hi: float | None) -> str:
     return " and ".join(parts) or "(no bound)"
 
 
-def _onnx_howto(quantized_root: str) -> list[str]:
+#: The folder, next to the version's own folders, where the card's snippets expect the base model.
+BASE_MODEL_DIR = "base-model"
+
+#: The message every snippet on the card sends (a plain user turn, rendered by the chat template).
+_EXAMPLE_MESSAGES = '[{"role": "user", "content": "Hello"}]'
+
+
+def _base_copy_command(base_model: str) -> str:
+    """A shell command that copies the base model into ``BASE_MODEL_DIR`` (by URI scheme)."""
+    if base_model.startswith("hf://"):
+        repo, _, revision = base_model.removeprefix("hf://").partition("@")
+        return (
+            f"hf download {repo}"
+            + (f" --revision {revision}" if revision else "")
+            + f" --local-dir {BASE_MODEL_DIR}"
+        )
+    if base_model.startswith("file://"):
+        return f"cp -r {base_model.removeprefix('file://')} {BASE_MODEL_DIR}"
+    if base_model.startswith("modelversion://"):
+        name, _, ref = base_model.removeprefix("modelversion://").partition("/")
+        return (
+            f"aws s3 sync <URI of {name} {ref}>/merged {BASE_MODEL_DIR}/   "
+            f"# kubetune versions show --output <output.uri> --model {name} {ref} prints the URI"
+        )
+    return f"aws s3 sync {base_model} {BASE_MODEL_DIR}/"
+
+
+def _chat_prompt_lines(tokenizer_dir: str, *, tensors: str) -> list[str]:
+    """Snippet lines: the tokenizer and the example prompt rendered by the version's chat template."""
     return [
-        f"The ONNX model (`{quantized_root}/onnx-int8/model.onnx`, int8 weights) with onnxruntime. "
-        "The graph takes `input_ids` and `attention_mask` (int64, [batch, sequence]) and returns "
-        "`logits`; it has no KV cache, so decode by feeding the whole sequence each step:",
+        f'tokenizer = AutoTokenizer.from_pretrained("{tokenizer_dir}")',
+        "# The chat template the model was trained with; add_generation_prompt opens the answer.",
+        "inputs = tokenizer.apply_chat_template(",
+        f"    {_EXAMPLE_MESSAGES},",
+        f'    add_generation_prompt=True, return_dict=True, return_tensors="{tensors}"',
+        ")",
+    ]
+
+
+def _generate_lines(generation_config_dir: str) -> list[str]:
+    """Snippet lines: greedy generation that stops on every id in the folder's generation_config."""
+    return [
+        "# generation_config.json lists every id that ends an answer (EOS and the end-of-turn token).",
+        f'generation = GenerationConfig.from_pretrained("{generation_config_dir}")',
+        "out = model.generate(**inputs, generation_config=generation, max_new_tokens=64, do_sample=False)",
+        'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))',
+    ]
+
+
+def _gate_artifact(gate: str) -> str | None:
+    """The artifact a gate judges (``int8`` for ``int8.rouge_l``), None for the tuned model."""
+    return None if is_default_gate(gate) else split_gate_key(gate)[0]
+
+
+def _gate_source(gate: str) -> str:
+    artifact = _gate_artifact(gate)
+    return "spec" if artifact is None else f"spec, on {artifact}"
+
+
+def _vs_tuned(value: float | None, tuned: float | None) -> str:
+    """An artifact's value with its relative change from the tuned model's, e.g. ``0.84 (-1.2%)``."""
+    if value is None:
+        return "—"
+    cell = _cell(value)
+    if tuned is not None and math.isfinite(tuned) and math.isfinite(value) and tuned != 0:
+        cell += f" ({(value - tuned) / abs(tuned):+.1%})"
+    return cell
+
+
+def _artifact_evaluation_section(report: EvalReport, evaluations: Sequence[ArtifactEvaluation]) -> list[str]:
+    """The table of every published artifact beside the tuned model, on the same eval set."""
+    keys = set().union(*(e.metrics for e in evaluations))
+    names = [m for m in ALL_METRICS if m in keys] + sorted(keys - set(ALL_METRICS))
+    header = ["Metric", "Tuned"] + [f"`{e.artifact}`" for e in evaluations]
+    rows = [
+        [name, report.tuned.get(name)]
+        + [_vs_tuned(e.metrics.get(name), report.tuned.get(name)) for e in evaluations]
+        for name in names
+    ]
+    lines = [
+        "### What ships, on the same eval set",
+        "",
+        "Each published artifact, reloaded from its folder, scored like the tuned model: eval_loss and "
+        "perplexity over every eval example, generation metrics and latency (batch 1, "
+        "`spec.evaluation.maxNewTokens`) on the same first `spec.evaluation.maxSamples` examples with "
+        "the same seed. In brackets: the change from the tuned model. Folders: "
+        + ", ".join(f"`{e.artifact}` = `{e.path}/`" for e in evaluations)
+        + "."
+        + (
+            " peak_memory_ratio of a quantized format is against the merged full-precision model, the "
+            "merged model's against the base."
+            if "peak_memory_ratio" in keys
+            else ""
+        ),
+        "",
+        _table(header, rows),
+        "",
+    ]
+    skipped = [f"`{e.artifact}.{k}` ({v})" for e in evaluations for k, v in e.skipped.items()]
+    if skipped:
+        lines += ["Not computed: " + "; ".join(skipped) + ".", ""]
+    return lines
+
+
+def _onnx_howto(quantized_root: str) -> list[str]:
+    onnx_dir = f"{quantized_root}/onnx-int8"
+    return [
+        f"The ONNX model (`{onnx_dir}/model.onnx`, int8 weights) with onnxruntime. The graph takes "
+        "`input_ids` and `attention_mask` (int64, [batch, sequence]) and returns `logits`; it has no KV "
+        "cache, so decode by feeding the whole sequence each step. `kubetune-onnx.json` beside it lists "
+        "`stop_token_ids`: the answer ends at the first of them (EOS or the chat template's end-of-turn "
+        "token), not only at EOS:",
         "",
         "```python",
+        "import json",
+        "",
         "import numpy as np",
         "import onnxruntime as ort",
         "from transformers import AutoTokenizer",
         "",
-        f'session = ort.InferenceSession("{quantized_root}/onnx-int8/model.onnx", providers=["CPUExecutionProvider"])',
-        f'tokenizer = AutoTokenizer.from_pretrained("{quantized_root}/onnx-int8")',
-        'ids = np.array([tokenizer("Hello").input_ids], dtype=np.int64)',
-        "for _ in range(32):",
+        f'session = ort.InferenceSession("{onnx_dir}/model.onnx", providers=["CPUExecutionProvider"])',
+        f'stop_ids = set(json.load(open("{onnx_dir}/kubetune-onnx.json"))["stop_token_ids"])',
+        *_chat_prompt_lines(onnx_dir, tensors="np"),
+        'ids = inputs["input_ids"].astype(np.int64)',
+        "prompt_length = ids.shape[1]",
+        "for _ in range(64):",
         '    (logits,) = session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})',
         "    next_id = int(logits[0, -1].argmax())",
-        "    ids = np.concatenate([ids, [[next_id]]], axis=1)",
-        "    if next_id == tokenizer.eos_token_id:",
+        "    if next_id in stop_ids:",
         "        break",
-        "print(tokenizer.decode(ids[0]))",
+        "    ids = np.concatenate([ids, [[next_id]]], axis=1)",
+        "print(tokenizer.decode(ids[0, prompt_length:], skip_special_tokens=True))",
         "```",
         "",
     ]
@@ -206,6 +325,7 @@ def render_model_card(
     report: EvalReport,
     gates: GateReport,
     artifacts: Sequence[ArtifactReport],
+    artifact_evaluations: Sequence[ArtifactEvaluation] = (),
     adapter_path: str = "adapter",
     merged_path: str = "merged",
     quantized_root: str = "quantized",
@@ -220,6 +340,8 @@ def render_model_card(
         base_model: the base model URI as the user wrote it (``hf://org/name@rev``, ``s3://...``).
         data_digests: data name (``train``, ``eval``, extra sets) -> content digest.
         hyperparameters: resolved training settings worth reading (method, r, alpha, lr, epochs...).
+        artifact_evaluations: each published artifact (merged, quantized formats) on the eval set,
+            shown next to the tuned model.
         adapter_path, merged_path, quantized_root: paths inside the version directory.
         lora_rank: shown in the vLLM example (``--max-lora-rank`` must be at least this).
         vllm_lora: the adapter is one vLLM's LoRA path serves (plain LoRA or rsLoRA); otherwise
@@ -275,6 +397,8 @@ def render_model_card(
     out += [_table(["Metric", "Base", "Tuned", "Δ"], rows), ""]
     if report.skipped:
         out += ["Not computed: " + "; ".join(f"`{k}` ({v})" for k, v in report.skipped.items()) + ".", ""]
+    if artifact_evaluations:
+        out += _artifact_evaluation_section(report, artifact_evaluations)
     for set_name, sides in report.extra_sets.items():
         tuned_m = sides.get("tuned") or {}
         base_m = sides.get("base") or {}
@@ -293,12 +417,23 @@ def render_model_card(
             f"{ran} gate(s) ran: {ran - defaults} from `spec.evaluation.gates`, {defaults} default "
             "(the tuned model must beat its base; opt out with `spec.evaluation.requireImprovement: false`).",
             "",
+        ]
+        on_artifacts = sorted({a for r in gates.results if (a := _gate_artifact(r.metric)) is not None})
+        if on_artifacts:
+            out += [
+                "Gates named `<artifact>.<metric>` judge that published artifact ("
+                + ", ".join(f"`{a}`" for a in on_artifacts)
+                + "), evaluated on the same eval set; the others judge the tuned model as evaluated "
+                "(the adapter on its base; the trained weights for full fine-tuning).",
+                "",
+            ]
+        out += [
             _table(
                 ["Gate", "Source", "Requirement", "Value", "Result", "Detail"],
                 [
                     (
                         r.metric,
-                        "default" if is_default_gate(r.metric) else "spec",
+                        "default" if is_default_gate(r.metric) else _gate_source(r.metric),
                         _requirement(r.min, r.max),
                         r.value,
                         "pass" if r.passed else "FAIL",
@@ -360,36 +495,64 @@ def render_model_card(
     out += [
         "## How to load",
         "",
-        f"The LoRA adapter (`{adapter_path}/`) with peft:",
+        "Every Python snippet below runs as written (a test runs them, all but vLLM's, which needs a GPU) "
+        "in a folder laid out like this:",
+        "",
+        "```text",
+        f"./                this version's folder: {adapter_path}/, {merged_path}/, {quantized_root}/, README.md, ...",
+        f"./{BASE_MODEL_DIR}/     the base model (only {adapter_path}/ needs it)",
+        "```",
+        "",
+        "Copy this version there with `aws s3 sync <version URI> .` (`kubetune versions show --output "
+        f"<the job's output.uri> --model {model_name} {version}` prints the URI; `kubetune versions verify` "
+        f"checks the copy against the manifest), and the base model `{base_model}`"
+        + (f" (digest `{base_model_digest}`)" if base_model_digest else "")
+        + f" into `{BASE_MODEL_DIR}/`:",
+        "",
+        "```bash",
+        _base_copy_command(base_model),
+        "```",
+        "",
+        f"`{adapter_path}/adapter_config.json` names that base by its URI, and `{adapter_path}/kubetune-base.json` "
+        "records its URI and digest. Each folder's tokenizer carries the chat template the model was trained "
+        "with, and each `generation_config.json` lists the ids that end an answer.",
+        "",
+        f"The LoRA adapter (`{adapter_path}/`) on the base model, with peft:",
         "",
         "```python",
         "from peft import PeftModel",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig",
         "",
-        'base = AutoModelForCausalLM.from_pretrained("<base model dir>")',
+        f'base = AutoModelForCausalLM.from_pretrained("{BASE_MODEL_DIR}")',
         f'model = PeftModel.from_pretrained(base, "{adapter_path}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{adapter_path}")  # or the base model dir',
+        *_chat_prompt_lines(adapter_path, tensors="pt"),
+        *_generate_lines(adapter_path),
         "```",
         "",
         f"The merged model (`{merged_path}/`) with transformers, no peft needed:",
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig",
         "",
         f'model = AutoModelForCausalLM.from_pretrained("{merged_path}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{merged_path}")',
+        *_chat_prompt_lines(merged_path, tensors="pt"),
+        *_generate_lines(merged_path),
         "```",
         "",
     ]
     if formats & {"int8", "int4"}:
         fmt = "int8" if "int8" in formats else "int4"
         out += [
-            f"The optimum-quanto {'/'.join(sorted(formats & {'int8', 'int4'}))} model:",
+            f"The optimum-quanto {'/'.join(sorted(formats & {'int8', 'int4'}))} model "
+            f"(`{quantized_root}/{fmt}/`):",
             "",
             "```python",
             "from optimum.quanto import QuantizedModelForCausalLM",
+            "from transformers import AutoTokenizer, GenerationConfig",
             "",
             f'model = QuantizedModelForCausalLM.from_pretrained("{quantized_root}/{fmt}")',
+            *_chat_prompt_lines(f"{quantized_root}/{fmt}", tensors="pt"),
+            *_generate_lines(f"{quantized_root}/{fmt}"),
             "```",
             "",
         ]
@@ -407,24 +570,29 @@ def render_model_card(
         return "\n".join(out)
     out += [
         "The adapter with vLLM's LoRA support, served (OpenAI-compatible API; request `model` = the "
-        "adapter's name):",
+        f"adapter's name; `--tokenizer {adapter_path}` for the chat template it was trained with):",
         "",
         "```bash",
-        f"vllm serve <base model> --enable-lora --lora-modules {model_name}={adapter_path}{rank_flag}",
+        f"vllm serve {BASE_MODEL_DIR} --tokenizer {adapter_path} --enable-lora "
+        f"--lora-modules {model_name}={adapter_path}{rank_flag}",
         "```",
         "",
-        "or offline:",
+        "or offline (not run by the test: vLLM needs a GPU):",
         "",
         "```python",
+        "from transformers import GenerationConfig",
         "from vllm import LLM, SamplingParams",
         "from vllm.lora.request import LoRARequest",
         "",
-        f'llm = LLM(model="<base model>", enable_lora=True{f", max_lora_rank={vllm_rank}" if vllm_rank else ""})',
-        "outputs = llm.generate(",
-        '    ["Hello"],',
-        "    SamplingParams(temperature=0, max_tokens=64),",
+        f'stop_ids = GenerationConfig.from_pretrained("{adapter_path}").eos_token_id',
+        f'llm = LLM(model="{BASE_MODEL_DIR}", tokenizer="{adapter_path}", enable_lora=True'
+        f"{f', max_lora_rank={vllm_rank}' if vllm_rank else ''})",
+        "outputs = llm.chat(",
+        f"    {_EXAMPLE_MESSAGES},",
+        "    SamplingParams(temperature=0, max_tokens=64, stop_token_ids=stop_ids),",
         f'    lora_request=LoRARequest("{model_name}", 1, "{adapter_path}"),',
         ")",
+        "print(outputs[0].outputs[0].text)",
         "```",
         "",
     ]

@@ -4,8 +4,12 @@
 ``Inputs`` and the train stage's ``Trained``; output:
 :class:`Artifacts` (``merged/`` when ``output.merge`` or quantization needs it, and one
 :class:`~kubetune_trainer.artifacts.quantize.ArtifactReport` per ``spec.quantization.formats``
-entry under ``quantized/``). Raises UnsupportedFormatError, ArtifactSmokeTestError and
-FileExistsError (from :func:`~kubetune_trainer.artifacts.quantize.quantize_artifacts`).
+entry under ``quantized/``), and each published artifact — ``merged/`` (when it ships) and every
+quantized format — reloaded from disk and evaluated on the tuned model's eval set
+(:func:`~kubetune_trainer.evaluate.evaluator.evaluate_artifact`: the same loss examples, the same
+generation samples and seed), which ``<artifact>.<metric>`` gates read. Raises
+UnsupportedFormatError, ArtifactSmokeTestError and FileExistsError (from
+:func:`~kubetune_trainer.artifacts.quantize.quantize_artifacts`), and what evaluation raises.
 
 :func:`write_reports` — input: the same plus the evaluate stage's ``Evaluation``, the inputs
 record and the version name (called once the registry has allocated it) — writes ``eval/``
@@ -21,11 +25,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoTokenizer
+
 from kubetune_trainer import __version__ as TRAINER_VERSION
 from kubetune_trainer.artifacts.merge import merge_adapter
-from kubetune_trainer.artifacts.quantize import ArtifactReport, quantize_artifacts
+from kubetune_trainer.artifacts.quantize import ArtifactReport, quantize_artifacts, source_kind
 from kubetune_trainer.artifacts.report import plot_loss, render_model_card, write_eval_report
 from kubetune_trainer.context import RunContext
+from kubetune_trainer.evaluate.evaluator import (
+    ArtifactEvaluation,
+    EvalReport,
+    ModelSource,
+    evaluate_artifact,
+    load_model,
+    measure_peak_memory,
+)
 from kubetune_trainer.evaluate.stage import Evaluation
 from kubetune_trainer.fetch.inputs import Inputs
 from kubetune_trainer.train.adapters import describe
@@ -37,15 +51,34 @@ from kubetune_trainer.train.stage import Trained
 
 @dataclass
 class Artifacts:
-    """The merged model (None when nothing needed it) and the quantized artifacts' reports."""
+    """The merged model (None when nothing needed it), the quantized artifacts' reports, and each
+    published artifact's evaluation on the eval set (``merged`` first, then the formats in spec
+    order). ``merged_is_tuned``: full fine-tuning, where ``merged/`` holds the very weights the
+    evaluate stage scored as the tuned model, so its metrics are the tuned model's."""
 
     merged_dir: Path | None = None
     quantized: list[ArtifactReport] = field(default_factory=list)
+    evaluations: list[ArtifactEvaluation] = field(default_factory=list)
+    merged_is_tuned: bool = False
 
     @property
     def formats(self) -> list[str]:
         """The quantized formats written, in spec order."""
         return [a.format for a in self.quantized]
+
+    def judged(self, tuned: EvalReport) -> list[ArtifactEvaluation]:
+        """Every published artifact's evaluation, what ``<artifact>.<metric>`` gates read: for a
+        full fine-tune ``merged`` is the tuned model's own evaluation (the same files)."""
+        if not self.merged_is_tuned:
+            return list(self.evaluations)
+        merged = ArtifactEvaluation(
+            artifact="merged",
+            path="merged",
+            metrics=dict(tuned.tuned),
+            skipped=dict(tuned.skipped),
+            settings={"same_as": "tuned (full fine-tuning: merged/ is the trained model)"},
+        )
+        return [merged, *self.evaluations]
 
 
 def build_artifacts(ctx: RunContext, inputs: Inputs, trained: Trained) -> Artifacts:
@@ -68,8 +101,90 @@ def build_artifacts(ctx: RunContext, inputs: Inputs, trained: Trained) -> Artifa
             staging / "quantized",
             sample_prompt_ids=[list(e.prompt_ids) for e in trained.prepared.eval[:4]],
             device=ctx.device,
+            template=trained.prepared.report.template,  # the gguf-* Modelfile's TEMPLATE
         )
-    return Artifacts(merged_dir=merged_dir, quantized=quantized)
+    # What ships is what is judged: each published artifact on the tuned model's eval set.
+    evaluations: list[ArtifactEvaluation] = []
+    if merged_dir is not None and rc.output.merge and rc.method.type != "full":
+        evaluations.append(_evaluate_merged(ctx, inputs, trained, merged_dir))
+    for report in quantized:
+        evaluations.append(
+            _evaluate_one(
+                ctx,
+                trained,
+                report.format,
+                ModelSource(source_kind(report.format), staging / "quantized" / report.path),
+                f"quantized/{report.path}",
+                {"peak_memory_ratio": report.peak_memory_ratio} if _memory_wanted(ctx) else None,
+            )
+        )
+    return Artifacts(
+        merged_dir=merged_dir,
+        quantized=quantized,
+        evaluations=evaluations,
+        merged_is_tuned=rc.method.type == "full",
+    )
+
+
+def _memory_wanted(ctx: RunContext) -> bool:
+    ev = ctx.rc.evaluation
+    return "peak_memory_ratio" in ev.metrics or "peak_memory_ratio" in ev.gate_metrics()
+
+
+def _evaluate_merged(
+    ctx: RunContext, inputs: Inputs, trained: Trained, merged_dir: Path
+) -> ArtifactEvaluation:
+    """merged/ on the eval set; its peak_memory_ratio (when asked for) against the base, each
+    measured in a fresh process as the tuned model's is."""
+    extra: dict[str, float | None] | None = None
+    if _memory_wanted(ctx):
+        prompts = [list(e.prompt_ids) for e in trained.prepared.eval[:4]]
+        new_tokens = ctx.rc.evaluation.max_new_tokens
+        merged = measure_peak_memory(
+            ModelSource("transformers", merged_dir), prompts, max_new_tokens=new_tokens, device=ctx.device
+        )
+        base = measure_peak_memory(
+            ModelSource("transformers", inputs.base_dir),
+            prompts,
+            max_new_tokens=new_tokens,
+            device=ctx.device,
+        )
+        extra = {"peak_memory_ratio": merged.peak_bytes / base.peak_bytes}
+    return _evaluate_one(ctx, trained, "merged", ModelSource("transformers", merged_dir), "merged", extra)
+
+
+def _evaluate_one(
+    ctx: RunContext,
+    trained: Trained,
+    artifact: str,
+    source: ModelSource,
+    path: str,
+    extra: dict[str, float | None] | None,
+) -> ArtifactEvaluation:
+    """Load one artifact from disk (with its own tokenizer), score it, print its ``eval`` line."""
+    ctx.reporter.stage("Quantizing", f"evaluating {artifact} on the eval set")
+    model = load_model(source, device=ctx.device)
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    try:
+        result = evaluate_artifact(
+            artifact,
+            model,
+            tokenizer,
+            trained.prepared.eval,
+            ctx.rc.evaluation,
+            path=path,
+            seed=ctx.rc.training.seed,
+            batch_size=ctx.rc.training.batch_size,
+            extra_metrics=extra,
+        )
+    finally:
+        del model
+    print(
+        f"[kubetune] {artifact}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items())),
+        file=ctx.reporter.stream,
+        flush=True,
+    )
+    return result
 
 
 def write_reports(
@@ -96,7 +211,8 @@ def write_reports(
     shutil.copyfile(outcome.metrics_path, training / "metrics.jsonl")
     plot_loss(training / "metrics.jsonl", training / "loss.png")
     _copy_health(outcome.metrics_path.parent, training)
-    write_eval_report(staging / "eval", report, gates, artifacts.quantized)
+    judged = artifacts.judged(report)
+    write_eval_report(staging / "eval", report, gates, artifacts.quantized, artifact_evaluations=judged)
     data_digests = {
         f"{role} {name}": digest
         for role, files in record.get("data", {}).items()
@@ -139,6 +255,7 @@ def write_reports(
             report=report,
             gates=gates,
             artifacts=artifacts.quantized,
+            artifact_evaluations=judged,
             base_model_digest=record.get("base", {}).get("digest"),
             lora_rank=rc.method.lora.r if rc.method.type != "full" else None,
             vllm_lora=rc.method.type in ("lora", "qlora") and rc.method.lora.variant in ("lora", "rslora"),

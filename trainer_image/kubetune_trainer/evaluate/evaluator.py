@@ -1,6 +1,7 @@
 """Evaluation of a tuned model against its base on the same data: loss, text metrics, latency, memory.
 
-Metric names (the keys of ``spec.evaluation.gates``), what they mean and their range:
+Metric names (the keys of ``spec.evaluation.gates``, alone for the tuned model or as
+``<artifact>.<metric>`` for a published artifact), what they mean and their range:
 
 =====================  ==============================================================================
 ``eval_loss``          token-weighted mean cross-entropy over answer tokens (labels != -100), nats
@@ -33,6 +34,10 @@ Loading an artifact, generating token ids from it and measuring its memory live 
 Input of :func:`evaluate_model`: loaded models, the tokenizer, eval examples and ``spec.evaluation``.
 Output: an :class:`EvalReport`. Raises ValueError (no examples, unknown metric) and RuntimeError (a
 memory measurement failed).
+
+:func:`evaluate_artifact` scores a published artifact (the merged model, a quantized format) with
+the same functions on the same examples — loss over the whole eval set, generation metrics and
+latency on the same first ``maxSamples`` — so ``<artifact>.<metric>`` gates compare like with like.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ import torch.nn.functional as F
 
 from kubetune_api.metrics import METRIC_NAMES
 from kubetune_api.models import DEFAULT_METRICS as API_DEFAULT_METRICS
+from kubetune_api.rules import split_gate_key
 from kubetune_trainer.evaluate.loading import (
     MemoryMeasurement,
     ModelSource,
@@ -69,6 +75,7 @@ from kubetune_trainer.evaluate.loading import (
 __all__ = [
     "ALL_METRICS",
     "DEFAULT_METRICS",
+    "ArtifactEvaluation",
     "EvalExample",
     "EvalReport",
     "Generation",
@@ -77,7 +84,9 @@ __all__ = [
     "SampleRow",
     "SourceKind",
     "TokenGenerator",
+    "artifact_metrics",
     "consistency",
+    "evaluate_artifact",
     "evaluate_model",
     "generate",
     "json_validity",
@@ -267,6 +276,8 @@ def loss_and_perplexity(
     """
     if not examples:
         raise ValueError("loss_and_perplexity needs at least one example")
+    if isinstance(model, TokenGenerator):  # an ONNX artifact: logits of one sequence at a time
+        return _loss_from_logits(model, examples)
     device = model_device(model)
     total_loss = 0.0
     total_tokens = 0
@@ -295,6 +306,21 @@ def loss_and_perplexity(
                 total_tokens += int((shift_labels != -100).sum())
     finally:
         model.train(was_training)
+    if total_tokens == 0:
+        raise ValueError("no answer tokens to score: every label is -100")
+    loss = total_loss / total_tokens
+    return loss, math.exp(loss) if loss < 700 else math.inf
+
+
+def _loss_from_logits(model: TokenGenerator, examples: Sequence[EvalExample]) -> tuple[float, float]:
+    """:func:`loss_and_perplexity` for a model that gives logits of one unpadded sequence."""
+    total_loss = 0.0
+    total_tokens = 0
+    for ex in examples:
+        logits = torch.from_numpy(np.asarray(model.logits(list(ex.input_ids)), dtype=np.float32))
+        labels = torch.tensor(list(ex.labels), dtype=torch.long)
+        total_loss += float(F.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="sum"))
+        total_tokens += int((labels[1:] != -100).sum())
     if total_tokens == 0:
         raise ValueError("no answer tokens to score: every label is -100")
     loss = total_loss / total_tokens
@@ -447,14 +473,33 @@ def _as_base(tuned: Any, base: Any | None) -> Iterator[Any]:
 def _requested_metrics(eval_cfg: Any) -> list[str]:
     requested = list(_cfg(eval_cfg, "metrics", None) or DEFAULT_METRICS)
     # A gated metric is computed even if the metrics list forgot it: gates fail only when a metric
-    # truly cannot be computed (e.g. json_validity without a schema).
-    for name in _cfg(eval_cfg, "gates", None) or {}:
+    # truly cannot be computed (e.g. json_validity without a schema). A gate on an artifact
+    # (int8.rouge_l) needs the metric of the tuned model too: the artifact is compared with it.
+    for key in _cfg(eval_cfg, "gates", None) or {}:
+        name = split_gate_key(key)[1]
         if name not in requested:
             requested.append(name)
     unknown = [m for m in requested if m not in ALL_METRICS]
     if unknown:
         raise ValueError(f"unknown evaluation metric(s) {unknown}; known: {list(ALL_METRICS)}")
     return requested
+
+
+def artifact_metrics(eval_cfg: Any, artifact: str) -> list[str]:
+    """What :func:`evaluate_artifact` computes for ``artifact``: the tuned model's metrics, except
+    ``consistency`` (5 sampled answers per prompt) unless a gate on this artifact names it, and
+    ``peak_memory_ratio`` (measured in a fresh process by whoever wrote the artifact)."""
+    gated = {
+        metric
+        for key in _cfg(eval_cfg, "gates", None) or {}
+        for a, metric in [split_gate_key(key)]
+        if a == artifact
+    }
+    return [
+        m
+        for m in _requested_metrics(eval_cfg)
+        if m != "peak_memory_ratio" and (m != "consistency" or m in gated)
+    ]
 
 
 def _score_model(
@@ -513,6 +558,24 @@ def _score_model(
     return metrics, answers
 
 
+def _score_settings(
+    eval_cfg: Any, *, seed: int, batch_size: int, consistency_prompts: int | None = None
+) -> dict[str, Any]:
+    """The keyword arguments of :func:`_score_model` that ``spec.evaluation`` decides: one place,
+    so the tuned model and every artifact are scored the same way."""
+    cons_cfg = _cfg(eval_cfg, "consistency", None)
+    return {
+        "max_new_tokens": int(_cfg(eval_cfg, "max_new_tokens", 64)),
+        "json_schema": _cfg(eval_cfg, "json_schema", None),
+        "consistency_samples": int(_cfg(cons_cfg, "samples", 5)),
+        "consistency_temperature": float(_cfg(cons_cfg, "temperature", 0.7)),
+        "consistency_prompts": int(consistency_prompts or _cfg(cons_cfg, "prompts", 20)),
+        "seed": seed,
+        "batch_size": batch_size,
+        "max_samples": int(_cfg(eval_cfg, "max_samples", 200)),
+    }
+
+
 def evaluate_model(
     tuned: Any,
     base: Any | None,
@@ -550,13 +613,15 @@ def evaluate_model(
     if not examples:
         raise ValueError("evaluation needs at least one eval example")
     requested = _requested_metrics(eval_cfg)
-    max_samples = int(_cfg(eval_cfg, "max_samples", 200))
-    max_new_tokens = int(_cfg(eval_cfg, "max_new_tokens", 64))
-    json_schema = _cfg(eval_cfg, "json_schema", None)
-    cons_cfg = _cfg(eval_cfg, "consistency", None)
-    cons_samples = int(_cfg(cons_cfg, "samples", 5))
-    cons_temperature = float(_cfg(cons_cfg, "temperature", 0.7))
-    cons_prompts = int(consistency_prompts or _cfg(cons_cfg, "prompts", 20))
+    score_kwargs = _score_settings(
+        eval_cfg, seed=seed, batch_size=batch_size, consistency_prompts=consistency_prompts
+    )
+    max_samples = int(score_kwargs["max_samples"])
+    max_new_tokens = int(score_kwargs["max_new_tokens"])
+    json_schema = score_kwargs["json_schema"]
+    cons_samples = int(score_kwargs["consistency_samples"])
+    cons_temperature = float(score_kwargs["consistency_temperature"])
+    cons_prompts = int(score_kwargs["consistency_prompts"])
     adapter_disabled_base = base is None and hasattr(tuned, "disable_adapter")
     compare_base = bool(_cfg(eval_cfg, "compare_base", True)) and (base is not None or adapter_disabled_base)
     examples = list(examples)
@@ -568,16 +633,6 @@ def evaluate_model(
     if "peak_memory_ratio" in requested and (tuned_source is None or base_source is None):
         skipped["peak_memory_ratio"] = "the tuned and base models' locations on disk were not given"
 
-    score_kwargs: dict[str, Any] = {
-        "max_new_tokens": max_new_tokens,
-        "json_schema": json_schema,
-        "consistency_samples": cons_samples,
-        "consistency_temperature": cons_temperature,
-        "consistency_prompts": cons_prompts,
-        "seed": seed,
-        "batch_size": batch_size,
-        "max_samples": max_samples,
-    }
     tuned_metrics, tuned_answers = _score_model(tuned, tokenizer, examples, requested, **score_kwargs)
     base_metrics: dict[str, float] | None = None
     base_answers: list[str] = []
@@ -661,4 +716,76 @@ def evaluate_model(
         extra_sets=extra,
         skipped=skipped,
         memory=memory,
+    )
+
+
+@dataclass
+class ArtifactEvaluation:
+    """A published artifact scored on the eval set, as the tuned model was.
+
+    ``artifact``: ``merged`` or a quantization format; ``path``: its folder inside the version;
+    ``metrics``: metric name -> value (what ``<artifact>.<metric>`` gates read); ``skipped``:
+    metric -> why it was not computed; ``settings``: examples scored and generation length.
+    """
+
+    artifact: str
+    path: str
+    metrics: dict[str, float]
+    skipped: dict[str, str] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; NaN/inf become None."""
+        data = asdict(self)
+        data["metrics"] = {k: (v if math.isfinite(v) else None) for k, v in self.metrics.items()}
+        return data
+
+
+def evaluate_artifact(
+    artifact: str,
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[EvalExample],
+    eval_cfg: Any,
+    *,
+    path: str,
+    seed: int = 0,
+    batch_size: int = 8,
+    extra_metrics: Mapping[str, float | None] | None = None,
+) -> ArtifactEvaluation:
+    """Score a loaded artifact on the eval examples exactly as :func:`evaluate_model` scores the
+    tuned model: :func:`artifact_metrics` of ``eval_cfg``, eval_loss/perplexity over every example,
+    generation metrics and latency (batch 1) on the first ``maxSamples``, the same seed.
+
+    ``extra_metrics``: values measured elsewhere (``peak_memory_ratio`` of the quantization step);
+    a None value is recorded as skipped.
+
+    Raises:
+        ValueError: no examples, or an unknown metric name.
+    """
+    if not examples:
+        raise ValueError(f"evaluating artifact {artifact} needs at least one eval example")
+    requested = artifact_metrics(eval_cfg, artifact)
+    score_kwargs = _score_settings(eval_cfg, seed=seed, batch_size=batch_size)
+    metrics, _ = _score_model(model, tokenizer, list(examples), requested, **score_kwargs)
+    skipped: dict[str, str] = {}
+    if "json_validity" in requested and score_kwargs["json_schema"] is None:
+        skipped["json_validity"] = "spec.evaluation.jsonSchema is not set"
+    for name, value in (extra_metrics or {}).items():
+        if value is None:
+            skipped[name] = f"{name} was not measured for {artifact}"
+        else:
+            metrics[name] = float(value)
+    return ArtifactEvaluation(
+        artifact=artifact,
+        path=path,
+        metrics=metrics,
+        skipped=skipped,
+        settings={
+            "metrics": requested,
+            "num_examples": len(examples),
+            "generation_examples": min(len(examples), int(score_kwargs["max_samples"])),
+            "max_new_tokens": score_kwargs["max_new_tokens"],
+            "seed": seed,
+        },
     )

@@ -1,26 +1,40 @@
-"""Quality gates: per-metric min/max thresholds that decide whether a model version is promotable.
+"""Quality gates: per-metric thresholds that decide whether a model version is promotable.
 
-A gate is ``{min: float | None, max: float | None}`` keyed by a metric name from
-``spec.evaluation.gates`` (the same snake_case names :mod:`kubetune_trainer.evaluate.evaluator` produces).
+A gate is ``{min, max, maxDropVsTuned}`` (all optional, at least one set) keyed in
+``spec.evaluation.gates`` by what it judges:
+
+* ``<metric>`` (e.g. ``rouge_l``): the **tuned model as evaluated** — for LoRA/QLoRA/IA3 the adapter
+  on its base in the training precision (peft), for full fine-tuning the trained weights — checked by
+  :func:`check_gates` in the evaluate stage;
+* ``<artifact>.<metric>`` (e.g. ``int8.latency_p95_ms``, ``onnx-int8.rouge_l``): a **published
+  artifact** — ``merged`` or a format of ``spec.quantization.formats`` — reloaded from disk and
+  evaluated on the same eval set (the same loss examples, the same generation samples), checked by
+  :func:`check_artifact_gates` once the artifacts exist. ``maxDropVsTuned: 0.02`` bounds it relative
+  to the tuned model's value of the same metric: at most 2% worse in the metric's bad direction
+  (``value >= 0.98 x tuned`` for rouge_l, ``value <= 1.02 x tuned`` for latency or eval_loss).
+
+The metric names are the snake_case ones :mod:`kubetune_trainer.evaluate.evaluator` produces.
 Bounds are inclusive: ``min <= value <= max``.
 
 A gate never passes silently:
 
 * a gate naming a metric that was not computed FAILS (its message says so, e.g. ``json_validity``
-  without ``spec.evaluation.jsonSchema``);
+  without ``spec.evaluation.jsonSchema``); so does one on an artifact that was not evaluated, and a
+  ``maxDropVsTuned`` whose tuned value is missing;
 * a NaN value FAILS (a diverged loss must not sneak through a ``max`` bound, since every comparison
   with NaN is false);
-* a gate with neither ``min`` nor ``max`` FAILS as misconfigured.
+* a gate with no bound at all FAILS as misconfigured.
 
 Common production bars, as examples for ``spec.evaluation.gates``::
 
     gates:
       accuracy:          {min: 0.92}   # task answers right at least 92% of the time
       consistency:       {min: 0.95}   # the same prompt sampled 5x gives near-identical answers
-      latency_p95_ms:    {max: 500}    # p95 generation latency of the shipped artifact
-      peak_memory_ratio: {max: 1.2}    # serving memory at most 1.2x the base model's
+      peak_memory_ratio: {max: 1.2}    # the tuned model's memory at most 1.2x the base model's
       eval_loss:         {max: 1.5}
       json_validity:     {min: 0.99}   # with evaluation.jsonSchema set
+      int8.latency_p95_ms: {max: 500}  # p95 generation latency of the shipped int8 artifact
+      int8.accuracy:     {maxDropVsTuned: 0.02}  # ship int8 only within 2% of the tuned model
 
 No heavy imports: this module is used by light code (the operator-facing report models).
 """
@@ -28,11 +42,21 @@ No heavy imports: this module is used by light code (the operator-facing report 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["GateReport", "GateResult", "check_gates"]
+from kubetune_api.metrics import LOWER_IS_BETTER
+from kubetune_api.rules import split_gate_key
+
+__all__ = [
+    "GateReport",
+    "GateResult",
+    "artifact_gates",
+    "check_artifact_gates",
+    "check_gates",
+    "tuned_gates",
+]
 
 
 @dataclass(frozen=True)
@@ -78,10 +102,20 @@ class GateReport:
         """JSON-ready dict: ``{"passed": bool, "results": [GateResult.to_dict(), ...]}``."""
         return {"passed": self.passed, "results": [r.to_dict() for r in self.results]}
 
+    def plus(self, results: Sequence[GateResult]) -> GateReport:
+        """This report followed by ``results``; passed only if every gate of both passed."""
+        merged = [*self.results, *results]
+        return GateReport(passed=all(r.passed for r in merged), results=merged)
+
 
 def _bound(gate: Any, name: str) -> float | None:
-    """Read ``min``/``max`` from a pydantic model, a plain object or a dict."""
-    raw = gate.get(name) if isinstance(gate, Mapping) else getattr(gate, name, None)
+    """Read ``min``/``max``/``max_drop_vs_tuned`` from a pydantic model, a plain object or a dict
+    (snake_case or, as YAML writes it, camelCase)."""
+    if isinstance(gate, Mapping):
+        camel = "".join(w.capitalize() if i else w for i, w in enumerate(name.split("_")))
+        raw = gate.get(name, gate.get(camel))
+    else:
+        raw = getattr(gate, name, None)
     return None if raw is None else float(raw)
 
 
@@ -90,30 +124,71 @@ def _fmt(x: float) -> str:
 
 
 def _check_one(
-    metric: str, lo: float | None, hi: float | None, value: float | None, why_missing: str | None
+    metric: str,
+    lo: float | None,
+    hi: float | None,
+    value: float | None,
+    why_missing: str | None,
+    *,
+    drop: float | None = None,
+    tuned: float | None = None,
+    lower_is_better: bool = False,
 ) -> GateResult:
-    def result(passed: bool, message: str) -> GateResult:
-        return GateResult(metric=metric, min=lo, max=hi, value=value, passed=passed, message=message)
+    """One gate. ``drop``/``tuned``: an artifact gate's maxDropVsTuned and the tuned model's value
+    of the same metric; the relative bound is folded into min (or max, for a lower-is-better
+    metric), so the result's min/max are the bounds that were applied."""
 
-    bounds = " and ".join(
-        part
-        for part in (f">= {_fmt(lo)}" if lo is not None else "", f"<= {_fmt(hi)}" if hi is not None else "")
-        if part
-    )
-    if lo is None and hi is None:
+    def result(passed: bool, message: str, low: float | None = lo, high: float | None = hi) -> GateResult:
+        return GateResult(metric=metric, min=low, max=high, value=value, passed=passed, message=message)
+
+    def bounds_text(low: float | None, high: float | None) -> str:
+        parts = (f">= {_fmt(low)}" if low is not None else "", f"<= {_fmt(high)}" if high is not None else "")
+        return " and ".join(p for p in parts if p)
+
+    if lo is None and hi is None and drop is None:
         return result(False, f"gate on {metric} sets neither min nor max; set at least one bound")
+    relative: str | None = None
+    if drop is not None:
+        if tuned is None or math.isnan(tuned):
+            return result(
+                False,
+                f"{metric}: the tuned model's value was not computed, so maxDropVsTuned {drop:g} "
+                "cannot be judged",
+            )
+        if lower_is_better:
+            bound = tuned * (1 + drop)
+            hi = bound if hi is None else min(hi, bound)
+        else:
+            bound = tuned * (1 - drop)
+            lo = bound if lo is None else max(lo, bound)
+        relative = f"within {drop:.1%} of the tuned model's {_fmt(tuned)}"
+    bounds = bounds_text(lo, hi)
     if value is None:
         missing = f"{metric} was not computed, so its gate ({bounds}) cannot pass"
         if why_missing:
-            return result(False, f"{missing} ({why_missing})")
-        return result(False, f"{missing}; add {metric} to spec.evaluation.metrics or remove the gate")
+            return result(False, f"{missing} ({why_missing})", lo, hi)
+        return result(False, f"{missing}; add {metric} to spec.evaluation.metrics or remove the gate", lo, hi)
     if math.isnan(value):
-        return result(False, f"{metric} is NaN (required {bounds})")
+        return result(False, f"{metric} is NaN (required {bounds})", lo, hi)
     if lo is not None and value < lo:
-        return result(False, f"{metric} = {_fmt(value)} is below min {_fmt(lo)}")
+        why = f"; required {relative}" if relative else ""
+        return result(False, f"{metric} = {_fmt(value)} is below min {_fmt(lo)}{why}", lo, hi)
     if hi is not None and value > hi:
-        return result(False, f"{metric} = {_fmt(value)} is above max {_fmt(hi)}")
-    return result(True, f"{metric} = {_fmt(value)} meets {bounds}")
+        why = f"; required {relative}" if relative else ""
+        return result(False, f"{metric} = {_fmt(value)} is above max {_fmt(hi)}{why}", lo, hi)
+    return result(
+        True, f"{metric} = {_fmt(value)} meets {bounds}" + (f" ({relative})" if relative else ""), lo, hi
+    )
+
+
+def tuned_gates(gates: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The gates on the tuned model (keys ``<metric>``), in spec order."""
+    return {k: g for k, g in (gates or {}).items() if split_gate_key(k)[0] is None}
+
+
+def artifact_gates(gates: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The gates on a published artifact (keys ``<artifact>.<metric>``), in spec order."""
+    return {k: g for k, g in (gates or {}).items() if split_gate_key(k)[0] is not None}
 
 
 def check_gates(
@@ -129,6 +204,8 @@ def check_gates(
             :meth:`kubetune_trainer.evaluate.evaluator.EvalReport.gate_metrics`).
         gates: metric name -> gate; a gate is any object or dict with optional ``min``/``max``
             (``kubetune_api`` Gate models, plain dicts from YAML). ``None`` or empty means no gates.
+            Pass only gates on the tuned model (:func:`tuned_gates`): an ``<artifact>.<metric>``
+            key is looked up as a metric name here, finds none and fails.
         not_computed: metric -> why it was not computed (``EvalReport.skipped``), quoted in the
             failure message of a gate on that metric.
 
@@ -150,3 +227,59 @@ def check_gates(
         for metric, gate in (gates or {}).items()
     ]
     return GateReport(passed=all(r.passed for r in results), results=results)
+
+
+def check_artifact_gates(
+    gates: Mapping[str, Any] | None,
+    tuned: Mapping[str, float],
+    artifacts: Mapping[str, Mapping[str, float]],
+    *,
+    not_computed: Mapping[str, Mapping[str, str]] | None = None,
+    not_evaluated: Mapping[str, str] | None = None,
+) -> list[GateResult]:
+    """Check the ``<artifact>.<metric>`` gates against each artifact's own evaluation.
+
+    Args:
+        gates: ``spec.evaluation.gates`` (gates on the tuned model are ignored here).
+        tuned: the tuned model's metrics on the same eval set (``maxDropVsTuned`` compares with them).
+        artifacts: artifact name (``merged``, ``int8``, ...) -> its metrics on the eval set.
+        not_computed: artifact -> metric -> why that metric was not computed for it.
+        not_evaluated: artifact -> why it was not evaluated at all (quoted by a gate on it).
+
+    Returns:
+        One :class:`GateResult` per artifact gate, in spec order, ``metric`` being the gate key
+        (``int8.rouge_l``). Never raises for a missing artifact or metric: those fail.
+    """
+    results: list[GateResult] = []
+    for key, gate in artifact_gates(gates).items():
+        artifact, metric = split_gate_key(key)
+        assert artifact is not None  # artifact_gates() keeps only <artifact>.<metric> keys
+        drop = _bound(gate, "max_drop_vs_tuned")
+        measured = artifacts.get(artifact)
+        if measured is None:
+            why = (not_evaluated or {}).get(artifact) or f"artifact {artifact} was not built or evaluated"
+            results.append(
+                GateResult(
+                    metric=key,
+                    min=_bound(gate, "min"),
+                    max=_bound(gate, "max"),
+                    value=None,
+                    passed=False,
+                    message=f"{key} cannot pass: {why}",
+                )
+            )
+            continue
+        raw = measured.get(metric)
+        results.append(
+            _check_one(
+                key,
+                _bound(gate, "min"),
+                _bound(gate, "max"),
+                None if raw is None else float(raw),
+                (not_computed or {}).get(artifact, {}).get(metric),
+                drop=drop,
+                tuned=None if tuned.get(metric) is None else float(tuned[metric]),
+                lower_is_better=metric in LOWER_IS_BETTER,
+            )
+        )
+    return results

@@ -180,7 +180,7 @@ class OnnxCausalLM:
 # Loading artifacts and measuring their memory
 
 
-SourceKind = Literal["transformers", "peft", "quanto", "onnx", "bnb"]
+SourceKind = Literal["transformers", "peft", "quanto", "onnx", "bnb", "gguf"]
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,8 @@ class ModelSource:
 
     kind: ``transformers`` (a full model dir: base or merged), ``peft`` (adapter at ``path`` on the
     base at ``base_path``), ``quanto`` (optimum-quanto int8/int4 dir), ``onnx`` (dir with
-    ``model.onnx``), ``bnb`` (bitsandbytes-quantized dir, CUDA only).
+    ``model.onnx``), ``bnb`` (bitsandbytes-quantized dir, CUDA only), ``gguf`` (dir with
+    ``model.gguf``, run by llama.cpp: :class:`~kubetune_trainer.evaluate.gguf_runner.GgufCausalLM`).
     """
 
     kind: SourceKind
@@ -209,6 +210,10 @@ def load_model(source: ModelSource, *, device: str = "cpu") -> Any:
     """
     if source.kind == "onnx":
         return OnnxCausalLM(source.path, device=device)
+    if source.kind == "gguf":  # llama.cpp via llama-cpp-python, imported there (see gguf_runner)
+        from kubetune_trainer.evaluate.gguf_runner import GgufCausalLM
+
+        return GgufCausalLM(source.path, device=device)
     model: Any
     if source.kind == "transformers":
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype="auto")
@@ -291,6 +296,8 @@ def _peak_memory_child(
             import optimum.quanto  # noqa: F401
         elif source.kind == "onnx":
             import onnxruntime  # noqa: F401
+        elif source.kind == "gguf":
+            import llama_cpp  # noqa: F401
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         # A high-water mark: for tiny models the imports' transient peak can exceed what the model

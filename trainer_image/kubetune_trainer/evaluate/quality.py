@@ -6,9 +6,11 @@ run on every version, next to the ones in ``spec.evaluation.gates``:
 * ``eval_loss_vs_base``: the tuned model's held-out eval loss must be strictly below the base's,
   on the same examples. It fails (never passes vacuously) when the base was not evaluated
   (``compareBase: false``) or eval loss could not be computed.
-* ``<metric>_vs_base`` for every quality metric gated in the spec (exact_match, rouge_l ...): the
-  tuned model must be no worse than the base in that metric's direction. Latency and memory are
-  properties of serving, not of learning, and keep only their absolute bounds.
+* ``<metric>_vs_base`` for every quality metric gated in the spec on the tuned model (exact_match,
+  rouge_l ...): the tuned model must be no worse than the base in that metric's direction. Latency
+  and memory are properties of serving, not of learning, and keep only their absolute bounds; gates
+  on an artifact (``int8.rouge_l``) add nothing here: they compare the artifact with the tuned model
+  (``maxDropVsTuned``), see :mod:`~kubetune_trainer.evaluate.gates`.
 * ``train_loss_decrease``: the training loss must have fallen by at least
   ``training.health.minLossDecrease`` (relative) from the run's first steps to its last
   (:meth:`kubetune_trainer.train.divergence.DivergenceMonitor.learning`): a run that does not
@@ -27,7 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kubetune_api.metrics import LOWER_IS_BETTER
-from kubetune_trainer.evaluate.gates import GateReport, GateResult
+from kubetune_trainer.evaluate.gates import GateReport, GateResult, tuned_gates
 
 #: Metrics whose direction says nothing about learning: they keep their absolute bounds only.
 SERVING_METRICS = frozenset({"latency_p50_ms", "latency_p95_ms", "peak_memory_ratio"})
@@ -131,7 +133,7 @@ def default_gates(
     results = [
         _vs_base("eval_loss", tuned.get("eval_loss"), (base or {}).get("eval_loss"), why_no_base, strict=True)
     ]
-    for metric in spec_gates or {}:
+    for metric in tuned_gates(spec_gates):
         if metric == "eval_loss" or metric in SERVING_METRICS:
             continue
         results.append(

@@ -6,6 +6,11 @@ distillation teacher and the augmentation term dictionaries, with the names repo
 file — and its :class:`Identity` (:func:`identify`): the inputs record (base digest, data digests,
 config digest, trainer version) and the inputs digest the registry finds a published version by.
 
+It runs in two steps: :func:`fetch_data` (the data, fetched and validated, and the term
+dictionaries: small) and then :func:`fetch_models` (the base model and the teacher: large). In
+between, :mod:`kubetune_trainer.fetch.fingerprints` may already know the models' digests without
+reading them, so a re-run can be reused before any weight is downloaded.
+
 A base that is a GGUF file (or a folder holding one; :mod:`kubetune_trainer.fetch.gguf`) is
 dequantised to the training precision (bf16 when ``training.precision`` is bf16, else fp32) into
 ``inputs/gguf-dequantized``, which the later stages load; the inputs record keeps the GGUF file's
@@ -50,23 +55,31 @@ class StageFiles:
     eval_files: list[Path] | None
 
 
-@dataclass
-class Inputs:
-    """What the fetch stage put on local disk.
+@dataclass(kw_only=True)
+class DataInputs:
+    """What :func:`fetch_data` put on local disk: every input but the models (the base and the
+    teacher), small enough to fetch and read before deciding whether anything needs training.
 
     ``term_dictionaries`` holds one augmentation term dictionary per ``spec.stages`` entry, then
     the job's own (None where that data has none): the last one is always this config's own.
+    ``parent`` is the exact ``modelversion://<model>/vN`` a modelversion:// base resolved to.
     """
 
-    base_dir: Path
     train_files: list[Path]
     eval_files: list[Path] | None
     extra_files: dict[str, list[Path]]
     display_names: dict[Path, str]
     parent: str | None
     stages: list[StageFiles] = field(default_factory=list)
-    teacher: Teacher | None = None
     term_dictionaries: list[Path | None] = field(default_factory=lambda: [None])
+
+
+@dataclass(kw_only=True)
+class Inputs(DataInputs):
+    """What the fetch stage put on local disk: the data (:class:`DataInputs`) and the models."""
+
+    base_dir: Path
+    teacher: Teacher | None = None
     base_gguf: dict[str, str] | None = None  # GgufBase.lineage() when the base was a GGUF file
 
     def for_stage(self, index: int) -> Inputs:
@@ -96,8 +109,16 @@ class Identity:
 
 
 def fetch_inputs(ctx: RunContext) -> Inputs:
-    """Fetch the base model, the data, the extra eval sets, each stage's data, the teacher and the
-    term dictionaries into ``workdir/inputs`` (stage ``Fetching``)."""
+    """Fetch the data, the extra eval sets, each stage's data, the term dictionaries, the base model
+    and the teacher into ``workdir/inputs`` (stage ``Fetching``): :func:`fetch_models` after
+    :func:`fetch_data`."""
+    return fetch_models(ctx, fetch_data(ctx))
+
+
+def fetch_data(ctx: RunContext) -> DataInputs:
+    """Fetch and validate the data, the extra eval sets, each stage's data and the term
+    dictionaries into ``workdir/inputs`` (stage ``Fetching``), and resolve a modelversion:// base
+    to its exact version (its manifest only). No model byte is read."""
     rc, runtime, workdir = ctx.rc, ctx.runtime, ctx.workdir
     ctx.reporter.stage("Fetching", f"base {rc.model.base.uri}")
     inputs_dir = workdir / "inputs"
@@ -127,18 +148,6 @@ def fetch_inputs(ctx: RunContext) -> Inputs:
         # The data is fetched and validated before the base model: a bad line 3 must not cost a
         # base model download on a GPU node first (prepare_data checks the same again, later).
         _validate_data(rc, workdir, paths)
-        base_dir = fetch(base_uri, inputs_dir / "base", ctx.store, registry_output_uri=rc.output.uri)
-        gguf_file = find_gguf(base_dir)
-        if gguf_file is not None:
-            gguf_base = _dequantize_gguf_base(ctx, gguf_file, inputs_dir)
-            base_dir = gguf_base.model_dir
-            paths["gguf"] = gguf_base.lineage()
-        check_weights_safety(
-            base_dir,
-            allow_pickle=rc.model.base.allow_pickle,
-            trust_remote_code=rc.model.base.trust_remote_code,
-        )
-        paths["base"] = str(base_dir.relative_to(workdir))
     runtime.barrier()
     paths = runtime.broadcast(paths)
     display: dict[Path, str] = {}
@@ -151,9 +160,7 @@ def fetch_inputs(ctx: RunContext) -> Inputs:
             display[f] = uri.rstrip("/") + ("/" + rel if rel else "")
         return out
 
-    inputs = Inputs(
-        base_dir=workdir / paths["base"],
-        base_gguf=paths.get("gguf"),
+    data = DataInputs(
         train_files=files("train", rc.data.train.uri),
         eval_files=files("eval", rc.data.eval.uri) if rc.data.eval is not None else None,
         extra_files={e.name: files(f"extra:{e.name}", e.uri) for e in rc.evaluation.extra_sets},
@@ -170,11 +177,42 @@ def fetch_inputs(ctx: RunContext) -> Inputs:
             for st in rc.stages
         ],
     )
-    inputs.teacher = fetch_teacher(ctx)
     # One term dictionary per stage, then the job's own (None where augmentation has none).
-    inputs.term_dictionaries = [
+    data.term_dictionaries = [
         _fetch_term_dictionary(ctx, st.data.augmentation, f"augmentation-terms-{st.name}") for st in rc.stages
     ] + [_fetch_term_dictionary(ctx, rc.data.augmentation, "augmentation-terms")]
+    return data
+
+
+def fetch_models(ctx: RunContext, data: DataInputs) -> Inputs:
+    """Fetch the base model (a GGUF base dequantised, every base checked for code it would run)
+    and the teacher next to ``data``; each node's local rank 0 downloads."""
+    rc, runtime, workdir = ctx.rc, ctx.runtime, ctx.workdir
+    inputs_dir = workdir / "inputs"
+    paths: dict[str, Any] = {}
+    if runtime.is_local_main:
+        # The resolved version, not an alias: an alias moving meanwhile cannot change the base.
+        base_uri = data.parent or rc.model.base.uri
+        base_dir = fetch(base_uri, inputs_dir / "base", ctx.store, registry_output_uri=rc.output.uri)
+        gguf_file = find_gguf(base_dir)
+        if gguf_file is not None:
+            gguf_base = _dequantize_gguf_base(ctx, gguf_file, inputs_dir)
+            base_dir = gguf_base.model_dir
+            paths["gguf"] = gguf_base.lineage()
+        check_weights_safety(
+            base_dir,
+            allow_pickle=rc.model.base.allow_pickle,
+            trust_remote_code=rc.model.base.trust_remote_code,
+        )
+        paths["base"] = str(base_dir.relative_to(workdir))
+    runtime.barrier()
+    paths = runtime.broadcast(paths)
+    inputs = Inputs(
+        **{f.name: getattr(data, f.name) for f in dataclasses.fields(DataInputs)},
+        base_dir=workdir / paths["base"],
+        base_gguf=paths.get("gguf"),
+    )
+    inputs.teacher = fetch_teacher(ctx)
     return inputs
 
 
@@ -286,31 +324,50 @@ def _dequantize_gguf_base(ctx: RunContext, gguf_file: Path, inputs_dir: Path) ->
 
 def inputs_record(rc: RunConfig, inputs: Inputs) -> dict[str, Any]:
     """What determines the trained model: base digest, data digests, config digest, trainer version."""
+    return data_record(
+        rc,
+        inputs,
+        base_record(rc, inputs.parent, digest_dir(inputs.base_dir), inputs.base_gguf),
+        teacher_record(inputs.teacher) if inputs.teacher is not None else None,
+    )
 
-    def data(files: list[Path]) -> dict[str, str]:
-        return {inputs.display_names[f]: sha256_file(f) for f in files}
+
+def base_record(
+    rc: RunConfig, parent: str | None, digest: str, gguf: dict[str, str] | None
+) -> dict[str, Any]:
+    """The inputs record's ``base`` entry: ``digest`` is that of the folder the trainer loads."""
+    # A GGUF base: the file's own sha256, and what it was dequantised to (the digest is of the
+    # dequantised folder the trainer loaded).
+    return {"uri": rc.model.base.uri, "digest": digest, "parent": parent} | ({"gguf": gguf} if gguf else {})
+
+
+def data_record(
+    rc: RunConfig, data: DataInputs, base: dict[str, Any], teacher: dict[str, Any] | None
+) -> dict[str, Any]:
+    """:func:`inputs_record` of ``data`` with the models' entries already known (``base`` from
+    :func:`base_record`, ``teacher`` from ``teacher_record`` or None without distillation)."""
+
+    def digests(files: list[Path]) -> dict[str, str]:
+        return {data.display_names[f]: sha256_file(f) for f in files}
 
     record: dict[str, Any] = {
-        "base": {"uri": rc.model.base.uri, "digest": digest_dir(inputs.base_dir), "parent": inputs.parent}
-        # A GGUF base: the file's own sha256, and what it was dequantised to (the digest above is
-        # of the dequantised folder the trainer loaded).
-        | ({"gguf": inputs.base_gguf} if inputs.base_gguf else {}),
-        "data": {"train": data(inputs.train_files)},
+        "base": base,
+        "data": {"train": digests(data.train_files)},
         "configDigest": rc.config_digest(),
         "trainerVersion": TRAINER_VERSION,
     }
-    if inputs.eval_files is not None:
-        record["data"]["eval"] = data(inputs.eval_files)
-    for name, files in inputs.extra_files.items():
-        record["data"][f"extra:{name}"] = data(files)
-    if inputs.teacher is not None:  # a different teacher trains a different model
-        record["teacher"] = teacher_record(inputs.teacher)
-    if inputs.stages:
+    if data.eval_files is not None:
+        record["data"]["eval"] = digests(data.eval_files)
+    for name, files in data.extra_files.items():
+        record["data"][f"extra:{name}"] = digests(files)
+    if teacher is not None:  # a different teacher trains a different model
+        record["teacher"] = teacher
+    if data.stages:
         # Earlier stages shape the weights too: their data is part of what was trained on.
         record["stages"] = [
-            {"name": st.name, "train": data(st.train_files)}
-            | ({"eval": data(st.eval_files)} if st.eval_files is not None else {})
-            for st in inputs.stages
+            {"name": st.name, "train": digests(st.train_files)}
+            | ({"eval": digests(st.eval_files)} if st.eval_files is not None else {})
+            for st in data.stages
         ]
     return record
 
@@ -319,12 +376,16 @@ def full_record(rc: RunConfig, inputs: Inputs) -> dict[str, Any]:
     """:func:`inputs_record` plus the augmentation term dictionaries (``inputs.term_dictionaries[i]``
     for stage i, the last for the config's own data): a dictionary changes what is trained, so its
     content is an input."""
-    record = inputs_record(rc, inputs)
+    return with_term_dictionaries(rc, inputs, inputs_record(rc, inputs))
+
+
+def with_term_dictionaries(rc: RunConfig, data: DataInputs, record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` (of ``data``) with each data's augmentation term dictionary digest added."""
     datas = [*(st.data for st in rc.stages), rc.data]
     targets = [*record.get("stages", []), record["data"]]
-    for data, target, path in zip(datas, targets, inputs.term_dictionaries, strict=True):
-        if path is not None and data.augmentation is not None and data.augmentation.synonyms is not None:
-            target["augmentationTerms"] = {data.augmentation.synonyms.uri: sha256_file(path)}
+    for spec, target, path in zip(datas, targets, data.term_dictionaries, strict=True):
+        if path is not None and spec.augmentation is not None and spec.augmentation.synonyms is not None:
+            target["augmentationTerms"] = {spec.augmentation.synonyms.uri: sha256_file(path)}
     return record
 
 

@@ -6,8 +6,11 @@
   ``output.promote``'s alias when the rule now says so (nothing trains).
 * :func:`publish_stage` — input: the context, fetch's ``Inputs`` and ``Identity``, and the
   ``Trained``, ``Evaluation`` and ``Artifacts`` of the stages before; output: :class:`Published`
-  (the TrainerResult — Published, Reused or GateFailed — and the version's URI). The reports and
-  the model card are written into ``staging/`` once the registry has named the version.
+  (the TrainerResult — Published, Reused or GateFailed — and the version's URI). The gates on a
+  published artifact (``<artifact>.<metric>``) are checked here, against each artifact's own
+  evaluation on the eval set, and join the evaluate stage's gates: one failed makes the version
+  GateFailed (exit 4) and not promotable like any other. The reports and the model card are
+  written into ``staging/`` once the registry has named the version.
 * :func:`lineage_entry` — one ``spec.stages`` entry as the manifest's ``extra.stages`` records it.
 * :func:`delete_checkpoints` — the spent checkpoint prefixes, once the version is published.
 
@@ -18,11 +21,12 @@ Raises the registry's errors (RegistryError, StorageError, AliasConflict) and wh
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kubetune_api.models import GateResult, GatesStatus, VersionRef
 from kubetune_api.reports import Reason, TrainerResult
+from kubetune_api.rules import GATE_ARTIFACTS
 from kubetune_api.runconfig import RunConfig
 from kubetune_registry.storage import open_uri
 from kubetune_registry.versions import PublishedVersion
@@ -30,7 +34,7 @@ from kubetune_trainer import __version__ as TRAINER_VERSION
 from kubetune_trainer.artifacts.stage import Artifacts, write_reports
 from kubetune_trainer.artifacts.standalone import make_standalone
 from kubetune_trainer.context import RunContext
-from kubetune_trainer.evaluate.gates import GateReport
+from kubetune_trainer.evaluate.gates import GateReport, check_artifact_gates
 from kubetune_trainer.evaluate.quality import promotable
 from kubetune_trainer.evaluate.stage import Evaluation
 from kubetune_trainer.fetch.inputs import Identity, Inputs
@@ -90,9 +94,14 @@ def publish_stage(
     in the manifest's ``extra.stages`` and the model card)."""
     rc, registry = ctx.rc, ctx.registry
     record = identity.record or {}
+    evaluation = _with_artifact_gates(ctx, evaluation, artifacts)
     outcome, gates = trained.outcome, evaluation.gates
     ctx.reporter.stage("Publishing")
     extra = _manifest_extra(ctx, outcome, artifacts, record) | ({"stages": stages} if stages else {})
+    judged = artifacts.judged(evaluation.report)
+    if judged:
+        # Each published artifact's metrics on the eval set (what <artifact>.<metric> gates read).
+        extra["artifactMetrics"] = {e.artifact: _finite(e.metrics) for e in judged}
     version = registry.publish(
         ctx.staging,
         inputs=record,
@@ -142,6 +151,26 @@ def publish_stage(
         created=now_rfc3339(),
     )
     return Published(result=result, version_uri=version.uri)
+
+
+def _with_artifact_gates(ctx: RunContext, evaluation: Evaluation, artifacts: Artifacts) -> Evaluation:
+    """The evaluation with the ``<artifact>.<metric>`` gates appended, checked against each
+    artifact's evaluation (``maxDropVsTuned`` against the tuned model's metrics)."""
+    rc = ctx.rc
+    judged = artifacts.judged(evaluation.report)
+    not_evaluated = {a: f"this version publishes no {a} artifact" for a in GATE_ARTIFACTS}
+    results = check_artifact_gates(
+        dict(rc.evaluation.gates.items()),
+        evaluation.report.tuned,
+        {e.artifact: e.metrics for e in judged},
+        not_computed={e.artifact: e.skipped for e in judged},
+        not_evaluated=not_evaluated,
+    )
+    if not results:
+        return evaluation
+    checked = GateReport(passed=all(r.passed for r in results), results=results)
+    print(f"[kubetune] artifact gates: {checked.summary()}", file=ctx.reporter.stream, flush=True)
+    return replace(evaluation, gates=evaluation.gates.plus(results))
 
 
 def lineage_entry(
@@ -226,7 +255,10 @@ def _finish_staging(
     version, then the serving manifests (serving/: KServe and vLLM)."""
     write_reports(ctx, outcome, evaluation, artifacts, record, name, stages)
     make_standalone(
-        ctx.staging, base_uri=ctx.rc.model.base.uri, base_digest=(record.get("base") or {}).get("digest")
+        ctx.staging,
+        base_uri=ctx.rc.model.base.uri,
+        base_digest=(record.get("base") or {}).get("digest"),
+        template=ctx.rc.data.template,  # the chat template the model was trained with, for the card's snippets
     )
     write_serving_manifests(ctx, name, uri, extra)
 
