@@ -38,10 +38,12 @@ die() { printf 'build-llama-cpp: ERROR: %s\n' "$*" >&2; exit 1; }
 trap 'printf "build-llama-cpp: ERROR: line %s: \"%s\" failed\n" "$LINENO" "$BASH_COMMAND" >&2' ERR
 
 cd "$(dirname "$0")/.."
-readonly PY=".venv/bin/python"
-readonly VENV_CONVERTER=".venv/share/kubetune/llama-cpp-converter"
+# KUBETUNE_VENV: the environment to install into (the trainer images use /opt/kubetune).
+readonly VENV="${KUBETUNE_VENV:-.venv}"
+readonly PY="$VENV/bin/python"
+readonly VENV_CONVERTER="$VENV/share/kubetune/llama-cpp-converter"
 readonly CONVERTER_EXTRA="sentencepiece==0.2.3"
-[[ -x "$PY" ]] || die ".venv is missing: run scripts/bootstrap.sh (make setup) first"
+[[ -x "$PY" ]] || die "$VENV is missing: run scripts/bootstrap.sh (make setup) first"
 
 py_version="$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 key="$(printf '%s\n' "$LLAMA_CPP_PYTHON_VERSION" "$SDIST_SHA256" "$LLAMA_CMAKE_ARGS" "$py_version" "$(uname -m)" \
@@ -52,7 +54,7 @@ build_log="$cache_root/llama-cpp-$key.build.log"
 
 install_wheel() {
   if ! "$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('llama_cpp_python') != '$LLAMA_CPP_PYTHON_VERSION')" 2>/dev/null; then
-    log "installing $(basename "$final_dir"/wheel/*.whl) into .venv"
+    log "installing $(basename "$final_dir"/wheel/*.whl) into $VENV"
     # Its dependencies (numpy, jinja2, typing-extensions, diskcache) come from PyPI as usual;
     # sentencepiece is the converter's (it tries a SentencePiece vocabulary before a BPE one).
     "$PY" -m pip install -q "$final_dir"/wheel/*.whl "$CONVERTER_EXTRA" >&2

@@ -169,6 +169,20 @@ def test_trainer_install_is_the_projects_own_with_torch_pinned_first(path: Path)
         assert dep not in runs, "the image installs from pyproject.toml only"
 
 
+@pytest.mark.parametrize("path", TRAINER_DOCKERFILES, ids=lambda p: p.name)
+def test_trainer_images_build_llama_cpp_with_the_scripts_pins_for_gguf(path: Path) -> None:
+    """gguf-* formats run in pods too: the image builds llama.cpp with the same script (pins, sha256,
+    CMake flags) `make test` uses, into the image's environment, and its import check covers it."""
+    df = parse_dockerfile(path)
+    runs = " && ".join(a for a, _ in df.all("RUN"))
+    assert "KUBETUNE_VENV=/opt/kubetune" in runs and "bash scripts/build-llama-cpp.sh" in runs
+    assert runs.find('pip install ".[trainer]"') < runs.find("build-llama-cpp.sh") < runs.find("pip check")
+    assert "cmake" in runs
+    assert "llama_cpp" in df.all("RUN")[-1][0], "the final import check must import llama_cpp"
+    ignore = path.with_name(path.name + ".dockerignore").read_text().splitlines()
+    assert "!scripts/build-llama-cpp.sh" in ignore
+
+
 def test_cuda_variant_compiles_deepspeed_ops_at_build_time() -> None:
     df = parse_dockerfile(REPO / "trainer_image" / "Dockerfile.cuda")
     runs = " && ".join(a for a, _ in df.all("RUN"))
