@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from kubetune_trainer.evaluate.decoding import next_token, stop_ids
+
 __all__ = ["GGUF_FILE", "GgufCausalLM", "GgufRuntimeMissingError", "llama_cpp_available"]
 
 GGUF_FILE = "model.gguf"
@@ -105,18 +107,13 @@ class GgufCausalLM:
     ) -> list[int]:
         """Greedy (or temperature-sampled, numpy RNG seeded with ``seed``) decoding, stopping at any EOS id."""
         rng = np.random.default_rng(seed)
-        stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+        stops = stop_ids(eos_token_id)
         self._gen.reset()
         self._gen.eval(list(prompt_ids))
         new: list[int] = []
         for _ in range(max_new_tokens):
             last = self._last_logits()
-            if do_sample:
-                scaled = last / max(temperature, 1e-6)
-                probs = np.exp(scaled - scaled.max())
-                token = int(rng.choice(len(probs), p=probs / probs.sum()))
-            else:
-                token = int(last.argmax())
+            token = next_token(last, do_sample=do_sample, temperature=temperature, rng=rng)
             new.append(token)
             if token in stops or len(new) == max_new_tokens:
                 break

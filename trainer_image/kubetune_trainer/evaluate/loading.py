@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
+from kubetune_trainer.evaluate.decoding import next_token, stop_ids
+
 __all__ = [
     "MemoryMeasurement",
     "ModelSource",
@@ -158,17 +160,12 @@ class OnnxCausalLM:
     ) -> list[int]:
         """Greedy (or temperature-sampled, numpy RNG seeded with ``seed``) decoding, stopping at any EOS id."""
         rng = np.random.default_rng(seed)
-        stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+        stops = stop_ids(eos_token_id)
         sequence = list(prompt_ids)
         new: list[int] = []
         for _ in range(max_new_tokens):
             last = self.logits(sequence)[-1].astype(np.float64)
-            if do_sample:
-                scaled = last / max(temperature, 1e-6)
-                probs = np.exp(scaled - scaled.max())
-                token = int(rng.choice(len(probs), p=probs / probs.sum()))
-            else:
-                token = int(last.argmax())
+            token = next_token(last, do_sample=do_sample, temperature=temperature, rng=rng)
             new.append(token)
             sequence.append(token)
             if token in stops:
