@@ -40,7 +40,7 @@ from kubetune_api.reports import TrainerResult
 from kubetune_api.runconfig import RunConfig
 from kubetune_registry.mlflow_sync import MlflowMirror, MlflowSyncError, MlflowTarget
 from kubetune_registry.storage import ObjectNotFound, StoreSettings, open_uri
-from kubetune_registry.versions import ModelRegistry
+from kubetune_registry.versions import ModelRegistry, PublishedVersion
 
 log = logging.getLogger("kubetune.trainer")
 
@@ -217,7 +217,7 @@ class MlflowTracker:
         self._metrics(final, steps)
         self._log_version_files(published.uri)
         if self.spec.register_version and not result.version.reused:
-            self._register(registry, result)
+            self._register(published, result)
 
     def _log_version_files(self, version_uri: str) -> None:
         """The model card and eval report as artifacts; eval losses logged during training at their steps."""
@@ -241,13 +241,11 @@ class MlflowTracker:
             return None
         return data.decode("utf-8", errors="replace")
 
-    def _register(self, registry: ModelRegistry, result: TrainerResult) -> None:
-        assert result.version is not None
+    def _register(self, published: PublishedVersion, result: TrainerResult) -> None:
         mirror = MlflowMirror(
             MlflowTarget(self.spec.tracking_uri, self.spec.registered_model or self.rc.model.name),
             client=self.client,
         )
-        published = registry.get_version(result.version.name)
         try:
             number = mirror.ensure_version(published, run_id=self.run_id)
             if result.promoted_alias:
