@@ -604,6 +604,15 @@ class ResourcesSpec(ApiModel):
     memory: str | None = Field(
         default=None, pattern=names.QUANTITY_PATTERN, description="Memory request and limit per pod."
     )
+    gpu_memory: str | None = Field(
+        default=None,
+        pattern=names.QUANTITY_PATTERN,
+        description=(
+            "Memory of one GPU (e.g. 80Gi for an 80 GB H100): the pre-flight plan checks its estimate "
+            "of peak memory per GPU against it and stops a job that will not fit (WillNotFit). Unset on "
+            "a GPU job: the plan estimates but cannot decide."
+        ),
+    )
     shared_memory: str = Field(
         default="8Gi",
         pattern=names.QUANTITY_PATTERN,
@@ -860,6 +869,13 @@ class RunPolicySpec(ApiModel):
         description="Delete the finished Job (not the FineTuneJob) after this many seconds.",
     )
     suspend: bool = Field(default=False, description="Suspend: no pods run; set back to false to resume.")
+    ignore_plan: bool = Field(
+        default=False,
+        description=(
+            "Run even when the pre-flight plan says the job will not fit its GPUs (or its memory "
+            "limit on CPU); the Fits condition still says so."
+        ),
+    )
     queue_name: str | None = Field(
         default=None,
         pattern=names.DNS1123_SUBDOMAIN_PATTERN,
@@ -994,6 +1010,27 @@ class GenerationRecord(ApiModel):
     completion_time: str | None = Field(default=None, description="When it ended (RFC 3339).")
 
 
+class PlanStatus(ApiModel):
+    """The pre-flight plan's verdict, reported by the trainer before any weight is downloaded."""
+
+    generation: int | None = Field(default=None, description="The spec generation it was computed for.")
+    fits: bool | None = Field(
+        default=None, description="True: fits; False: will not fit; unset: no memory bound to check against."
+    )
+    peak_bytes_per_device: int | None = Field(
+        default=None, ge=0, description="Estimated peak memory per GPU (or process on CPU)."
+    )
+    capacity_bytes: int | None = Field(default=None, ge=0, description="The memory it was checked against.")
+    total_steps: int | None = Field(default=None, ge=0, description="Estimated optimizer steps.")
+    tokens_per_epoch: int | None = Field(
+        default=None, ge=0, description="Estimated training tokens per epoch."
+    )
+    estimated_seconds: float | None = Field(default=None, ge=0, description="Estimated training time.")
+    summary: str = Field(
+        default="", max_length=1000, description="One line: estimate, bound, verdict, suggestion."
+    )
+
+
 class FineTuneJobStatus(ApiModel):
     """What the operator and the trainer observed."""
 
@@ -1006,6 +1043,9 @@ class FineTuneJobStatus(ApiModel):
     observed_generation: int | None = Field(default=None, description="Spec generation last reconciled.")
     conditions: list[Condition] = Field(default_factory=list, description="Kubernetes-style conditions.")
     progress: Progress | None = Field(default=None, description="Training progress.")
+    plan: PlanStatus | None = Field(
+        default=None, description="The pre-flight plan: estimated memory and time."
+    )
     metrics: dict[str, float] = Field(
         default_factory=dict, description="Evaluation metrics of the tuned model."
     )

@@ -38,6 +38,41 @@ _NAME_RE = re.compile(NAME_PATTERN)
 _VERSION_RE = re.compile(VERSION_PATTERN)
 
 
+_QUANTITY_RE = re.compile(QUANTITY_PATTERN)
+_QUANTITY_SUFFIXES = {
+    "": 1,
+    "m": 1e-3,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "P": 1e15,
+    "E": 1e18,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+}
+
+
+def parse_quantity(value: str) -> float:
+    """A Kubernetes resource quantity (``64Gi``, ``24G``, ``500m``, ``1e9``) as a number.
+
+    Raises ValueError for text that is not a quantity. Written here rather than imported from the
+    kubernetes client: ``kubetune_api`` is imported by the trainer, which does not install it."""
+    match = _QUANTITY_RE.match(value.strip())
+    if match is None:
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 80Gi, 24G)")
+    number, suffix = match.groups()
+    if suffix in _QUANTITY_SUFFIXES:
+        return float(number) * _QUANTITY_SUFFIXES[suffix]
+    if suffix[:1] in "eE" and suffix[1:].lstrip("+-").isdigit():
+        return float(number + suffix)
+    raise ValueError(f"{value!r} is not a Kubernetes quantity (unknown suffix {suffix!r})")
+
+
 def is_valid_name(value: str) -> bool:
     """True when ``value`` is a safe model or alias name (pattern and length)."""
     return len(value) <= NAME_MAX_LENGTH and _NAME_RE.fullmatch(value) is not None

@@ -48,6 +48,7 @@ Reason = Literal[
     "GateFailed",
     "Diverged",
     "UnsupportedHardware",
+    "WillNotFit",
     "Error",
 ]
 

@@ -29,6 +29,7 @@ from kubetune_api.models import (
     DistributedSpec,
     EvaluationSpec,
     FineTuneJob,
+    FineTuneJobSpec,
     MethodSpec,
     ModelSpec,
     OutputSpec,
@@ -37,8 +38,10 @@ from kubetune_api.models import (
     TrackingSpec,
     TrainingSpec,
 )
+from kubetune_api.names import parse_quantity
 
 # (IA)^3 trains only scaling vectors and needs a far higher rate (peft's IA3 examples use 3e-3).
+
 DEFAULT_LEARNING_RATE = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5, "ia3": 3e-3}
 DEFAULT_EVAL_SPLIT = 0.1
 
@@ -84,6 +87,23 @@ class Reporting(ApiModel):
     progress_every_seconds: float = Field(default=10.0, gt=0, description="Throttle for status patches.")
 
 
+class PlanPolicy(ApiModel):
+    """What the pre-flight plan checks its memory estimate against, and whether a miss stops the run."""
+
+    ignore: bool = Field(default=False, description="runPolicy.ignorePlan: run even when it will not fit.")
+    device_memory_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Memory of one device: resources.gpuMemory on a GPU job, resources.memory (the pod's limit) "
+            "on a CPU one; unset: the machine's own (kubetune run) or unknown."
+        ),
+    )
+    device_memory_source: str | None = Field(
+        default=None, description="The spec field the bound came from, for messages."
+    )
+
+
 class ResolvedStage(ApiModel):
     """A stage with its data and full training settings resolved (overrides applied to spec.training)."""
 
@@ -115,6 +135,7 @@ class RunConfig(ApiModel):
     storage: ResolvedStorage = Field(default_factory=ResolvedStorage, description="Object-store connection.")
     reporting: Reporting = Field(default_factory=Reporting, description="Progress and result reporting.")
     tracking: TrackingSpec | None = Field(default=None, description="Experiment tracking (MLflow).")
+    plan: PlanPolicy = Field(default_factory=PlanPolicy, description="The pre-flight plan's memory bound.")
 
     @property
     def learning_rate(self) -> float:
@@ -144,7 +165,7 @@ class RunConfig(ApiModel):
         and source URIs (the content digests of base model and data stand for them).
         """
         d = self.to_api()
-        for key in ("job", "storage", "reporting", "output", "schemaVersion", "tracking"):
+        for key in ("job", "storage", "reporting", "output", "schemaVersion", "tracking", "plan"):
             d.pop(key, None)
         d["model"].pop("name", None)
         d["model"]["base"].pop("uri", None)
@@ -250,6 +271,22 @@ def resolve_run_config(
         ),
         reporting=reporting or Reporting(),
         tracking=spec.tracking,
+        plan=_plan_policy(spec),
+    )
+
+
+def _plan_policy(spec: FineTuneJobSpec) -> PlanPolicy:
+    """The memory bound of one device, from the spec fields that state it."""
+    res = spec.resources
+    field, value = (
+        ("spec.resources.gpuMemory", res.gpu_memory)
+        if spec.distributed.gpus_per_node > 0
+        else ("spec.resources.memory", res.memory)
+    )
+    return PlanPolicy(
+        ignore=spec.run_policy.ignore_plan,
+        device_memory_bytes=int(parse_quantity(value)) if value else None,
+        device_memory_source=field if value else None,
     )
 
 

@@ -33,6 +33,7 @@ from kubetune_api.runconfig import RunConfig, resolve_run_config
 from kubetune_cli.cluster import add_commands as add_cluster_commands
 from kubetune_cli.console import quiet_console
 from kubetune_cli.data import add_commands as add_data_commands
+from kubetune_cli.plan import add_commands as add_plan_commands
 from kubetune_cli.versions import add_commands as add_version_commands
 
 #: Exit code when a command needs the trainer's libraries and this install has only ``kubetune[cli]``.
@@ -42,6 +43,7 @@ TRAINER_LIBRARIES = ("torch", "transformers", "peft")
 
 DEFAULT_STORE = ".kubetune/store"
 DEFAULT_WORK = ".kubetune/work"
+DEFAULT_CACHE = ".kubetune/cache"  # the node cache of `kubetune run` (docs/cache.md)
 
 
 def _free_port() -> int:
@@ -88,6 +90,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     rc = resolve_run_config(job, local_root=None if args.remote else str(store_dir))
     workdir = Path(args.workdir or Path(DEFAULT_WORK) / rc.job.name).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    # The trainer reads the node cache's root from the environment, as in a pod; "" turns it off.
+    os.environ["KUBETUNE_CACHE_DIR"] = str(Path(args.cache_dir).resolve()) if args.cache_dir else ""
     where = "the spec's object store" if args.remote else f"local object store {store_dir}"
     print(
         f"[kubetune] running FineTuneJob {rc.job.name!r} (model {rc.model.name}) against {where}",
@@ -238,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run_p.add_argument("--workdir", default=None, help=f"scratch directory (default {DEFAULT_WORK}/<job>)")
     run_p.add_argument(
+        "--cache-dir",
+        default=os.environ.get("KUBETUNE_CACHE_DIR", DEFAULT_CACHE),
+        help="node cache of base models and tokenized data shared by runs; '' turns it off "
+        f"(default $KUBETUNE_CACHE_DIR or {DEFAULT_CACHE})",
+    )
+    run_p.add_argument(
         "--verbose",
         action="store_true",
         help="show third-party output and warnings on the console too (default: only in <workdir>/console.log)",
@@ -258,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.set_defaults(func=cmd_demo_prepare)
 
     add_version_commands(sub)
+    add_plan_commands(sub)  # plan: memory, steps and time before anything is spent (torch-free)
     add_data_commands(sub)  # data validate / data prepare: no torch unless --tokenizer
     add_cluster_commands(sub)  # submit/status/logs/cluster-versions: kubernetes is imported only when used
     return parser

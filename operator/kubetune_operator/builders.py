@@ -33,6 +33,7 @@ RUN_CONFIG_DIR = "/etc/kubetune"
 RUN_CONFIG_PATH = f"{RUN_CONFIG_DIR}/{RUN_CONFIG_KEY}"
 TERMINATION_LOG = "/dev/termination-log"
 HOME_DIR = "/home/kubetune"
+CACHE_DIR = "/var/cache/kubetune"  # the trainers' node cache, when the chart enables one (docs/cache.md)
 #: Exit codes after which a retry cannot help (kubetune_api.reports): the Job fails at once.
 FAIL_FAST_EXIT_CODES = (EXIT_BAD_INPUT, EXIT_GATES_FAILED, EXIT_DIVERGED)
 #: Reporting the trainer uses inside a cluster: status patches (rank 0) and the termination message.
@@ -311,6 +312,11 @@ def _env(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
         # Scratch for inputs, checkpoints in flight and staging: the /tmp emptyDir.
         {"name": "KUBETUNE_WORKDIR", "value": "/tmp/kubetune"},
     ]
+    if _cache_volume(settings) is not None:
+        env += [
+            {"name": "KUBETUNE_CACHE_DIR", "value": CACHE_DIR},
+            {"name": "KUBETUNE_CACHE_MAX_BYTES", "value": str(settings.trainer_cache_max_bytes)},
+        ]
     if settings.compat_k8s_1_20:
         # v1.20 has no Indexed Jobs, so nothing sets the index; compat mode allows one pod only.
         env.append({"name": "JOB_COMPLETION_INDEX", "value": "0"})
@@ -319,7 +325,22 @@ def _env(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
     return env
 
 
-def _volumes(job: FineTuneJob, attempt: Attempt) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _cache_volume(settings: OperatorSettings) -> dict[str, Any] | None:
+    """The node cache's volume (shared by the jobs on a node), or None when the chart sets none."""
+    if settings.trainer_cache_pvc is not None:
+        return {"name": "node-cache", "persistentVolumeClaim": {"claimName": settings.trainer_cache_pvc}}
+    if settings.trainer_cache_host_path is not None:
+        # DirectoryOrCreate: a fresh node gets the folder (root-owned; see docs/cache.md for its owner).
+        return {
+            "name": "node-cache",
+            "hostPath": {"path": settings.trainer_cache_host_path, "type": "DirectoryOrCreate"},
+        }
+    return None
+
+
+def _volumes(
+    job: FineTuneJob, attempt: Attempt, settings: OperatorSettings
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     volumes: list[dict[str, Any]] = [
         {
             "name": "run-config",
@@ -336,6 +357,10 @@ def _volumes(job: FineTuneJob, attempt: Attempt) -> tuple[list[dict[str, Any]], 
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "home", "mountPath": HOME_DIR},
     ]
+    cache = _cache_volume(settings)
+    if cache is not None:
+        volumes.append(cache)
+        mounts.append({"name": "node-cache", "mountPath": CACHE_DIR})
     return volumes, mounts
 
 
@@ -351,7 +376,7 @@ def build_job(job: FineTuneJob, settings: OperatorSettings, attempt: Attempt | N
     policy = spec.run_policy
     nodes = spec.distributed.nodes
     account = naming.trainer_account_name(_name(job))
-    volumes, mounts = _volumes(job, attempt)
+    volumes, mounts = _volumes(job, attempt, settings)
     pod_labels = {
         **common_labels(job, "trainer"),
         naming.LABEL_ATTEMPT: attempt.name,

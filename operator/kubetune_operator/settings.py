@@ -15,7 +15,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 ENV_PREFIX = "KUBETUNE_OPERATOR_"
 
@@ -144,6 +144,27 @@ class OperatorSettings(BaseModel):
         default_factory=dict, description="Extra environment for trainer pods (no secrets here)."
     )
 
+    # --- the trainers' node cache (docs/cache.md) ------------------------------------------
+    trainer_cache_host_path: str | None = Field(
+        default=None,
+        description=(
+            "A node folder every trainer pod mounts as its cache of base models and tokenized data "
+            "(shared by the jobs on that node; it must be writable by runAsUser). None: off."
+        ),
+    )
+    trainer_cache_pvc: str | None = Field(
+        default=None,
+        description=(
+            "A PersistentVolumeClaim (in each job's namespace, ReadWriteMany for more than one pod) "
+            "mounted as the trainers' cache instead of a host path. None: off."
+        ),
+    )
+    trainer_cache_max_bytes: int = Field(
+        default=100 * 1024**3,
+        ge=0,
+        description="The cache's size bound (least recently used entries go first).",
+    )
+
     # --- Kubernetes compatibility ----------------------------------------------------------
     compat_k8s_1_20: bool = Field(
         default=False,
@@ -199,6 +220,20 @@ class OperatorSettings(BaseModel):
         # An empty string prefix would allow everything while looking like a restriction.
         if any(not p for p in value):
             raise ValueError("empty prefix (it would allow everything); leave the list empty instead")
+        return value
+
+    @field_validator("trainer_cache_host_path")
+    @classmethod
+    def _absolute_host_path(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError("must be an absolute path on the node")
+        return value
+
+    @field_validator("trainer_cache_pvc")
+    @classmethod
+    def _one_cache_volume(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("trainer_cache_host_path") is not None:
+            raise ValueError("set either this or TRAINER_CACHE_HOST_PATH, not both")
         return value
 
     @classmethod

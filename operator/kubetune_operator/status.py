@@ -335,8 +335,36 @@ def _condition(
     return {k: v for k, v in condition.items() if v != ""}
 
 
+def _fits_condition(obs: Observed, previous: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """``Fits``: the trainer's pre-flight plan (``status.plan``) for this generation, or Unknown.
+
+    True (Fits) or False (WillNotFit) with the plan's one-line summary; Unknown while no plan of
+    this generation has been reported (NotPlanned) or when the plan had no memory bound to check
+    (NoMemoryBound: set spec.resources.gpuMemory)."""
+    plan = obs.status.get("plan") or {}
+    if plan.get("generation") != obs.generation:
+        status, reason, message = "Unknown", "NotPlanned", ""
+    elif plan.get("fits") is True:
+        status, reason, message = "True", "Fits", plan.get("summary", "")
+    elif plan.get("fits") is False:
+        status, reason, message = "False", "WillNotFit", plan.get("summary", "")
+    else:
+        status, reason, message = "Unknown", "NoMemoryBound", plan.get("summary", "")
+    before = previous.get("Fits")
+    changed = before is None or before.get("status") != status
+    condition = {
+        "type": "Fits",
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": obs.now if changed else before.get("lastTransitionTime", obs.now),  # type: ignore[union-attr]
+        "observedGeneration": obs.generation,
+    }
+    return {k: v for k, v in condition.items() if v != ""}
+
+
 def conditions_for(v: Verdict, obs: Observed, *, invalid_message: str | None = None) -> list[dict[str, Any]]:
-    """Every condition type, True or False, derived from the verdict."""
+    """Every condition type, True or False, derived from the verdict (and ``Fits`` from the plan)."""
     previous = {c.get("type", ""): c for c in obs.status.get("conditions") or []}
     suspended = v.phase in ("Suspended", "Queued")
     return [
@@ -388,6 +416,7 @@ def conditions_for(v: Verdict, obs: Observed, *, invalid_message: str | None = N
             previous,
             obs,
         ),
+        _fits_condition(obs, previous),
     ]
 
 
@@ -549,6 +578,7 @@ def new_attempt_status(obs: Observed, fingerprint: str | None = None) -> dict[st
         "attemptFingerprint": fingerprint,
         "progress": None,
         "stage": None,
+        "plan": None,
         "version": None,
         "metrics": None,
         "gates": None,

@@ -171,3 +171,53 @@ def test_a_training_pod_killed_mid_run_resumes_from_its_checkpoint(
     assert manifest["extra"]["steps"] == 40
     assert status.get("restarts", 0) >= 1
     api.custom.delete_namespaced_custom_object(GROUP, VERSION, api.ns, "finetunejobs", "resume")
+
+
+def test_a_job_that_will_not_fit_fails_with_fits_false_and_runs_once_fixed(
+    e2e: tuple[Api, Any, str, str, OperatorProcess],
+) -> None:
+    """The trainer's pre-flight plan lands in status as the Fits condition (with its generation):
+    WillNotFit stops the run before any model byte is read; the edited spec plans, fits and trains."""
+    api, s3, endpoint, bucket, op = e2e
+    tight = {
+        "training.maxSteps": 4,
+        "training.batchSize": 16,
+        "training.maxSeqLength": 256,
+        "resources": {"memory": "64Mi"},  # a CPU job's bound: its pod memory
+    }
+    api.create_ftj(_job("tight", endpoint, bucket, **tight))
+    status, _ = _watch_until_done(api, "tight", op, timeout=300)
+    assert (status["phase"], status["reason"]) == ("Failed", "WillNotFit"), status
+    assert "spec.resources.memory" in status["message"] and "Nothing was downloaded" in status["message"]
+    fits = api.condition("tight", "Fits")
+    assert fits is not None and (fits["status"], fits["reason"], fits["observedGeneration"]) == (
+        "False",
+        "WillNotFit",
+        1,
+    )
+    assert "WILL NOT FIT" in fits["message"] and "would fit with" in fits["message"]
+    assert status["plan"]["generation"] == 1 and status["plan"]["fits"] is False
+    assert status["plan"]["peakBytesPerDevice"] > status["plan"]["capacityBytes"] == 64 * 2**20
+    # Nothing was trained or published: no checkpoint, no version in the bucket.
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix=f"registry/{MODEL}/").get("Contents", [])
+    assert listing == []
+
+    # Fixed in the spec (a bigger bound): generation 2 plans Fits=True and publishes.
+    api.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, api.ns, "finetunejobs", "tight", {"spec": {"resources": {"memory": "8Gi"}}}
+    )
+    wait_for(
+        "generation 2 to start",
+        lambda: api.status("tight").get("observedGeneration") == 2,
+        timeout=60,
+        log=op.log,
+    )
+    status, _ = _watch_until_done(api, "tight", op, timeout=600)
+    assert status["phase"] == "Succeeded", status
+    fits = api.condition("tight", "Fits")
+    assert fits is not None and (fits["status"], fits["reason"], fits["observedGeneration"]) == (
+        "True",
+        "Fits",
+        2,
+    )
+    assert status["plan"]["generation"] == 2 and status["history"][0]["reason"] == "WillNotFit"

@@ -166,3 +166,21 @@ def test_quantized_tiny_prints_formats() -> None:
 def test_startup_quick_reaches_first_step() -> None:
     out = _bench(["bench.startup", "--quick"], timeout=900)
     assert "first step" in out and "model load" in out and "total" in out
+
+
+def test_bench_cache_reads_the_trainer_s_model_bytes_lines(tmp_path: Path) -> None:
+    import yaml
+
+    from bench.cache import QUICKSTART, job_file, model_bytes
+
+    hit = "[kubetune] base: models/0123456789ab… from the node cache (580,528 bytes in 7 files; 0 model bytes read from object storage)\n"
+    miss = "[kubetune] base: not in the node cache; 580,528 bytes read from object storage, cached as models/0123…\n"
+    assert model_bytes(["[kubetune] stage Fetching\n", hit]) == 0
+    assert model_bytes([miss]) == 580_528
+    assert model_bytes(["[kubetune] data: 100 train / 10 eval examples\n"]) is None
+    doc = yaml.safe_load(job_file(QUICKSTART, tmp_path / "b.yaml", lr_factor=0.5).read_text())
+    original = yaml.safe_load(QUICKSTART.read_text())["spec"]["training"]["learningRate"]
+    assert doc["spec"]["training"] == doc["spec"]["training"] | {
+        "logEverySteps": 1,
+        "learningRate": original * 0.5,
+    }

@@ -54,6 +54,13 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         },
     },
     "no-metrics": {"metrics": {"enabled": False}, "serviceAccount": {"create": False, "name": "existing"}},
+    "node-cache-pvc": {
+        "trainerCache": {
+            "enabled": True,
+            "persistentVolumeClaim": "kubetune-cache",
+            "maxBytes": 500 * 1024**3,
+        }
+    },
 }
 
 
@@ -158,6 +165,9 @@ def test_custom_objects_match_their_crds() -> None:
         ({"trainer": {"extraEnv": {"AWS_SECRET_ACCESS_KEY": "x"}}}, "AWS_SECRET_ACCESS_KEY"),
         ({"watchNamespaces": ["Team_A"]}, "watchNamespaces"),
         ({"image": {"digest": "latest"}}, "digest"),
+        ({"trainerCache": {"hostPath": "var/cache"}}, "hostPath"),
+        ({"trainerCache": {"maxBytes": -1}}, "maxBytes"),
+        ({"trainerCache": {"size": "10Gi"}}, "size"),
     ],
 )
 def test_values_schema_rejects_bad_values_naming_the_key(values: dict[str, Any], needle: str) -> None:
@@ -286,6 +296,20 @@ def test_settings_configmap_is_what_the_operator_loads() -> None:
     assert tuned.default_ephemeral_storage == "200Gi"
 
     assert settings_from(render_objects(VALUE_SETS["no-metrics"])).metrics_port is None
+
+
+def test_trainer_cache_values_reach_the_operator_settings() -> None:
+    """trainerCache: off by default; a node folder or a PVC when enabled; the bound as exact bytes."""
+    code_defaults = OperatorSettings()
+    off = settings_from(render_objects())
+    assert off.trainer_cache_host_path is None and off.trainer_cache_pvc is None
+    assert off.trainer_cache_max_bytes == code_defaults.trainer_cache_max_bytes
+    host = settings_from(render_objects({"trainerCache": {"enabled": True, "maxBytes": 123456789012}}))
+    assert host.trainer_cache_host_path == "/var/cache/kubetune" and host.trainer_cache_pvc is None
+    assert host.trainer_cache_max_bytes == 123456789012  # not rounded through a float
+    pvc = settings_from(render_objects(VALUE_SETS["node-cache-pvc"]))
+    assert pvc.trainer_cache_pvc == "kubetune-cache" and pvc.trainer_cache_host_path is None
+    assert pvc.trainer_cache_max_bytes == 500 * 1024**3
 
 
 def test_operator_pod_is_restricted_and_probes_the_health_endpoint() -> None:

@@ -18,7 +18,7 @@ from kubetune_api.models import FineTuneJob
 from kubetune_api.reports import TrainerResult
 from kubetune_api.runconfig import RunConfig
 from kubetune_operator import builders, naming
-from kubetune_operator.settings import OperatorSettings
+from kubetune_operator.settings import OperatorSettings, SettingsError
 from tests.support.crd_schema import validate as validate_crd
 
 K8S_VERSION = "1.31.0"
@@ -427,3 +427,42 @@ def test_children_order_and_compat_suspend_creates_no_job() -> None:
     assert "Job" not in [
         o["kind"] for o in desired_children(suspended, OperatorSettings(compat_k8s_1_20=True))
     ]
+
+
+def test_the_node_cache_is_mounted_and_named_to_the_trainer_only_when_set() -> None:
+    def pod(settings: OperatorSettings) -> dict[str, Any]:
+        return builders.build_job(make_job(), settings)["spec"]["template"]["spec"]
+
+    plain = pod(OperatorSettings())
+    assert "node-cache" not in {v["name"] for v in plain["volumes"]}
+    assert not {"KUBETUNE_CACHE_DIR", "KUBETUNE_CACHE_MAX_BYTES"} & {
+        e["name"] for e in plain["containers"][0]["env"]
+    }
+
+    for settings, volume in (
+        (
+            OperatorSettings(trainer_cache_host_path="/mnt/kubetune-cache", trainer_cache_max_bytes=10**12),
+            {"hostPath": {"path": "/mnt/kubetune-cache", "type": "DirectoryOrCreate"}},
+        ),
+        (
+            OperatorSettings(trainer_cache_pvc="shared-cache"),
+            {"persistentVolumeClaim": {"claimName": "shared-cache"}},
+        ),
+    ):
+        spec = pod(settings)
+        (vol,) = [v for v in spec["volumes"] if v["name"] == "node-cache"]
+        assert {k: v for k, v in vol.items() if k != "name"} == volume
+        container = spec["containers"][0]
+        assert {"name": "node-cache", "mountPath": builders.CACHE_DIR} in container["volumeMounts"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["KUBETUNE_CACHE_DIR"] == builders.CACHE_DIR
+        assert env["KUBETUNE_CACHE_MAX_BYTES"] == str(settings.trainer_cache_max_bytes)
+
+
+def test_the_node_cache_settings_refuse_a_relative_path_and_two_volumes() -> None:
+    with pytest.raises(SettingsError, match="TRAINER_CACHE_HOST_PATH"):
+        OperatorSettings.from_env({"KUBETUNE_OPERATOR_TRAINER_CACHE_HOST_PATH": "cache"})
+    with pytest.raises(SettingsError, match="TRAINER_CACHE_PVC"):
+        OperatorSettings.from_env(
+            {"KUBETUNE_OPERATOR_TRAINER_CACHE_HOST_PATH": "/c", "KUBETUNE_OPERATOR_TRAINER_CACHE_PVC": "p"}
+        )

@@ -358,10 +358,13 @@ def test_new_attempt_clears_previous_outcome_and_merge_semantics() -> None:
         2,
         "abcd1234",
     )
-    # Nothing claims success for generation 2: every condition is False and about generation 2.
+    # Nothing claims success for generation 2: every condition is False (Fits: Unknown, not planned
+    # yet) and about generation 2; the previous generation's plan is cleared.
     assert (after["phase"], after["reason"], after["observedGeneration"]) == ("Pending", "Creating", 2)
     conds = {c["type"]: c for c in after["conditions"]}
+    assert conds.pop("Fits")["reason"] == "NotPlanned"
     assert all(c["status"] == "False" and c["observedGeneration"] == 2 for c in conds.values())
+    assert reset["plan"] is None
     assert after["history"] == [
         {
             "generation": 1,
@@ -492,3 +495,28 @@ def test_a_refused_child_stays_stalled_until_the_retry_creates_it() -> None:
     assert (again["reason"], conditions(again)["Stalled"]["status"]) == ("ChildRejected", "True")
     assert status.transition(after, again) is None
     assert_status_schema_ok(rejected)
+
+
+@pytest.mark.parametrize(
+    ("plan", "status", "reason"),
+    [
+        (None, "Unknown", "NotPlanned"),
+        ({"generation": 3, "fits": True, "summary": "old"}, "Unknown", "NotPlanned"),  # another generation
+        ({"generation": 4, "fits": True, "summary": "estimated peak 1 GiB of 8 GiB: fits"}, "True", "Fits"),
+        (
+            {"generation": 4, "fits": False, "summary": "estimated peak 9 GiB: WILL NOT FIT"},
+            "False",
+            "WillNotFit",
+        ),
+        ({"generation": 4, "summary": "no memory bound"}, "Unknown", "NoMemoryBound"),
+    ],
+)
+def test_fits_condition_follows_the_plan_of_this_generation(
+    plan: dict[str, Any] | None, status: str, reason: str
+) -> None:
+    current = {"plan": plan} if plan is not None else {}
+    patch = reduce_status(observed(job(active=1), [pod()], current=current))
+    fits = next(c for c in patch["conditions"] if c["type"] == "Fits")
+    assert (fits["status"], fits["reason"], fits["observedGeneration"]) == (status, reason, 4)
+    if plan is not None and plan.get("generation") == 4:
+        assert fits["message"] == plan["summary"]

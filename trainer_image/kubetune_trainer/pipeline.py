@@ -60,6 +60,9 @@ from kubetune_trainer.fetch.inputs import (
     inputs_record,
 )
 from kubetune_trainer.fetch.sources import FetchError, UnsafeModelError
+from kubetune_trainer.plan.memory import human_bytes
+from kubetune_trainer.plan.plan import Plan
+from kubetune_trainer.plan.stage import WillNotFitError, plan_stage, write_plan_report
 from kubetune_trainer.publish.stage import (
     Published,
     delete_checkpoints,
@@ -73,6 +76,7 @@ from kubetune_trainer.runtime import UnsupportedHardwareError, init_runtime
 from kubetune_trainer.train.adapters import AdapterConfigError
 from kubetune_trainer.train.checkpoint import CheckpointMismatchError
 from kubetune_trainer.train.distill import DistillationError
+from kubetune_trainer.train.peak import mark_run_start
 from kubetune_trainer.train.recipe import PreemptedError, TrainingDivergedError
 from kubetune_trainer.train.stage import Carry, Trained, checkpoint_prefix, train_stage
 
@@ -105,6 +109,7 @@ def run(rc: RunConfig, *, workdir: Path, reporter: Reporter | None = None) -> Ru
     """Run the whole pipeline for this process's rank. Never raises for expected failures:
     they become a TrainerResult with a reason and the exit code of :mod:`kubetune_api.reports`."""
     workdir.mkdir(parents=True, exist_ok=True)
+    mark_run_start()  # the CPU baseline of the measured peak the plan is compared with
     try:
         runtime = init_runtime(rc.training.precision, rc.distributed.strategy)
     except UnsupportedHardwareError as exc:
@@ -122,6 +127,8 @@ def run(rc: RunConfig, *, workdir: Path, reporter: Reporter | None = None) -> Ru
         return _fail(reporter, rc, EXIT_BAD_INPUT, "InvalidSpec", str(exc))
     except FetchError as exc:
         return _fail(reporter, rc, EXIT_BAD_INPUT, "FetchFailed", str(exc))
+    except WillNotFitError as exc:  # the plan: nothing downloaded yet, and retrying cannot help
+        return _fail(reporter, rc, EXIT_BAD_INPUT, "WillNotFit", str(exc))
     except (UnsupportedHardwareError, UnsupportedFormatError) as exc:
         return _fail(reporter, rc, EXIT_BAD_INPUT, "UnsupportedHardware", str(exc))
     except TrainingDivergedError as exc:
@@ -159,6 +166,7 @@ def _run(ctx: RunContext) -> RunOutcome:
     recall = recall_identity(ctx, data)
     existing = find_published(ctx, recall.digest) if recall.digest is not None else None
     digest = recall.digest
+    plan: Plan | None = None
     if existing is not None:
         if runtime.is_main:
             print(
@@ -167,6 +175,8 @@ def _run(ctx: RunContext) -> RunOutcome:
                 flush=True,
             )
     else:
+        # Pre-flight: will it fit, how long — from the base's config alone, before any weight.
+        plan = plan_stage(ctx, data)
         inputs = fetch_models(ctx, data)
         identity = identify(ctx, inputs)
         remember_models(ctx, recall, inputs, identity)
@@ -186,12 +196,26 @@ def _run(ctx: RunContext) -> RunOutcome:
     trained.model = None  # free the weights before evaluation loads its own
     if not runtime.is_main:
         return RunOutcome(exit_code=EXIT_OK)
+    _report_plan_accuracy(ctx, plan, trained.peak_memory)
 
     published = _evaluate_and_publish(ctx, inputs, identity, trained, tokenizer, lineage)
     delete_checkpoints(ctx, spent_checkpoints)  # the version is published: its checkpoints are spent
     ctx.reporter.result(published.result)
     code = EXIT_GATES_FAILED if published.result.reason == "GateFailed" else EXIT_OK
     return RunOutcome(exit_code=code, result=published.result, version_uri=published.version_uri)
+
+
+def _report_plan_accuracy(ctx: RunContext, plan: Plan | None, measured: dict[str, Any] | None) -> None:
+    """``training/plan.json`` and one log line: the plan's peak beside the one measured."""
+    report = write_plan_report(ctx.staging, plan, measured)
+    if plan is None or report is None or measured is None or not measured.get("peakBytes"):
+        return
+    print(
+        f"[kubetune] plan vs measured: peak {human_bytes(plan.memory.peak)} estimated, "
+        f"{human_bytes(measured['peakBytes'])} measured ({report['estimateError']:+.0%})",
+        file=ctx.reporter.stream,
+        flush=True,
+    )
 
 
 def _train_stages(

@@ -134,6 +134,12 @@ class Reporter:
         if self.kube:
             self.kube.patch_status({"stage": stage, "progress": {"stage": stage, "updatedAt": now_rfc3339()}})
 
+    # --- the pre-flight plan ----------------------------------------------------------------------
+    def plan(self, status: dict[str, Any]) -> None:
+        """The plan's verdict (a :class:`~kubetune_api.models.PlanStatus` as JSON) into ``status.plan``."""
+        if self.enabled and self.kube:
+            self.kube.patch_status({"plan": status})
+
     # --- progress -----------------------------------------------------------------------------
     def progress(self, p: Progress, *, force: bool = False, log_line: bool = True) -> None:
         """Report training progress; the status patch is throttled unless ``force``."""

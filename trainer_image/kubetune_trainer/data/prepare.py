@@ -281,6 +281,22 @@ def validate_files(
     return report
 
 
+def read_records(
+    train_files: Sequence[Path],
+    eval_files: Sequence[Path] | None,
+    data_cfg: DataSettings,
+    *,
+    seed: int = 0,
+    display_names: Mapping[Path, str] | None = None,
+) -> tuple[list[Record], list[Record]]:
+    """The cleaned, de-duplicated train and eval records, split as :func:`prepare_data` splits them
+    (no tokenizer; invalid records left out). The pre-flight plan counts its tokens from them."""
+    _report, train, evals = _read_and_split(
+        train_files, eval_files, data_cfg, seed=seed, display_names=display_names
+    )
+    return train, evals
+
+
 def _char_histogram(lengths: Sequence[int]) -> dict[str, int]:
     """Counts per power-of-two character bucket (<=64 ... <=16384, >16384); empty buckets kept."""
     edges = [64 << i for i in range(9)]

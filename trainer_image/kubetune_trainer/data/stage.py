@@ -6,6 +6,11 @@ Input: the :class:`~kubetune_trainer.context.RunContext`, the stage's :class:`Da
 curriculum order keys. Rank 0 also starts the stage's ``staging/`` folder with
 ``training/data-report.json`` and prints the data line.
 
+With a node cache (``KUBETUNE_CACHE_DIR``), the prepared data is looked up under a key of every
+input that decides it (:mod:`~kubetune_trainer.data.cached`): a hit skips reading and tokenising
+(the log says so, and the data report's ``cache`` is ``{"hit": true, "key": ...}``); a miss
+tokenises and inserts it.
+
 Raises DataValidationError and TemplateError (from :func:`~kubetune_trainer.data.prepare_data`),
 and BadInputError for data the run cannot use (too few records to split, no example left, an
 unusable term dictionary).
@@ -26,6 +31,7 @@ from typing import Any, Protocol, TextIO
 from transformers import AutoTokenizer
 
 from kubetune_api.runconfig import RunConfig
+from kubetune_trainer.cache import CacheError, NodeCache
 from kubetune_trainer.context import BadInputError, RunContext
 from kubetune_trainer.data import (
     DataValidationError,
@@ -35,6 +41,7 @@ from kubetune_trainer.data import (
     prepare_data,
 )
 from kubetune_trainer.data.augment import Augmenter, TermDictionaryError, augmenter_from_spec
+from kubetune_trainer.data.cached import PREPARED_FILE, dump_prepared, load_prepared, tokenized_key
 from kubetune_trainer.data.curriculum import curriculum_keys, read_difficulties
 
 
@@ -75,22 +82,28 @@ def prepare_stage_data(ctx: RunContext, files: DataFiles, tokenizer: Any, *, lab
     ``staging/training/data-report.json`` into a fresh staging folder."""
     rc, reporter = ctx.rc, ctx.reporter
     reporter.stage("PreparingData", label)
-    try:
-        augmenter = _augmenter(rc, files.term_dictionaries[-1])
-        prepared = prepare_data(
-            files.train_files,
-            files.eval_files,
-            tokenizer,
-            rc.data,
-            max_seq_length=rc.training.max_seq_length,
-            seed=rc.training.seed,
-            display_names=files.display_names,
-            augmenter=augmenter,
-        )
-    except (TemplateError, DataValidationError):
-        raise
-    except ValueError as exc:  # too few records to split, no example left after cleaning...
-        raise BadInputError(str(exc)) from None
+    cache = _node_cache(ctx)
+    key = _cache_key(ctx, cache, files, tokenizer)
+    prepared = _from_cache(ctx, cache, key)
+    hit = prepared is not None
+    if prepared is None:
+        try:
+            augmenter = _augmenter(rc, files.term_dictionaries[-1])
+            prepared = prepare_data(
+                files.train_files,
+                files.eval_files,
+                tokenizer,
+                rc.data,
+                max_seq_length=rc.training.max_seq_length,
+                seed=rc.training.seed,
+                display_names=files.display_names,
+                augmenter=augmenter,
+            )
+        except (TemplateError, DataValidationError):
+            raise
+        except ValueError as exc:  # too few records to split, no example left after cleaning...
+            raise BadInputError(str(exc)) from None
+        _into_cache(ctx, cache, key, prepared)
     order_keys, curriculum_summary = _curriculum(rc, files, prepared.train)
     if ctx.runtime.is_main:
         shutil.rmtree(ctx.staging, ignore_errors=True)
@@ -98,6 +111,15 @@ def prepare_stage_data(ctx: RunContext, files: DataFiles, tokenizer: Any, *, lab
         data_report = prepared.report.to_dict()
         if rc.data.curriculum.order != "none":
             data_report["curriculum"] = curriculum_summary
+        if cache is not None:
+            data_report["cache"] = {"hit": hit, "key": key}
+            if hit:
+                print(
+                    f"[kubetune] {label + ' ' if label else ''}data: tokenized examples from the cache "
+                    f"(key {str(key)[:16]}…), tokenization skipped",
+                    file=reporter.stream,
+                    flush=True,
+                )
         (ctx.staging / "training" / "data-report.json").write_text(json.dumps(data_report, indent=2))
         _print_recipe_data_notes(data_report, reporter.stream)
         invalid = data_report.get("invalid")
@@ -109,6 +131,70 @@ def prepare_stage_data(ctx: RunContext, files: DataFiles, tokenizer: Any, *, lab
             flush=True,
         )
     return StageData(prepared=prepared, order_keys=order_keys)
+
+
+def _say(ctx: RunContext, line: str) -> None:
+    if ctx.runtime.is_main:
+        print(f"[kubetune] {line}", file=ctx.reporter.stream, flush=True)
+
+
+def _node_cache(ctx: RunContext) -> NodeCache | None:
+    """The node cache (``KUBETUNE_CACHE_DIR``), or None: unset, or unusable (a warning)."""
+    try:
+        return NodeCache.from_env(warn=lambda msg: _say(ctx, f"warning: {msg}"))
+    except (CacheError, OSError) as exc:
+        _say(ctx, f"warning: node cache unusable, tokenizing without it: {exc}")
+        return None
+
+
+def _cache_key(ctx: RunContext, cache: NodeCache | None, files: DataFiles, tokenizer: Any) -> str | None:
+    if cache is None:
+        return None
+    try:
+        return tokenized_key(
+            ctx.rc,
+            files.train_files,
+            files.eval_files,
+            files.display_names,
+            tokenizer,
+            files.term_dictionaries[-1],
+        )
+    except OSError as exc:
+        _say(ctx, f"warning: node cache: no key for the tokenized data ({exc})")
+        return None
+
+
+def _from_cache(ctx: RunContext, cache: NodeCache | None, key: str | None) -> PreparedData | None:
+    """The prepared data under ``tokenized/<key>``, or None (a miss, or an unreadable entry: a warning)."""
+    if cache is None or key is None:
+        return None
+    try:
+        with cache.reading("tokenized", key) as entry:
+            if entry is None:
+                return None
+            return load_prepared((entry.path / PREPARED_FILE).read_text(encoding="utf-8"))
+    except (CacheError, OSError, ValueError, KeyError, TypeError) as exc:
+        _say(ctx, f"warning: node cache: tokenized data not read from it ({exc}); tokenizing")
+        return None
+
+
+def _into_cache(ctx: RunContext, cache: NodeCache | None, key: str | None, prepared: PreparedData) -> None:
+    if cache is None or key is None:
+        return
+    text = dump_prepared(prepared)
+
+    def fill(folder: Path) -> None:
+        (folder / PREPARED_FILE).write_text(text, encoding="utf-8")
+
+    try:
+        cache.put(
+            "tokenized",
+            key,
+            fill,
+            source=f"{ctx.rc.job.name} ({len(prepared.train)} train / {len(prepared.eval)} eval examples)",
+        )
+    except (CacheError, OSError) as exc:
+        _say(ctx, f"warning: node cache: tokenized data not cached ({exc})")
 
 
 def _augmenter(rc: RunConfig, terms_path: Path | None) -> Augmenter | None:

@@ -169,7 +169,8 @@ def _known(ctx: RunContext, role: str, uri: str, cache: FingerprintCache | None)
 def recall_identity(ctx: RunContext, data: DataInputs) -> Recall:
     """The inputs digest of ``ctx.rc`` trained on ``data`` and the models it names, when every
     model's content digest is known without downloading it (rank 0 decides, every rank gets the
-    same digest or None). Equal to :func:`~kubetune_trainer.fetch.inputs.identify`'s digest after
+    same digest or None), and records what it knew of each model in ``data.known_models`` (every
+    rank) for the node cache. Equal to :func:`~kubetune_trainer.fetch.inputs.identify`'s digest after
     the download whenever the stores' ETags are honest (see :mod:`kubetune_registry.fingerprints`)."""
     rc, runtime = ctx.rc, ctx.runtime
     models: list[KnownModel] = []
@@ -182,6 +183,9 @@ def recall_identity(ctx: RunContext, data: DataInputs) -> Recall:
             models.append(_known(ctx, "teacher", rc.distillation.teacher.uri, cache))
         if all(m.value is not None for m in models):
             digest = _digest(ctx, data, models)
+    # What is known of each model goes with the data to fetch_models: the node cache is keyed on it.
+    known = {m.role: m.value for m in models if m.value is not None} if runtime.is_main else None
+    data.known_models = runtime.broadcast(known) or {}
     return Recall(digest=runtime.broadcast(digest), models=models)
 
 

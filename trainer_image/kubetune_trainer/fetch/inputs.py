@@ -15,7 +15,12 @@ A base that is a GGUF file (or a folder holding one; :mod:`kubetune_trainer.fetc
 dequantised to the training precision (bf16 when ``training.precision`` is bf16, else fp32) into
 ``inputs/gguf-dequantized``, which the later stages load; the inputs record keeps the GGUF file's
 own sha256 under ``base.gguf``, and the log says what was done. ``KUBETUNE_GGUF_CACHE`` names a
-folder that keeps conversions across runs.
+folder that keeps conversions across runs; the node cache (below) supersedes it wherever the
+GGUF base's digest is known in advance (a listing fingerprint), skipping download and conversion.
+
+With a node cache (``KUBETUNE_CACHE_DIR``; :mod:`kubetune_trainer.fetch.nodecache`), a model whose
+content digest the fingerprints knew before the download is linked in from ``models/<digest>``
+when the cache holds it, and every downloaded model is inserted there for the next job.
 
 Each node's local rank 0 downloads; the other ranks wait at a barrier and use the same folders.
 
@@ -37,11 +42,13 @@ from typing import Any
 from kubetune_api.models import AugmentationSpec
 from kubetune_api.runconfig import RunConfig
 from kubetune_registry.digests import digest_dir, digest_json, sha256_file
+from kubetune_registry.storage import bytes_read
 from kubetune_registry.versions import ModelRegistry
 from kubetune_trainer import __version__ as TRAINER_VERSION
 from kubetune_trainer.context import BadInputError, RunContext
 from kubetune_trainer.data import DATA_SUFFIXES, validate_files
 from kubetune_trainer.fetch.gguf import GgufBase, find_gguf, prepare_gguf_base
+from kubetune_trainer.fetch.nodecache import describe_hit, model_from_cache, open_node_cache, remember_model
 from kubetune_trainer.fetch.sources import FetchError, check_weights_safety, fetch
 from kubetune_trainer.fetch.teacher import Teacher, fetch_teacher, teacher_record
 
@@ -63,6 +70,10 @@ class DataInputs:
     ``term_dictionaries`` holds one augmentation term dictionary per ``spec.stages`` entry, then
     the job's own (None where that data has none): the last one is always this config's own.
     ``parent`` is the exact ``modelversion://<model>/vN`` a modelversion:// base resolved to.
+    ``known_models`` maps a model's role (``base``, ``teacher``) to what
+    :func:`~kubetune_trainer.fetch.fingerprints.recall_identity` knew of it before any download
+    (``{"digest": ..., ["gguf": ...]}``; every rank): :func:`fetch_models` looks that digest up in
+    the node cache.
     """
 
     train_files: list[Path]
@@ -72,15 +83,20 @@ class DataInputs:
     parent: str | None
     stages: list[StageFiles] = field(default_factory=list)
     term_dictionaries: list[Path | None] = field(default_factory=lambda: [None])
+    known_models: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True)
 class Inputs(DataInputs):
-    """What the fetch stage put on local disk: the data (:class:`DataInputs`) and the models."""
+    """What the fetch stage put on local disk: the data (:class:`DataInputs`) and the models.
+
+    ``base_digest`` is the base folder's content digest when the fetch already took it (the node
+    cache verified or inserted it); None leaves it to :func:`inputs_record`."""
 
     base_dir: Path
     teacher: Teacher | None = None
     base_gguf: dict[str, str] | None = None  # GgufBase.lineage() when the base was a GGUF file
+    base_digest: str | None = None
 
     def for_stage(self, index: int) -> Inputs:
         """The inputs of stage ``index`` seen as a job of its own (see RunConfig.stage_config)."""
@@ -95,7 +111,9 @@ class Inputs(DataInputs):
             stages=self.stages[:index],
             teacher=self.teacher,
             term_dictionaries=self.term_dictionaries[: index + 1],
+            known_models=self.known_models,
             base_gguf=self.base_gguf,
+            base_digest=self.base_digest,
         )
 
 
@@ -186,24 +204,62 @@ def fetch_data(ctx: RunContext) -> DataInputs:
 
 def fetch_models(ctx: RunContext, data: DataInputs) -> Inputs:
     """Fetch the base model (a GGUF base dequantised, every base checked for code it would run)
-    and the teacher next to ``data``; each node's local rank 0 downloads."""
+    and the teacher next to ``data``; each node's local rank 0 downloads.
+
+    With a node cache (``KUBETUNE_CACHE_DIR``, :mod:`kubetune_trainer.fetch.nodecache`) a model
+    whose digest ``data.known_models`` holds is linked in from the cache when it is there (nothing
+    downloaded, a GGUF base not dequantised again); one downloaded is inserted for the next job."""
     rc, runtime, workdir = ctx.rc, ctx.runtime, ctx.workdir
     inputs_dir = workdir / "inputs"
     paths: dict[str, Any] = {}
     if runtime.is_local_main:
+        cache = open_node_cache(ctx)
+        read_before = bytes_read()
         # The resolved version, not an alias: an alias moving meanwhile cannot change the base.
         base_uri = data.parent or rc.model.base.uri
-        base_dir = fetch(base_uri, inputs_dir / "base", ctx.store, registry_output_uri=rc.output.uri)
-        gguf_file = find_gguf(base_dir)
-        if gguf_file is not None:
-            gguf_base = _dequantize_gguf_base(ctx, gguf_file, inputs_dir)
-            base_dir = gguf_base.model_dir
-            paths["gguf"] = gguf_base.lineage()
+        known = data.known_models.get("base") or {}
+        # A GGUF base's known digest is that of its dequantised folder, which the cache holds.
+        gguf_known = known.get("gguf")
+        cached = model_from_cache(
+            ctx,
+            cache,
+            "base",
+            known.get("digest"),
+            inputs_dir / ("gguf-dequantized" if gguf_known else "base"),
+        )
+        if cached is not None:
+            base_dir = cached.path
+            paths["digest"] = cached.digest
+            if gguf_known:
+                paths["gguf"] = gguf_known
+            _say(ctx, describe_hit("base", cached, bytes_read() - read_before))
+        else:
+            base_dir = fetch(base_uri, inputs_dir / "base", ctx.store, registry_output_uri=rc.output.uri)
+            gguf_file = find_gguf(base_dir)
+            if gguf_file is not None:
+                gguf_base = _dequantize_gguf_base(ctx, gguf_file, inputs_dir)
+                base_dir = gguf_base.model_dir
+                paths["gguf"] = gguf_base.lineage()
         check_weights_safety(
             base_dir,
             allow_pickle=rc.model.base.allow_pickle,
             trust_remote_code=rc.model.base.trust_remote_code,
         )
+        if cached is None and cache is not None:
+            digest = remember_model(
+                ctx,
+                cache,
+                "base",
+                base_dir,
+                source=base_uri,
+                meta={"gguf": paths["gguf"]} if "gguf" in paths else {},
+            )
+            paths["digest"] = digest
+            _say(
+                ctx,
+                f"base: not in the node cache; {bytes_read() - read_before:,} bytes read from object "
+                f"storage, cached as models/{str(digest)[:12]}…",
+            )
         paths["base"] = str(base_dir.relative_to(workdir))
     runtime.barrier()
     paths = runtime.broadcast(paths)
@@ -211,9 +267,14 @@ def fetch_models(ctx: RunContext, data: DataInputs) -> Inputs:
         **{f.name: getattr(data, f.name) for f in dataclasses.fields(DataInputs)},
         base_dir=workdir / paths["base"],
         base_gguf=paths.get("gguf"),
+        base_digest=paths.get("digest"),
     )
-    inputs.teacher = fetch_teacher(ctx)
+    inputs.teacher = fetch_teacher(ctx, known=data.known_models.get("teacher"))
     return inputs
+
+
+def _say(ctx: RunContext, line: str) -> None:
+    print(f"[kubetune] {line}", file=ctx.reporter.stream, flush=True)
 
 
 def _validate_data(rc: RunConfig, workdir: Path, paths: dict[str, Any]) -> None:
@@ -327,7 +388,7 @@ def inputs_record(rc: RunConfig, inputs: Inputs) -> dict[str, Any]:
     return data_record(
         rc,
         inputs,
-        base_record(rc, inputs.parent, digest_dir(inputs.base_dir), inputs.base_gguf),
+        base_record(rc, inputs.parent, inputs.base_digest or digest_dir(inputs.base_dir), inputs.base_gguf),
         teacher_record(inputs.teacher) if inputs.teacher is not None else None,
     )
 

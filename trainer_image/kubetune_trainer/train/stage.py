@@ -25,6 +25,7 @@ from kubetune_trainer.data.stage import StageData
 from kubetune_trainer.fetch.inputs import Inputs
 from kubetune_trainer.train.checkpoint import CheckpointManager
 from kubetune_trainer.train.distill import build_distiller
+from kubetune_trainer.train.peak import PeakMemory
 from kubetune_trainer.train.recipe import SFTRecipe, TrainOutcome
 
 
@@ -45,6 +46,7 @@ class Trained:
     outcome: TrainOutcome
     model: Any
     ckpt_prefix: str
+    peak_memory: dict[str, Any] | None = None  # what the stage really used (train/peak.py)
 
 
 def checkpoint_prefix(rc: RunConfig, store: StoreSettings, inputs_digest: str) -> str:
@@ -79,6 +81,7 @@ def train_stage(
         scratch=ctx.workdir / "checkpoints" / f"rank-{runtime.rank}",
     )
     weights = carried.weights
+    peak = PeakMemory(runtime.device)  # from before the model is loaded: the plan estimates the same
     distiller = build_distiller(
         rc,
         runtime,
@@ -106,8 +109,11 @@ def train_stage(
     carried.model = None  # the recipe owns it now
     recipe.setup()
     outcome = recipe.train()
+    measured = peak.read()
     model = recipe.release_model()
     del recipe
     if runtime.is_main:
         tokenizer.save_pretrained(str(outcome.saved_dir))
-    return Trained(prepared=data.prepared, outcome=outcome, model=model, ckpt_prefix=ckpt_prefix)
+    return Trained(
+        prepared=data.prepared, outcome=outcome, model=model, ckpt_prefix=ckpt_prefix, peak_memory=measured
+    )
