@@ -97,10 +97,13 @@ def read_jsonl(path: Path) -> list[dict[str, str]]:
 
 
 def chatml_prompt(record: dict[str, str]) -> str:
-    """The ChatML user turn plus the assistant header: what every contender trains the answer after."""
-    return (
-        f"<|im_start|>user\n{record['instruction']}\n\n{record['input']}<|im_end|>\n<|im_start|>assistant\n"
-    )
+    """The ChatML user turn plus the assistant header: what every contender trains the answer after.
+
+    The user turn is the instruction, then a blank line and the input when there is one: the same
+    text kubetune's data layer renders for an instruction record (``template: chatml``).
+    """
+    user = f"{record['instruction']}\n\n{record['input']}" if record.get("input") else record["instruction"]
+    return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def chatml_completion(record: dict[str, str]) -> str:

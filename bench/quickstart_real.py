@@ -211,10 +211,16 @@ def main(argv: list[str] | None = None) -> int:
         "budget_s": BUDGET_S,
         "within_budget": total <= BUDGET_S,
         "load_average_end": os.getloadavg(),
-        "log": str(tmp / "run.log"),
+        # The trainer's own lines with their wall-clock stamps (the run's evidence; no local paths).
+        "log_lines": [
+            f"{t:8.2f} {line}".replace(str(tmp), "<tmp>")
+            for t, line in lines
+            if line.startswith("[kubetune] ")
+        ],
         "quality": quality(_version_dir(store, model), glossary, resamples=args.resamples, seed=0),
     }
     print(markdown(result))
+    print(f"full log: {tmp / 'run.log'}", file=sys.stderr)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -26,8 +26,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from kubetune_api.loader import load_finetunejob
 from kubetune_trainer.data import prepare_data
 from kubetune_trainer.evaluate.batched import generate_greedy_batched
-from kubetune_trainer.evaluate.evaluator import stop_token_ids
-from kubetune_trainer.evaluate.paired import paired_differences, paired_table, per_example_losses
+from kubetune_trainer.evaluate.evaluator import per_example_losses, stop_token_ids
+from kubetune_trainer.evaluate.paired import paired_differences, paired_table
 from kubetune_trainer.evaluate.terminology import TermMatcher, load_glossary
 
 REPO = Path(__file__).resolve().parent.parent

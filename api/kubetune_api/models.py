@@ -654,6 +654,16 @@ class Gate(ApiModel):
             "tuned). Combines with min/max."
         ),
     )
+    significant: bool = Field(
+        default=False,
+        description=(
+            "Gates on the tuned model only: true requires the paired bootstrap confidence interval "
+            "of tuned - base (spec.evaluation.significance) to exclude 0 on the metric's better side, "
+            "i.e. a gain that is not noise. Needs compareBase and a metric with per-example scores "
+            "(eval_loss, perplexity, exact_match, accuracy, bleu, rouge_l, terminology_coverage). "
+            "Combines with min/max."
+        ),
+    )
 
 
 class ConsistencySpec(ApiModel):
@@ -665,6 +675,30 @@ class ConsistencySpec(ApiModel):
 
 
 DEFAULT_METRICS: tuple[MetricName, ...] = ("eval_loss", "perplexity", "exact_match", "bleu", "rouge_l")
+
+
+class GlossarySpec(ApiModel):
+    """The domain glossary terminology_coverage counts terms from."""
+
+    uri: str = Field(
+        description=(
+            "UTF-8 text file, one term per line (# starts a comment line); s3://bucket/key or "
+            "file:///abs/path. Its content is part of the version's inputs."
+        ),
+        pattern=names.DATA_URI_PATTERN,
+        max_length=1024,
+    )
+
+
+class SignificanceSpec(ApiModel):
+    """The paired bootstrap of tuned - base on the same held-out examples."""
+
+    resamples: int = Field(
+        default=2000, ge=100, le=100_000, description="Bootstrap resamples of the example indices."
+    )
+    confidence: float = Field(
+        default=0.95, ge=0.5, le=0.999, description="Confidence level of the percentile interval."
+    )
 
 
 class EvaluationSpec(ApiModel):
@@ -716,6 +750,36 @@ class EvaluationSpec(ApiModel):
     )
     consistency: ConsistencySpec = Field(
         default_factory=ConsistencySpec, description="Consistency measurement."
+    )
+    glossary: GlossarySpec | None = Field(
+        default=None,
+        description=(
+            "Domain glossary for terminology_coverage: the share of the reference answer's glossary "
+            "terms that the generated answer contains, over the examples whose reference has one."
+        ),
+    )
+    significance: SignificanceSpec = Field(
+        default_factory=SignificanceSpec,
+        description=(
+            "With compareBase, every metric with per-example scores gets a paired bootstrap "
+            "confidence interval of tuned - base in the eval report and model card."
+        ),
+    )
+    generation_batch_size: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description=(
+            "Prompts answered per greedy generate call for the text metrics (left-padded batches; "
+            "the same tokens as one at a time up to floating-point ties). Latency is measured "
+            "separately, one prompt at a time, on latencySamples prompts."
+        ),
+    )
+    latency_samples: int = Field(
+        default=16,
+        ge=1,
+        le=10_000,
+        description="Prompts timed one at a time (batch 1) for latency_p50_ms/latency_p95_ms.",
     )
     extra_sets: list[NamedDataSource] = Field(
         default_factory=list, max_length=16, description="Extra evaluation sets."

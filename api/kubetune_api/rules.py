@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kubetune_api.metrics import METRIC_NAMES
+from kubetune_api.metrics import METRIC_NAMES, PAIRED_METRICS
 
 # The checks read the spec by attribute (a FineTuneJobSpec / DataSpec of kubetune_api.models); they
 # are typed as Any so this module imports nothing from models, which imports it to run them.
@@ -146,10 +146,11 @@ _SPEC_RULES: tuple[Rule, ...] = (
         name="gate-has-bound",
         scope="spec.evaluation.gates.*",
         field="spec.evaluation.gates",
-        cel="has(self.min) || has(self.max) || has(self.maxDropVsTuned)",
-        message="every gate needs min or max (or, on an artifact, maxDropVsTuned)",
+        cel="has(self.min) || has(self.max) || has(self.maxDropVsTuned) || "
+        "(has(self.significant) && self.significant)",
+        message="every gate needs min, max or significant: true (or, on an artifact, maxDropVsTuned)",
         ok=lambda s: all(
-            g.min is not None or g.max is not None or g.max_drop_vs_tuned is not None
+            g.min is not None or g.max is not None or g.max_drop_vs_tuned is not None or g.significant
             for g in s.evaluation.gates.values()
         ),
     ),
@@ -206,6 +207,44 @@ _SPEC_RULES: tuple[Rule, ...] = (
             for k, g in s.evaluation.gates.items()
             if split_gate_key(k)[0] is None and g.max_drop_vs_tuned is not None
         ],
+    ),
+    Rule(
+        name="gate-significant-is-paired",
+        scope="spec.evaluation",
+        field="spec.evaluation.gates",
+        cel="!has(self.gates) || self.gates.all(k, !has(self.gates[k].significant) || "
+        "!self.gates[k].significant || k in " + _cel_list(PAIRED_METRICS) + ")",
+        message="significant: true needs a gate on the tuned model (no <artifact>. prefix) for a metric "
+        "with per-example scores: " + ", ".join(PAIRED_METRICS),
+        ok=lambda s: all(not g.significant or k in PAIRED_METRICS for k, g in s.evaluation.gates.items()),
+        explain=lambda s: [
+            f"{k}: significant: true needs a tuned-model gate on one of {', '.join(PAIRED_METRICS)} "
+            "(a paired interval of tuned - base exists only for those)"
+            for k, g in s.evaluation.gates.items()
+            if g.significant and k not in PAIRED_METRICS
+        ],
+    ),
+    Rule(
+        name="gate-significant-needs-base",
+        scope="spec.evaluation",
+        field="spec.evaluation.compareBase",
+        cel="!has(self.compareBase) || self.compareBase || !has(self.gates) || "
+        "self.gates.all(k, !has(self.gates[k].significant) || !self.gates[k].significant)",
+        message="a significant: true gate compares the tuned model with its base: compareBase must not be false",
+        ok=lambda s: s.evaluation.compare_base or not any(g.significant for g in s.evaluation.gates.values()),
+    ),
+    Rule(
+        name="terminology-needs-glossary",
+        scope="spec.evaluation",
+        field="spec.evaluation.glossary",
+        cel="has(self.glossary) || ((!has(self.metrics) || !('terminology_coverage' in self.metrics)) && "
+        "(!has(self.gates) || self.gates.all(k, !k.endsWith('terminology_coverage'))))",
+        message="terminology_coverage needs a domain glossary: set evaluation.glossary.uri",
+        ok=lambda s: s.evaluation.glossary is not None
+        or (
+            "terminology_coverage" not in s.evaluation.metrics
+            and not any(k.endswith("terminology_coverage") for k in s.evaluation.gates)
+        ),
     ),
     Rule(
         name="checkpoint-cadence",

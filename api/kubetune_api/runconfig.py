@@ -176,6 +176,8 @@ class RunConfig(ApiModel):
             d["data"]["eval"].pop("uri", None)
         for extra in d["evaluation"].get("extraSets", []):
             extra.pop("uri", None)
+        if "glossary" in d["evaluation"]:  # its content digest is in the inputs record instead
+            d["evaluation"]["glossary"].pop("uri", None)
         d["training"].pop("checkpoint", None)
         d["training"].pop("logEverySteps", None)
         d["training"].pop("health", None)  # monitoring only: it never changes what is trained

@@ -12,13 +12,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bench._common import format_table, median, verdict
 from bench._synth import SHAPES, instruction_records
 from bench.startup import MARKERS, stage_durations
-from bench.throughput import summarise
+from bench.throughput import _counting, flop_params, summarise
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,13 +64,13 @@ def test_stage_durations_are_differences_of_marker_times() -> None:
 
 
 def _run(
-    kubetune: float, other: float, contender: str, rep: int, eval_loss: float = 9.0
+    kubetune: float, other: float, contender: str, rep: int, eval_loss: float = 9.0, rss: int = 2**30
 ) -> dict[str, object]:
     return {
         "repeat": rep,
         "size": "tiny",
         "contender": contender,
-        "peak_rss_bytes": 2**30,
+        "peak_rss_bytes": rss,
         "trainable_params": 10,
         "tokens_per_s": kubetune if contender == "kubetune" else other,
         "final_train_loss": 9.0,
@@ -113,6 +114,95 @@ def test_summary_misses_when_eval_loss_is_worse() -> None:
     assert r["speed"] == "PASS" and r["eval_loss_ok"] is False and r["verdict"] == "MISS"
 
 
+def test_summary_trl_packed_pair_targets_2x_and_counts_memory() -> None:
+    runs = [
+        _run(300.0, 140.0, "kubetune", 0, rss=2**30),
+        _run(300.0, 140.0, "trl-packed", 0, rss=2**30 + 2**20),  # kubetune 1 MiB less
+        _run(300.0, 140.0, "trl", 0, rss=2**29),  # kubetune uses more: not part of this verdict
+    ]
+    data = {
+        "settings": {"sizes": ["tiny"]},
+        "models": {"tiny": {"params": 100, "non_embedding_params": 50}},
+        "peak_matmul_flops": 1e9,
+        "runs": runs,
+    }
+    r = summarise(data)["sizes"]["tiny"]["ratios"]
+    assert r["trl-packed"]["target"] == 2.0 and r["trl-packed"]["ratio"] == pytest.approx(300 / 140)
+    assert r["trl-packed"]["rss_ok"] and r["trl-packed"]["verdict"] == "PASS"
+    assert r["trl"]["rss_ok"] is False and r["trl"]["verdict"] == "PASS"  # 1.3x target, RSS informative
+    runs[0] = _run(300.0, 140.0, "kubetune", 0, rss=2**31)  # twice trl-packed's memory
+    assert summarise(data)["sizes"]["tiny"]["ratios"]["trl-packed"]["verdict"] == "MISS"
+
+
+def _tiny_llama(attn: str = "sdpa", tied: bool = False) -> object:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    shape: dict[str, Any] = {
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": tied,
+        "attn_implementation": attn,
+    }
+    config = LlamaConfig(**shape)
+    model = LlamaForCausalLM(config).eval()
+    assert model.config._attn_implementation == attn
+    return model
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_trl_padding_free_rows_do_not_attend_across_examples_on_cpu(attn: str) -> None:
+    """What trl-packed trains on: TRL's padding-free collator, a Llama on CPU, use_cache=False.
+
+    transformers 5 finds the packed examples from position_ids restarting at 0 (no attention_mask)
+    and masks block-causally, so example B's logits in the packed row are B's logits alone. The
+    controls show the isolation depends on that path: with a KV cache (the config's default) or an
+    all-ones attention_mask the same row lets B attend to A.
+    """
+    import torch
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model: Any = _tiny_llama(attn)
+    assert model.config.use_cache is True  # TRL's compute_loss passes use_cache=False
+    a, b = list(range(3, 8)), list(range(20, 27))
+    counts: list[int] = []
+    examples: list[int] = []
+    collator = _counting(DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True), counts, examples)
+    batch = collator([{"input_ids": a + b, "labels": a + b, "seq_lengths": [len(a), len(b)]}])
+    assert "attention_mask" not in batch and batch["position_ids"].tolist() == [[*range(5), *range(7)]]
+    assert counts == [12] == [batch["input_ids"].numel()] and examples == [2]  # no padding counted
+    with torch.no_grad():
+        alone = model(input_ids=torch.tensor([b]), use_cache=False).logits
+        packed = model(**batch, use_cache=False).logits[:, len(a) :]
+        cached = model(**batch, use_cache=True).logits[:, len(a) :]
+        ones = model(
+            input_ids=batch["input_ids"],
+            position_ids=batch["position_ids"],
+            attention_mask=torch.ones_like(batch["input_ids"]),
+            use_cache=False,
+        ).logits[:, len(a) :]
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+    assert (cached - alone).abs().max() > 1e-3
+    assert (ones - alone).abs().max() > 1e-3
+
+
+def test_flop_params_keep_the_tied_head_matmul() -> None:
+    untied: Any = _tiny_llama(tied=False)
+    tied: Any = _tiny_llama(tied=True)
+    embed = 64 * 32
+    u, t = flop_params(untied), flop_params(tied)
+    assert u["tied_embeddings"] is False and u["non_embedding_params"] == u["params"] - embed
+    assert t["tied_embeddings"] is True and t["params"] == u["params"] - embed  # one shared matrix
+    # The head's matmul costs the same tied or not: N is the same.
+    assert t["non_embedding_params"] == u["non_embedding_params"] == t["params"]
+
+
 def _bench(args: list[str], timeout: float) -> str:
     proc = subprocess.run(
         [sys.executable, "-m", *args],
@@ -130,6 +220,7 @@ def _bench(args: list[str], timeout: float) -> str:
 def test_throughput_quick_prints_table_and_ratios() -> None:
     out = _bench(["bench.throughput", "--quick", "--steps", "2"], timeout=600)
     assert "real tok/s" in out and "kubetune / hf-peft" in out and "kubetune / trl" in out
+    assert "kubetune / trl-packed" in out
     assert ("PASS" in out) or ("MISS" in out)
     assert "peak matmul" in out
 

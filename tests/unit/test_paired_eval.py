@@ -7,12 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from kubetune_trainer.evaluate.evaluator import loss_and_perplexity, normalize_answer, text_metrics
+from kubetune_trainer.evaluate.evaluator import (
+    loss_and_perplexity,
+    normalize_answer,
+    per_example_losses,
+    text_metrics,
+)
 from kubetune_trainer.evaluate.paired import (
     _normalize,
     paired_differences,
     paired_from_samples,
-    per_example_losses,
     text_scores,
 )
 from kubetune_trainer.evaluate.terminology import TermMatcher
@@ -76,7 +80,7 @@ def test_paired_from_a_samples_file(tmp_path: Path) -> None:
 
 
 def test_significance_verdicts() -> None:
-    from kubetune_trainer.evaluate.paired import significance_verdict
+    from kubetune_trainer.evaluate.gates import significance_verdict
     from kubetune_trainer.evaluate.significance import loss_sums, mean_scores, paired_bootstrap
 
     better = paired_bootstrap(

@@ -84,6 +84,36 @@ RULE_CASES = [
         },
         "spec.method.ia3.feedforwardModules",
     ),
+    # Significance gates and terminology coverage (tests/unit/test_eval_significance.py has the rest).
+    (
+        "significant on latency",
+        {"evaluation.gates": {"latency_p50_ms": {"significant": True}}},
+        "spec.evaluation.gates",
+    ),
+    (
+        "significant on an artifact",
+        {"evaluation.gates": {"merged.rouge_l": {"significant": True}}},
+        "spec.evaluation.gates",
+    ),
+    (
+        "significant without the base",
+        {
+            "evaluation.compareBase": False,
+            "evaluation.requireImprovement": False,
+            "evaluation.gates": {"rouge_l": {"significant": True}},
+        },
+        "spec.evaluation.compareBase",
+    ),
+    (
+        "terminology without glossary",
+        {"evaluation.metrics": ["terminology_coverage"]},
+        "spec.evaluation.glossary",
+    ),
+    (
+        "terminology gate without glossary",
+        {"evaluation.gates": {"terminology_coverage": {"min": 0.3}}},
+        "spec.evaluation.glossary",
+    ),
 ]
 
 

@@ -4,7 +4,7 @@
 
     {"schema_version": 1,
      "passed": bool,                      # all gates passed (the version is promotable)
-     "evaluation": EvalReport.to_dict(),  # tuned/base metrics, extra sets, skipped, memory, settings
+     "evaluation": EvalReport.to_dict(),  # tuned/base metrics, paired CIs, extra sets, skipped, memory, settings
      "gates": GateReport.to_dict(),       # <artifact>.<metric> gates included
      "artifacts": [ArtifactReport.to_dict(), ...],  # quantization: size, drift, smoke test, memory
      "artifact_evaluations": [ArtifactEvaluation.to_dict(), ...]}  # merged + formats on the eval set
@@ -173,8 +173,15 @@ def _size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _requirement(lo: float | None, hi: float | None) -> str:
+def _is_significance(message: str) -> bool:
+    """Whether a gate message came from a ``significant: true`` gate (gates.significance_verdict)."""
+    return "% CI [" in message or "no paired confidence interval" in message
+
+
+def _requirement(lo: float | None, hi: float | None, *, significant: bool = False) -> str:
     parts = ([f">= {lo:g}"] if lo is not None else []) + ([f"<= {hi:g}"] if hi is not None else [])
+    if significant:
+        parts.append("better than base (paired CI excludes 0)")
     return " and ".join(parts) or "(no bound)"
 
 
@@ -395,6 +402,19 @@ def render_model_card(
         delta = tuned_value - base_value if base_value is not None else None
         rows.append((name, base_value, tuned_value, delta))
     out += [_table(["Metric", "Base", "Tuned", "Δ"], rows), ""]
+    if report.paired:
+        from kubetune_trainer.evaluate.paired import paired_table  # deferred: rouge-score, sacrebleu
+
+        out += [
+            "### Is the gain real? Paired bootstrap on the same held-out examples",
+            "",
+            "Each interval resamples the held-out examples with replacement (the same examples for "
+            "both models) and recomputes tuned - base; *significant* means the interval excludes 0. "
+            "Per-example scores are in `eval/samples.jsonl`.",
+            "",
+            paired_table(report.paired),
+            "",
+        ]
     if report.skipped:
         out += ["Not computed: " + "; ".join(f"`{k}` ({v})" for k, v in report.skipped.items()) + ".", ""]
     if artifact_evaluations:
@@ -434,7 +454,7 @@ def render_model_card(
                     (
                         r.metric,
                         "default" if is_default_gate(r.metric) else _gate_source(r.metric),
-                        _requirement(r.min, r.max),
+                        _requirement(r.min, r.max, significant=_is_significance(r.message)),
                         r.value,
                         "pass" if r.passed else "FAIL",
                         r.message,

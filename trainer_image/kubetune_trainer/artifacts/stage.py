@@ -40,7 +40,7 @@ from kubetune_trainer.evaluate.evaluator import (
     load_model,
     measure_peak_memory,
 )
-from kubetune_trainer.evaluate.stage import Evaluation
+from kubetune_trainer.evaluate.stage import Evaluation, glossary_terms
 from kubetune_trainer.fetch.inputs import Inputs
 from kubetune_trainer.train.adapters import describe
 from kubetune_trainer.train.distill import describe_distillation
@@ -116,6 +116,7 @@ def build_artifacts(ctx: RunContext, inputs: Inputs, trained: Trained) -> Artifa
                 ModelSource(source_kind(report.format), staging / "quantized" / report.path),
                 f"quantized/{report.path}",
                 {"peak_memory_ratio": report.peak_memory_ratio} if _memory_wanted(ctx) else None,
+                glossary_terms(inputs),
             )
         )
     return Artifacts(
@@ -150,7 +151,15 @@ def _evaluate_merged(
             device=ctx.device,
         )
         extra = {"peak_memory_ratio": merged.peak_bytes / base.peak_bytes}
-    return _evaluate_one(ctx, trained, "merged", ModelSource("transformers", merged_dir), "merged", extra)
+    return _evaluate_one(
+        ctx,
+        trained,
+        "merged",
+        ModelSource("transformers", merged_dir),
+        "merged",
+        extra,
+        glossary_terms(inputs),
+    )
 
 
 def _evaluate_one(
@@ -160,6 +169,7 @@ def _evaluate_one(
     source: ModelSource,
     path: str,
     extra: dict[str, float | None] | None,
+    glossary: list[str] | None,
 ) -> ArtifactEvaluation:
     """Load one artifact from disk (with its own tokenizer), score it, print its ``eval`` line."""
     ctx.reporter.stage("Quantizing", f"evaluating {artifact} on the eval set")
@@ -176,6 +186,7 @@ def _evaluate_one(
             seed=ctx.rc.training.seed,
             batch_size=ctx.rc.training.batch_size,
             extra_metrics=extra,
+            glossary=glossary,
         )
     finally:
         del model

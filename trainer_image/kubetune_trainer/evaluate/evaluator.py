@@ -13,16 +13,30 @@ Metric names (the keys of ``spec.evaluation.gates``, alone for the tuned model o
 ``rouge_l``            mean rouge-score ROUGE-L F1 (0..1). rouge-score's default tokenizer lowercases and
                        keeps only ``[a-z0-9]`` tokens: punctuation is ignored, and text in non-Latin
                        scripts scores 0 (use ``bleu``/``exact_match`` for such data)
+``terminology_coverage``  share of the reference answer's domain terms (``spec.evaluation.glossary``)
+                       that the greedy answer contains, averaged over the examples whose reference
+                       has a glossary term (0..1; :mod:`kubetune_trainer.evaluate.terminology`)
 ``json_validity``      share of greedy answers that parse as JSON and validate against
                        ``spec.evaluation.jsonSchema`` (0..1); needs the schema
 ``consistency``        each prompt answered ``consistency.samples`` times with temperature sampling;
                        mean ROUGE-L F1 over every unordered pair of answers (identical answers count
                        1.0), averaged over prompts (0..1)
-``latency_p50_ms``     median wall time of one greedy ``generate`` call (batch 1, ``maxNewTokens``)
+``latency_p50_ms``     median wall time of one greedy ``generate`` call (batch 1, ``maxNewTokens``) over
+                       the first ``latencySamples`` prompts
 ``latency_p95_ms``     95th percentile of the same (linear interpolation, numpy's default)
 ``peak_memory_ratio``  peak memory of the tuned model / the base model's, both measured the same way
                        in a fresh process (see :func:`measure_peak_memory`)
 =====================  ==============================================================================
+
+Greedy answers for the text metrics are generated ``generationBatchSize`` prompts at a time
+(:mod:`kubetune_trainer.evaluate.batched`), except the first ``latencySamples`` prompts when latency
+is measured: those are answered one at a time and timed. ONNX and GGUF artifacts answer one at a
+time.
+
+With ``compareBase``, every requested metric with per-example scores gets a **paired bootstrap
+interval** of ``tuned - base`` on the same examples (``EvalReport.paired``,
+:mod:`kubetune_trainer.evaluate.paired`, ``spec.evaluation.significance``), which
+``significant: true`` gates read.
 
 Determinism: greedy generation is deterministic; sampled generation seeds torch with
 ``seed + prompt index`` before each call, so a rerun with the same seed gives the same answers
@@ -48,7 +62,7 @@ import re
 import statistics
 import time
 import unicodedata
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
@@ -58,9 +72,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kubetune_api.metrics import METRIC_NAMES
+from kubetune_api.metrics import METRIC_NAMES, PAIRED_METRICS
 from kubetune_api.models import DEFAULT_METRICS as API_DEFAULT_METRICS
 from kubetune_api.rules import split_gate_key
+from kubetune_trainer.evaluate.batched import generate_greedy_batched
 from kubetune_trainer.evaluate.loading import (
     MemoryMeasurement,
     ModelSource,
@@ -71,6 +86,7 @@ from kubetune_trainer.evaluate.loading import (
     measure_peak_memory,
     model_device,
 )
+from kubetune_trainer.evaluate.terminology import TermMatcher, coverage_scores, terminology_coverage
 
 __all__ = [
     "ALL_METRICS",
@@ -95,6 +111,7 @@ __all__ = [
     "loss_and_perplexity",
     "measure_peak_memory",
     "normalize_answer",
+    "per_example_losses",
     "text_metrics",
 ]
 
@@ -103,7 +120,12 @@ ALL_METRICS: tuple[str, ...] = METRIC_NAMES
 #: What is computed when ``spec.evaluation.metrics`` is empty (kubetune_api's default list).
 DEFAULT_METRICS: tuple[str, ...] = API_DEFAULT_METRICS
 _TEXT_METRICS = frozenset({"exact_match", "accuracy", "bleu", "rouge_l"})
-_GENERATION_METRICS = _TEXT_METRICS | {"json_validity", "latency_p50_ms", "latency_p95_ms"}
+_GENERATION_METRICS = _TEXT_METRICS | {
+    "terminology_coverage",
+    "json_validity",
+    "latency_p50_ms",
+    "latency_p95_ms",
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,25 +284,30 @@ def latency_percentiles(latencies_ms: Sequence[float]) -> dict[str, float]:
 # Model-based metrics
 
 
-def loss_and_perplexity(
+def per_example_losses(
     model: Any, examples: Sequence[EvalExample], *, batch_size: int = 8
-) -> tuple[float, float]:
-    """Token-weighted mean cross-entropy over answer tokens, and its exponential (perplexity).
+) -> tuple[list[float], list[int]]:
+    """Summed answer-token cross-entropy and answer-token count of every example, in order.
 
-    Every answer token of every example weighs the same (long answers count more than short ones),
-    which is what ``exp`` of the result needs to be a perplexity. Labels are shifted as in causal LM
-    training: the logits at position t predict the label at t+1.
+    Labels are shifted as in causal LM training: the logits at position t predict the label at
+    t+1. ``sum(losses) / sum(tokens)`` is :func:`loss_and_perplexity`'s token-weighted loss; the
+    per-example pairs are what the paired bootstrap of ``eval_loss`` resamples.
 
     Raises:
-        ValueError: no examples, or no example has an answer token (all labels are -100).
+        ValueError: no examples.
     """
     if not examples:
-        raise ValueError("loss_and_perplexity needs at least one example")
-    if isinstance(model, TokenGenerator):  # an ONNX artifact: logits of one sequence at a time
-        return _loss_from_logits(model, examples)
+        raise ValueError("per_example_losses needs at least one example")
+    losses: list[float] = []
+    tokens: list[int] = []
+    if isinstance(model, TokenGenerator):  # an ONNX/GGUF artifact: logits of one sequence at a time
+        for ex in examples:
+            logits = torch.from_numpy(np.asarray(model.logits(list(ex.input_ids)), dtype=np.float32))
+            labels = torch.tensor(list(ex.labels), dtype=torch.long)
+            losses.append(float(F.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="sum")))
+            tokens.append(int((labels[1:] != -100).sum()))
+        return losses, tokens
     device = model_device(model)
-    total_loss = 0.0
-    total_tokens = 0
     was_training = getattr(model, "training", False)
     model.eval()
     try:
@@ -298,33 +325,40 @@ def loss_and_perplexity(
                     labels[row, :n] = torch.tensor(list(ex.labels), dtype=torch.long)
                     mask[row, :n] = 1
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-                shift_logits = logits[:, :-1, :].reshape(-1, logits.size(-1))
-                shift_labels = labels[:, 1:].reshape(-1).to(device)
-                total_loss += float(
-                    F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+                shift_labels = labels[:, 1:].to(device)
+                per_token = F.cross_entropy(
+                    logits[:, :-1, :].transpose(1, 2), shift_labels, ignore_index=-100, reduction="none"
                 )
-                total_tokens += int((shift_labels != -100).sum())
+                losses.extend(float(v) for v in per_token.sum(dim=1))
+                tokens.extend(int(v) for v in (shift_labels != -100).sum(dim=1))
     finally:
         model.train(was_training)
+    return losses, tokens
+
+
+def _loss_of(losses: Sequence[float], tokens: Sequence[int]) -> tuple[float, float]:
+    """Token-weighted loss and perplexity from per-example sums. ValueError without answer tokens."""
+    total_tokens = sum(tokens)
     if total_tokens == 0:
         raise ValueError("no answer tokens to score: every label is -100")
-    loss = total_loss / total_tokens
+    loss = math.fsum(losses) / total_tokens
     return loss, math.exp(loss) if loss < 700 else math.inf
 
 
-def _loss_from_logits(model: TokenGenerator, examples: Sequence[EvalExample]) -> tuple[float, float]:
-    """:func:`loss_and_perplexity` for a model that gives logits of one unpadded sequence."""
-    total_loss = 0.0
-    total_tokens = 0
-    for ex in examples:
-        logits = torch.from_numpy(np.asarray(model.logits(list(ex.input_ids)), dtype=np.float32))
-        labels = torch.tensor(list(ex.labels), dtype=torch.long)
-        total_loss += float(F.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="sum"))
-        total_tokens += int((labels[1:] != -100).sum())
-    if total_tokens == 0:
-        raise ValueError("no answer tokens to score: every label is -100")
-    loss = total_loss / total_tokens
-    return loss, math.exp(loss) if loss < 700 else math.inf
+def loss_and_perplexity(
+    model: Any, examples: Sequence[EvalExample], *, batch_size: int = 8
+) -> tuple[float, float]:
+    """Token-weighted mean cross-entropy over answer tokens, and its exponential (perplexity).
+
+    Every answer token of every example weighs the same (long answers count more than short ones),
+    which is what ``exp`` of the result needs to be a perplexity.
+
+    Raises:
+        ValueError: no examples, or no example has an answer token (all labels are -100).
+    """
+    if not examples:
+        raise ValueError("loss_and_perplexity needs at least one example")
+    return _loss_of(*per_example_losses(model, examples, batch_size=batch_size))
 
 
 @dataclass(frozen=True)
@@ -409,10 +443,22 @@ class SampleRow:
     reference: str
     tuned: str
     base: str | None
+    #: "tuned"/"base" -> this example's own scores: ``eval_loss`` (nats per answer token),
+    #: ``rouge_l`` and, with a glossary, ``terminology_coverage`` (None: no glossary term in the
+    #: reference). Empty when nothing was generated.
+    scores: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return asdict(self)
+        """JSON-ready dict (``scores`` only when there are some; NaN/inf become None)."""
+        data = asdict(self)
+        if not self.scores:
+            data.pop("scores")
+        else:
+            data["scores"] = {
+                side: {k: (v if v is None or math.isfinite(v) else None) for k, v in values.items()}
+                for side, values in self.scores.items()
+            }
+        return data
 
 
 @dataclass
@@ -423,6 +469,8 @@ class EvalReport:
     ``extra_sets``: set name -> {"tuned": metrics, "base": metrics | None}; not gated.
     ``skipped``: requested metric -> why it was not computed (a gate on it will fail with that).
     ``memory``: "tuned"/"base" -> :class:`MemoryMeasurement` dict, when measured.
+    ``paired``: metric -> ``PairedDifference.to_dict()`` (tuned - base with its bootstrap interval),
+    for the requested metrics with per-example scores, when the base was compared.
     """
 
     tuned: dict[str, float]
@@ -433,6 +481,7 @@ class EvalReport:
     extra_sets: dict[str, dict[str, dict[str, float] | None]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     memory: dict[str, dict[str, Any]] = field(default_factory=dict)
+    paired: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def gate_metrics(self) -> dict[str, float]:
         """The metrics gates are checked against: the tuned model's on the main eval set."""
@@ -457,6 +506,7 @@ class EvalReport:
             },
             "skipped": self.skipped,
             "memory": self.memory,
+            "paired": self.paired,
         }
 
 
@@ -502,6 +552,49 @@ def artifact_metrics(eval_cfg: Any, artifact: str) -> list[str]:
     ]
 
 
+@dataclass
+class _Scored:
+    """One model on one set: its metrics, greedy answers (empty when none were needed), the
+    per-example losses behind eval_loss (None when the loss was not requested) and why a metric
+    could not be computed."""
+
+    metrics: dict[str, float]
+    answers: list[str]
+    losses: tuple[list[float], list[int]] | None
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _greedy_answers(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int,
+    timed: int,
+) -> tuple[list[str], list[Generation]]:
+    """Greedy answers to every prompt, and the batch-1 :class:`Generation` of the first ``timed``.
+
+    The timed prompts are answered one at a time (their latency is what one request sees); the rest
+    in left-padded batches of ``batch_size`` through ``model.generate``. A :class:`TokenGenerator`
+    (ONNX, GGUF) or ``batch_size`` 1 answers every prompt one at a time."""
+    if isinstance(model, TokenGenerator) or batch_size <= 1:
+        gens = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed)
+        return [g.text for g in gens], gens[:timed]
+    timed_gens = generate(model, tokenizer, prompts[:timed], max_new_tokens=max_new_tokens, seed=seed)
+    rest = generate_greedy_batched(
+        model,
+        prompts[timed:],
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stop_token_ids(model, tokenizer),
+        pad_token_id=getattr(tokenizer, "pad_token_id", None),
+        batch_size=batch_size,
+    )
+    texts = [g.text for g in timed_gens] + [tokenizer.decode(ids, skip_special_tokens=True) for ids in rest]
+    return texts, timed_gens
+
+
 def _score_model(
     model: Any,
     tokenizer: Any,
@@ -515,29 +608,50 @@ def _score_model(
     consistency_prompts: int,
     seed: int,
     batch_size: int,
+    generation_batch_size: int = 8,
+    latency_samples: int = 16,
     max_samples: int | None = None,
-) -> tuple[dict[str, float], list[str]]:
-    """Metrics for one model on one set, and its greedy answers (empty when none were needed).
+    matcher: TermMatcher | None = None,
+) -> _Scored:
+    """Metrics for one model on one set (see :class:`_Scored`).
 
     Loss and perplexity are taken over every example (one eval_loss per version, the one the
     training loop reports too); generation metrics over the first ``max_samples`` only."""
     metrics: dict[str, float] = {}
+    skipped: dict[str, str] = {}
+    losses: tuple[list[float], list[int]] | None = None
     if {"eval_loss", "perplexity"} & set(requested):
-        loss, ppl = loss_and_perplexity(model, examples, batch_size=batch_size)
+        losses = per_example_losses(model, examples, batch_size=batch_size)
+        loss, ppl = _loss_of(*losses)
         metrics.update(eval_loss=loss, perplexity=ppl)
     examples = list(examples)[:max_samples] if max_samples is not None else examples
     answers: list[str] = []
     if _GENERATION_METRICS & set(requested):
-        gens = generate(
-            model, tokenizer, [ex.prompt_ids for ex in examples], max_new_tokens=max_new_tokens, seed=seed
+        wants_latency = bool({"latency_p50_ms", "latency_p95_ms"} & set(requested))
+        answers, timed = _greedy_answers(
+            model,
+            tokenizer,
+            [ex.prompt_ids for ex in examples],
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            batch_size=generation_batch_size,
+            timed=min(latency_samples, len(examples)) if wants_latency else 0,
         )
-        answers = [g.text for g in gens]
-        text = text_metrics(answers, [ex.answer_text for ex in examples])
+        references = [ex.answer_text for ex in examples]
+        text = text_metrics(answers, references)
         metrics.update({k: v for k, v in text.items() if k in requested})
+        if "terminology_coverage" in requested:
+            if matcher is None:
+                skipped["terminology_coverage"] = "spec.evaluation.glossary is not set"
+            else:
+                try:
+                    metrics["terminology_coverage"] = terminology_coverage(answers, references, matcher)
+                except ValueError as exc:
+                    skipped["terminology_coverage"] = str(exc)
         if "json_validity" in requested and json_schema is not None:
             metrics["json_validity"] = json_validity(answers, json_schema)
-        if {"latency_p50_ms", "latency_p95_ms"} & set(requested):
-            metrics.update(latency_percentiles([g.latency_ms for g in gens]))
+        if wants_latency:
+            metrics.update(latency_percentiles([g.latency_ms for g in timed]))
     if "consistency" in requested:
         prompts = [ex.prompt_ids for ex in examples[:consistency_prompts]]
         per_prompt: list[list[str]] = [[] for _ in prompts]
@@ -555,7 +669,20 @@ def _score_model(
             for i, g in enumerate(gens):
                 per_prompt[i].append(g.text)
         metrics["consistency"] = consistency(per_prompt)
-    return metrics, answers
+    return _Scored(metrics=metrics, answers=answers, losses=losses, skipped=skipped)
+
+
+def _row_scores(
+    answer: str, reference: str, loss: tuple[float, int] | None, matcher: TermMatcher | None
+) -> dict[str, float | None]:
+    """One sample's own scores for the samples table (see :class:`SampleRow`)."""
+    out: dict[str, float | None] = {}
+    if loss is not None:
+        out["eval_loss"] = loss[0] / loss[1] if loss[1] else None
+    out["rouge_l"] = float(_rouge_scorer().score(reference, answer)["rougeL"].fmeasure)
+    if matcher is not None:
+        out["terminology_coverage"] = coverage_scores([answer], [reference], matcher)[0]
+    return out
 
 
 def _score_settings(
@@ -572,6 +699,8 @@ def _score_settings(
         "consistency_prompts": int(consistency_prompts or _cfg(cons_cfg, "prompts", 20)),
         "seed": seed,
         "batch_size": batch_size,
+        "generation_batch_size": int(_cfg(eval_cfg, "generation_batch_size", 8)),
+        "latency_samples": int(_cfg(eval_cfg, "latency_samples", 16)),
         "max_samples": int(_cfg(eval_cfg, "max_samples", 200)),
     }
 
@@ -590,6 +719,8 @@ def evaluate_model(
     consistency_prompts: int | None = None,
     tuned_source: ModelSource | None = None,
     base_source: ModelSource | None = None,
+    glossary: Sequence[str] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> EvalReport:
     """Evaluate the tuned model (and the base, with ``compareBase``) on the same examples.
 
@@ -605,6 +736,8 @@ def evaluate_model(
             default ``consistency.prompts`` from the spec, else 20.
         tuned_source, base_source: where the two models live on disk; when both are given the
             peak memory of each is measured in a fresh process and ``peak_memory_ratio`` computed.
+        glossary: the domain terms of ``spec.evaluation.glossary`` (terminology_coverage).
+        progress: called with ``"tuned"``/``"base"`` as each model's scoring starts (log lines).
 
     Raises:
         ValueError: no examples, or an unknown metric name.
@@ -633,14 +766,44 @@ def evaluate_model(
     if "peak_memory_ratio" in requested and (tuned_source is None or base_source is None):
         skipped["peak_memory_ratio"] = "the tuned and base models' locations on disk were not given"
 
-    tuned_metrics, tuned_answers = _score_model(tuned, tokenizer, examples, requested, **score_kwargs)
+    matcher = TermMatcher(glossary) if glossary else None
+    if progress is not None:
+        progress("tuned")
+    tuned_scored = _score_model(tuned, tokenizer, examples, requested, matcher=matcher, **score_kwargs)
+    tuned_metrics, tuned_answers = tuned_scored.metrics, tuned_scored.answers
+    skipped.update(tuned_scored.skipped)
     base_metrics: dict[str, float] | None = None
     base_answers: list[str] = []
+    base_scored: _Scored | None = None
     if compare_base:
+        if progress is not None:
+            progress("base")
         with _as_base(tuned, base) as base_model:
-            base_metrics, base_answers = _score_model(
-                base_model, tokenizer, examples, requested, **score_kwargs
+            base_scored = _score_model(
+                base_model, tokenizer, examples, requested, matcher=matcher, **score_kwargs
             )
+        base_metrics, base_answers = base_scored.metrics, base_scored.answers
+    significance = _cfg(eval_cfg, "significance", None)
+    resamples = int(_cfg(significance, "resamples", 2000))
+    confidence = float(_cfg(significance, "confidence", 0.95))
+    paired: dict[str, dict[str, Any]] = {}
+    if base_scored is not None and set(PAIRED_METRICS) & set(requested):
+        from kubetune_trainer.evaluate.paired import paired_differences  # deferred: rouge-score, sacrebleu
+
+        references = [ex.answer_text for ex in generation_examples]
+        diffs = paired_differences(
+            [m for m in requested if m in PAIRED_METRICS and m not in skipped],
+            references,
+            base_answers,
+            tuned_answers,
+            base_losses=base_scored.losses,
+            tuned_losses=tuned_scored.losses,
+            matcher=matcher,
+            resamples=resamples,
+            confidence=confidence,
+            seed=seed,
+        )
+        paired = {name: d.to_dict() for name, d in diffs.items()}
 
     memory: dict[str, dict[str, Any]] = {}
     if "peak_memory_ratio" in requested and tuned_source is not None and base_source is not None:
@@ -656,6 +819,9 @@ def evaluate_model(
         if base_metrics is not None:
             base_metrics["peak_memory_ratio"] = 1.0
 
+    def loss_at(scored: _Scored | None, i: int) -> tuple[float, int] | None:
+        return None if scored is None or scored.losses is None else (scored.losses[0][i], scored.losses[1][i])
+
     samples = [
         SampleRow(
             set="eval",
@@ -663,6 +829,16 @@ def evaluate_model(
             reference=ex.answer_text,
             tuned=tuned_answers[i] if tuned_answers else "",
             base=base_answers[i] if base_answers else None,
+            scores=(
+                {"tuned": _row_scores(tuned_answers[i], ex.answer_text, loss_at(tuned_scored, i), matcher)}
+                | (
+                    {"base": _row_scores(base_answers[i], ex.answer_text, loss_at(base_scored, i), matcher)}
+                    if base_answers
+                    else {}
+                )
+                if tuned_answers
+                else {}
+            ),
         )
         for i, ex in enumerate(generation_examples)
     ]
@@ -674,14 +850,16 @@ def evaluate_model(
         subset = list(set_examples)
         if not subset:
             raise ValueError(f"extra eval set {name!r} has no examples")
-        t_metrics, t_answers = _score_model(tuned, tokenizer, subset, extra_requested, **score_kwargs)
+        t_scored = _score_model(tuned, tokenizer, subset, extra_requested, matcher=matcher, **score_kwargs)
+        t_metrics, t_answers = t_scored.metrics, t_scored.answers
         b_metrics: dict[str, float] | None = None
         b_answers: list[str] = []
         if compare_base:
             with _as_base(tuned, base) as base_model:
-                b_metrics, b_answers = _score_model(
-                    base_model, tokenizer, subset, extra_requested, **score_kwargs
+                b_scored = _score_model(
+                    base_model, tokenizer, subset, extra_requested, matcher=matcher, **score_kwargs
                 )
+            b_metrics, b_answers = b_scored.metrics, b_scored.answers
         extra[name] = {"tuned": t_metrics, "base": b_metrics}
         samples.extend(
             SampleRow(
@@ -704,6 +882,14 @@ def evaluate_model(
             "max_samples": max_samples,
             "generation_examples": len(generation_examples),
             "max_new_tokens": max_new_tokens,
+            "generation_batch_size": int(score_kwargs["generation_batch_size"]),
+            "latency_samples": int(score_kwargs["latency_samples"]),
+            "significance": {
+                "resamples": resamples,
+                "confidence": confidence,
+                "method": "paired percentile bootstrap",
+            },
+            "glossary_terms": len(glossary or ()),
             "consistency": {
                 "samples": cons_samples,
                 "temperature": cons_temperature,
@@ -716,6 +902,7 @@ def evaluate_model(
         extra_sets=extra,
         skipped=skipped,
         memory=memory,
+        paired=paired,
     )
 
 
@@ -752,6 +939,7 @@ def evaluate_artifact(
     seed: int = 0,
     batch_size: int = 8,
     extra_metrics: Mapping[str, float | None] | None = None,
+    glossary: Sequence[str] | None = None,
 ) -> ArtifactEvaluation:
     """Score a loaded artifact on the eval examples exactly as :func:`evaluate_model` scores the
     tuned model: :func:`artifact_metrics` of ``eval_cfg``, eval_loss/perplexity over every example,
@@ -767,8 +955,16 @@ def evaluate_artifact(
         raise ValueError(f"evaluating artifact {artifact} needs at least one eval example")
     requested = artifact_metrics(eval_cfg, artifact)
     score_kwargs = _score_settings(eval_cfg, seed=seed, batch_size=batch_size)
-    metrics, _ = _score_model(model, tokenizer, list(examples), requested, **score_kwargs)
-    skipped: dict[str, str] = {}
+    scored = _score_model(
+        model,
+        tokenizer,
+        list(examples),
+        requested,
+        matcher=TermMatcher(glossary) if glossary else None,
+        **score_kwargs,
+    )
+    metrics = scored.metrics
+    skipped: dict[str, str] = dict(scored.skipped)
     if "json_validity" in requested and score_kwargs["json_schema"] is None:
         skipped["json_validity"] = "spec.evaluation.jsonSchema is not set"
     for name, value in (extra_metrics or {}).items():

@@ -1,6 +1,6 @@
 """Quality gates: per-metric thresholds that decide whether a model version is promotable.
 
-A gate is ``{min, max, maxDropVsTuned}`` (all optional, at least one set) keyed in
+A gate is ``{min, max, maxDropVsTuned, significant}`` (all optional, at least one set) keyed in
 ``spec.evaluation.gates`` by what it judges:
 
 * ``<metric>`` (e.g. ``rouge_l``): the **tuned model as evaluated** — for LoRA/QLoRA/IA3 the adapter
@@ -12,6 +12,11 @@ A gate is ``{min, max, maxDropVsTuned}`` (all optional, at least one set) keyed 
   :func:`check_artifact_gates` once the artifacts exist. ``maxDropVsTuned: 0.02`` bounds it relative
   to the tuned model's value of the same metric: at most 2% worse in the metric's bad direction
   (``value >= 0.98 x tuned`` for rouge_l, ``value <= 1.02 x tuned`` for latency or eval_loss).
+
+``significant: true`` (tuned-model gates only) also requires the paired bootstrap interval of
+``tuned - base`` on the same held-out examples (the eval report's ``paired`` section,
+:mod:`kubetune_trainer.evaluate.paired`) to exclude 0 on the metric's better side: a gain, not noise.
+It fails when there is no interval (no base comparison, a metric without per-example scores).
 
 The metric names are the snake_case ones :mod:`kubetune_trainer.evaluate.evaluator` produces.
 Bounds are inclusive: ``min <= value <= max``.
@@ -35,6 +40,7 @@ Common production bars, as examples for ``spec.evaluation.gates``::
       json_validity:     {min: 0.99}   # with evaluation.jsonSchema set
       int8.latency_p95_ms: {max: 500}  # p95 generation latency of the shipped int8 artifact
       int8.accuracy:     {maxDropVsTuned: 0.02}  # ship int8 only within 2% of the tuned model
+      rouge_l:           {significant: true}  # better than the base beyond its 95% CI
 
 No heavy imports: this module is used by light code (the operator-facing report models).
 """
@@ -43,10 +49,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from kubetune_api.metrics import LOWER_IS_BETTER
+from kubetune_api.metrics import LOWER_IS_BETTER, PAIRED_METRICS
 from kubetune_api.rules import split_gate_key
 
 __all__ = [
@@ -55,6 +61,7 @@ __all__ = [
     "artifact_gates",
     "check_artifact_gates",
     "check_gates",
+    "significance_verdict",
     "tuned_gates",
 ]
 
@@ -181,6 +188,37 @@ def _check_one(
     )
 
 
+def _flag(gate: Any, name: str) -> bool:
+    """A boolean field of a gate (pydantic model, object or dict); absent is False."""
+    raw = gate.get(name, False) if isinstance(gate, Mapping) else getattr(gate, name, False)
+    return bool(raw)
+
+
+def significance_verdict(metric: str, paired: Mapping[str, Mapping[str, Any]] | None) -> tuple[bool, str]:
+    """Whether a ``significant: true`` gate on ``metric`` passes, and the sentence that says why.
+
+    ``paired``: metric -> ``PairedDifference.to_dict()`` (the eval report's ``paired`` section). It
+    passes when the interval of ``tuned - base`` excludes 0 on the better side; it fails when there
+    is no interval (no base comparison, or a metric without per-example scores).
+    """
+    d = (paired or {}).get(metric)
+    if d is None:
+        return False, (
+            f"{metric}: no paired confidence interval, so 'significant' cannot pass (needs compareBase "
+            f"and one of {', '.join(PAIRED_METRICS)})"
+        )
+    pct = round(float(d["confidence"]) * 100)
+    ci = f"{pct}% CI [{d['ci_low']:+.4g}, {d['ci_high']:+.4g}]"
+    if d["improved"]:
+        return True, f"{metric} improved on the base by {d['difference']:+.4g} ({ci})"
+    if d["significant"]:
+        return False, f"{metric} is significantly worse than the base: {d['difference']:+.4g} ({ci})"
+    return (
+        False,
+        f"{metric} difference from the base {d['difference']:+.4g} is not significant ({ci} includes 0)",
+    )
+
+
 def tuned_gates(gates: Mapping[str, Any] | None) -> dict[str, Any]:
     """The gates on the tuned model (keys ``<metric>``), in spec order."""
     return {k: g for k, g in (gates or {}).items() if split_gate_key(k)[0] is None}
@@ -196,6 +234,7 @@ def check_gates(
     gates: Mapping[str, Any] | None,
     *,
     not_computed: Mapping[str, str] | None = None,
+    paired: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> GateReport:
     """Check every gate against the computed metrics.
 
@@ -208,6 +247,8 @@ def check_gates(
             key is looked up as a metric name here, finds none and fails.
         not_computed: metric -> why it was not computed (``EvalReport.skipped``), quoted in the
             failure message of a gate on that metric.
+        paired: metric -> paired interval of tuned - base (``EvalReport.paired``), read by
+            ``significant: true`` gates (see :func:`significance_verdict`).
 
     Returns:
         A :class:`GateReport` with one result per gate in the order given. Never raises for a
@@ -216,16 +257,22 @@ def check_gates(
     Raises:
         ValueError: a bound is not a number (the spec validation should have caught it).
     """
-    results = [
-        _check_one(
-            metric,
-            _bound(gate, "min"),
-            _bound(gate, "max"),
-            None if metrics.get(metric) is None else float(metrics[metric]),
-            (not_computed or {}).get(metric),
-        )
-        for metric, gate in (gates or {}).items()
-    ]
+    results: list[GateResult] = []
+    for metric, gate in (gates or {}).items():
+        lo, hi = _bound(gate, "min"), _bound(gate, "max")
+        value = None if metrics.get(metric) is None else float(metrics[metric])
+        if not _flag(gate, "significant"):
+            results.append(_check_one(metric, lo, hi, value, (not_computed or {}).get(metric)))
+            continue
+        ok, why = significance_verdict(metric, paired)
+        if lo is None and hi is None:
+            results.append(GateResult(metric=metric, min=None, max=None, value=value, passed=ok, message=why))
+            continue
+        bounded = _check_one(metric, lo, hi, value, (not_computed or {}).get(metric))
+        if not bounded.passed:
+            results.append(bounded)
+        else:
+            results.append(replace(bounded, passed=ok, message=f"{bounded.message}; {why}"))
     return GateReport(passed=all(r.passed for r in results), results=results)
 
 

@@ -1,7 +1,9 @@
 """Base vs tuned on the same held-out examples: per-example scores and paired bootstrap intervals.
 
 Input: the reference answers, both models' greedy answers (and, for ``eval_loss``/``perplexity``,
-both models' per-example answer-token losses), the requested metrics and an optional glossary.
+both models' per-example answer-token losses from
+:func:`kubetune_trainer.evaluate.evaluator.per_example_losses`), the requested metrics and an
+optional glossary.
 Output: metric name -> :class:`~kubetune_trainer.evaluate.significance.PairedDifference`.
 
 Metrics with a paired interval: ``eval_loss``, ``perplexity``, ``exact_match``, ``accuracy``,
@@ -18,10 +20,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from rouge_score import rouge_scorer
 
+from kubetune_api.metrics import PAIRED_METRICS
 from kubetune_trainer.evaluate.significance import (
     DEFAULT_CONFIDENCE,
     DEFAULT_RESAMPLES,
@@ -34,16 +35,8 @@ from kubetune_trainer.evaluate.significance import (
 )
 from kubetune_trainer.evaluate.terminology import TermMatcher, coverage_scores
 
-PAIRED_METRICS = (
-    "eval_loss",
-    "perplexity",
-    "exact_match",
-    "accuracy",
-    "bleu",
-    "rouge_l",
-    "terminology_coverage",
-)
-TEXT_PAIRED_METRICS = frozenset({"exact_match", "accuracy", "bleu", "rouge_l", "terminology_coverage"})
+#: The paired metrics scored from the answers' text (the loss metrics need per-example losses).
+TEXT_PAIRED_METRICS = frozenset(PAIRED_METRICS) - {"eval_loss", "perplexity"}
 
 
 def _normalize(text: str) -> str:
@@ -53,49 +46,6 @@ def _normalize(text: str) -> str:
     """
     no_punct = "".join(ch for ch in text.lower() if not unicodedata.category(ch).startswith("P"))
     return " ".join(no_punct.split())
-
-
-def per_example_losses(
-    model: Any, examples: Sequence[Any], *, batch_size: int = 8
-) -> tuple[list[float], list[int]]:
-    """Summed answer-token cross-entropy and answer-token count of every example (same shift as training).
-
-    ``sum(losses) / sum(tokens)`` is the evaluator's token-weighted ``eval_loss``. Raises ValueError
-    when there are no examples.
-    """
-    if not examples:
-        raise ValueError("per_example_losses needs at least one example")
-    try:
-        device = next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        device = torch.device("cpu")
-    losses: list[float] = []
-    tokens: list[int] = []
-    was_training = getattr(model, "training", False)
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(examples), batch_size):
-                batch = examples[start : start + batch_size]
-                width = max(len(ex.input_ids) for ex in batch)
-                ids = torch.zeros((len(batch), width), dtype=torch.long)
-                labels = torch.full((len(batch), width), -100, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, ex in enumerate(batch):
-                    n = len(ex.input_ids)
-                    ids[row, :n] = torch.tensor(list(ex.input_ids), dtype=torch.long)
-                    labels[row, :n] = torch.tensor(list(ex.labels), dtype=torch.long)
-                    mask[row, :n] = 1
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-                shift_labels = labels[:, 1:].to(device)
-                per_token = F.cross_entropy(
-                    logits[:, :-1, :].transpose(1, 2), shift_labels, ignore_index=-100, reduction="none"
-                )
-                losses.extend(float(v) for v in per_token.sum(dim=1))
-                tokens.extend(int(v) for v in (shift_labels != -100).sum(dim=1))
-    finally:
-        model.train(was_training)
-    return losses, tokens
 
 
 def text_scores(
@@ -206,49 +156,26 @@ def paired_from_samples(
 
 
 def paired_table(paired: Mapping[str, Mapping[str, Any]]) -> str:
-    """A Markdown table of ``PairedDifference.to_dict()`` rows (model card, README)."""
+    """A Markdown table of ``PairedDifference.to_dict()`` rows (model card, README).
+
+    ``n`` is per metric: the loss over the whole eval set, the generation metrics over
+    ``maxSamples``, terminology coverage over the examples whose reference has a glossary term."""
     if not paired:
         return ""
     first = next(iter(paired.values()))
     pct = round(float(first["confidence"]) * 100)
     lines = [
-        f"| metric | base | tuned | tuned - base | {pct}% CI (paired bootstrap) | significant |",
-        "|---|---:|---:|---:|---|---|",
+        f"| metric | n | base | tuned | tuned - base | {pct}% CI (paired bootstrap) | significant |",
+        "|---|---:|---:|---:|---:|---|---|",
     ]
     for name, d in paired.items():
         verdict = ("yes, better" if d["improved"] else "yes, worse") if d["significant"] else "no"
         lines.append(
-            f"| {name} | {d['base']:.4g} | {d['tuned']:.4g} | {d['difference']:+.4g} | "
+            f"| {name} | {d['n']} | {d['base']:.4g} | {d['tuned']:.4g} | {d['difference']:+.4g} | "
             f"[{d['ci_low']:+.4g}, {d['ci_high']:+.4g}] | {verdict} |"
         )
-    n = first["n"]
-    lines.append("")
-    lines.append(
-        f"n = {n} held-out examples ({first['resamples']} resamples; terminology_coverage over the examples "
-        "whose reference has a glossary term)."
-    )
+    note = f"{first['resamples']} resamples of the held-out examples, the same ones for both models"
+    if "terminology_coverage" in paired:
+        note += "; terminology_coverage over the examples whose reference has a glossary term"
+    lines += ["", note + "."]
     return "\n".join(lines)
-
-
-def significance_verdict(metric: str, paired: Mapping[str, Mapping[str, Any]] | None) -> tuple[bool, str]:
-    """Whether a ``significant: true`` gate on ``metric`` passes, and the sentence that says why.
-
-    It passes when the paired interval of ``tuned - base`` excludes 0 on the better side; it fails
-    when there is no interval (no base comparison, or a metric without per-example scores).
-    """
-    d = (paired or {}).get(metric)
-    if d is None:
-        return False, (
-            f"{metric}: no paired confidence interval, so 'significant' cannot pass (needs compareBase "
-            f"and one of {', '.join(PAIRED_METRICS)})"
-        )
-    pct = round(float(d["confidence"]) * 100)
-    ci = f"{pct}% CI [{d['ci_low']:+.4g}, {d['ci_high']:+.4g}]"
-    if d["improved"]:
-        return True, f"{metric} improved on the base by {d['difference']:+.4g} ({ci})"
-    if d["significant"]:
-        return False, f"{metric} is significantly worse than the base: {d['difference']:+.4g} ({ci})"
-    return (
-        False,
-        f"{metric} difference from the base {d['difference']:+.4g} is not significant ({ci} includes 0)",
-    )

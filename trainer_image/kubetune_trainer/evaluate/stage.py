@@ -24,7 +24,8 @@ from kubetune_trainer.evaluate.evaluator import EvalReport, evaluate_model
 from kubetune_trainer.evaluate.gates import GateReport, artifact_gates, check_gates, tuned_gates
 from kubetune_trainer.evaluate.loading import ModelSource, load_model
 from kubetune_trainer.evaluate.quality import default_gates, with_default_gates
-from kubetune_trainer.fetch.inputs import Inputs
+from kubetune_trainer.evaluate.terminology import load_glossary
+from kubetune_trainer.fetch.inputs import DataInputs, Inputs
 from kubetune_trainer.train.stage import Trained
 
 
@@ -55,6 +56,7 @@ def evaluate_stage(ctx: RunContext, inputs: Inputs, trained: Trained, tokenizer:
     )
     extra_sets = _extra_sets(ctx, inputs, tokenizer)
     measure = "peak_memory_ratio" in rc.evaluation.metrics
+    glossary = glossary_terms(inputs)
     report = evaluate_model(
         tuned,
         base,
@@ -67,12 +69,21 @@ def evaluate_stage(ctx: RunContext, inputs: Inputs, trained: Trained, tokenizer:
         batch_size=rc.training.batch_size,
         tuned_source=tuned_source if measure else None,
         base_source=base_source if measure else None,
+        glossary=glossary,
+        progress=lambda which: print(
+            f"[kubetune] evaluating {which} on {len(trained.prepared.eval)} examples "
+            f"({min(len(trained.prepared.eval), rc.evaluation.max_samples)} answered)",
+            file=reporter.stream,
+            flush=True,
+        ),
     )
     del tuned, base
     gate_specs: dict[str, Any] = dict(rc.evaluation.gates.items())
     # Gates on an artifact (int8.rouge_l) are checked once the artifacts exist and were evaluated
     # (publish.stage): here only the tuned model's.
-    gates = check_gates(report.gate_metrics(), tuned_gates(gate_specs), not_computed=report.skipped)
+    gates = check_gates(
+        report.gate_metrics(), tuned_gates(gate_specs), not_computed=report.skipped, paired=report.paired
+    )
     if rc.evaluation.require_improvement:
         # The default gates (quality.py): better than the base, and the training loss fell.
         gates = with_default_gates(
@@ -95,10 +106,28 @@ def evaluate_stage(ctx: RunContext, inputs: Inputs, trained: Trained, tokenizer:
             "[kubetune] base: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(report.base.items())),
             file=reporter.stream,
         )
+    if report.paired:
+        pct = round(rc.evaluation.significance.confidence * 100)
+        print(
+            f"[kubetune] tuned - base ({pct}% paired bootstrap CI, n={next(iter(report.paired.values()))['n']}): "
+            + "; ".join(_paired_line(d) for d in report.paired.values()),
+            file=reporter.stream,
+        )
     pending = len(artifact_gates(gate_specs))
     later = f" ({pending} artifact gate(s) are checked after quantizing)" if pending else ""
     print(f"[kubetune] gates: {gates.summary()}{later}", file=reporter.stream, flush=True)
     return Evaluation(report=report, gates=gates)
+
+
+def glossary_terms(inputs: DataInputs) -> list[str] | None:
+    """The terms of ``spec.evaluation.glossary`` as fetched (None without a glossary). Raises
+    GlossaryError, naming the file, for an unreadable or empty glossary."""
+    return None if inputs.glossary is None else load_glossary(inputs.glossary)
+
+
+def _paired_line(d: dict[str, Any]) -> str:
+    mark = ("better" if d["improved"] else "worse") if d["significant"] else "not significant"
+    return f"{d['metric']} {d['difference']:+.4g} [{d['ci_low']:+.4g}, {d['ci_high']:+.4g}] {mark}"
 
 
 def _extra_sets(ctx: RunContext, inputs: Inputs, tokenizer: Any) -> dict[str, list[TokenizedExample]]:

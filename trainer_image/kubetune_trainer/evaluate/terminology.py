@@ -16,33 +16,17 @@ from __future__ import annotations
 import re
 import statistics
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
+from kubetune_trainer.data.glossary import GlossaryError, load_glossary, parse_glossary
 
-class GlossaryError(Exception):
-    """A glossary file is empty or unreadable; the message names it."""
-
-
-def parse_glossary(text: str) -> list[str]:
-    """Terms of a glossary file's text: stripped, lowercased, de-duplicated in file order."""
-    seen: dict[str, None] = {}
-    for line in text.splitlines():
-        term = " ".join(line.split()).lower()
-        if term and not term.startswith("#"):
-            seen.setdefault(term, None)
-    return list(seen)
-
-
-def load_glossary(path: Path) -> list[str]:
-    """Read and parse a glossary file; GlossaryError when unreadable or without terms."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise GlossaryError(f"{Path(path).name}: cannot read the glossary ({exc})") from None
-    terms = parse_glossary(text)
-    if not terms:
-        raise GlossaryError(f"{Path(path).name}: the glossary has no terms (one per line, # for comments)")
-    return terms
+__all__ = [
+    "GlossaryError",
+    "TermMatcher",
+    "coverage_scores",
+    "load_glossary",
+    "parse_glossary",
+    "terminology_coverage",
+]
 
 
 class TermMatcher:

@@ -47,6 +47,7 @@ from kubetune_registry.versions import ModelRegistry
 from kubetune_trainer import __version__ as TRAINER_VERSION
 from kubetune_trainer.context import BadInputError, RunContext
 from kubetune_trainer.data import DATA_SUFFIXES, validate_files
+from kubetune_trainer.data.glossary import GlossaryError, load_glossary
 from kubetune_trainer.fetch.gguf import GgufBase, find_gguf, prepare_gguf_base
 from kubetune_trainer.fetch.nodecache import describe_hit, model_from_cache, open_node_cache, remember_model
 from kubetune_trainer.fetch.sources import FetchError, check_weights_safety, fetch
@@ -84,6 +85,7 @@ class DataInputs:
     stages: list[StageFiles] = field(default_factory=list)
     term_dictionaries: list[Path | None] = field(default_factory=lambda: [None])
     known_models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    glossary: Path | None = None
 
 
 @dataclass(kw_only=True)
@@ -112,6 +114,7 @@ class Inputs(DataInputs):
             teacher=self.teacher,
             term_dictionaries=self.term_dictionaries[: index + 1],
             known_models=self.known_models,
+            glossary=self.glossary,
             base_gguf=self.base_gguf,
             base_digest=self.base_digest,
         )
@@ -199,6 +202,14 @@ def fetch_data(ctx: RunContext) -> DataInputs:
     data.term_dictionaries = [
         _fetch_term_dictionary(ctx, st.data.augmentation, f"augmentation-terms-{st.name}") for st in rc.stages
     ] + [_fetch_term_dictionary(ctx, rc.data.augmentation, "augmentation-terms")]
+    if rc.evaluation.glossary is not None:
+        data.glossary = _fetch_one_file(
+            ctx, rc.evaluation.glossary.uri, "glossary", "spec.evaluation.glossary.uri", "glossary"
+        )
+        try:  # refused now, before any model byte is downloaded
+            load_glossary(data.glossary)
+        except GlossaryError as exc:
+            raise BadInputError(f"spec.evaluation.glossary.uri: {exc}") from None
     return data
 
 
@@ -315,11 +326,19 @@ def _fetch_term_dictionary(ctx: RunContext, aug: AugmentationSpec | None, folder
     """An augmentation term dictionary, fetched by each node's local rank 0 (None when unused)."""
     if aug is None or aug.synonyms is None:
         return None
+    return _fetch_one_file(
+        ctx, aug.synonyms.uri, folder, "spec.data.augmentation.synonyms.uri", "term dictionary"
+    )
+
+
+def _fetch_one_file(ctx: RunContext, uri: str, folder: str, field_path: str, what: str) -> Path:
+    """A one-file input (a term dictionary, the glossary), fetched by each node's local rank 0.
+    A prefix URI must hold exactly one file (BadInputError naming ``field_path`` otherwise)."""
     runtime, workdir = ctx.runtime, ctx.workdir
     target = workdir / "inputs" / folder
     if runtime.is_local_main:
         shutil.rmtree(target, ignore_errors=True)
-        fetched = fetch(aug.synonyms.uri, target, ctx.store)
+        fetched = fetch(uri, target, ctx.store)
         rel = str(fetched.relative_to(workdir))
     else:
         rel = None
@@ -329,9 +348,7 @@ def _fetch_term_dictionary(ctx: RunContext, aug: AugmentationSpec | None, folder
     if path.is_dir():  # a prefix URI: it must hold exactly one file
         files = sorted(p for p in path.rglob("*") if p.is_file())
         if len(files) != 1:
-            raise BadInputError(
-                f"spec.data.augmentation.synonyms.uri: expected one term dictionary file, found {len(files)}"
-            )
+            raise BadInputError(f"{field_path}: expected one {what} file, found {len(files)}")
         path = files[0]
     return path
 
@@ -441,12 +458,16 @@ def full_record(rc: RunConfig, inputs: Inputs) -> dict[str, Any]:
 
 
 def with_term_dictionaries(rc: RunConfig, data: DataInputs, record: dict[str, Any]) -> dict[str, Any]:
-    """``record`` (of ``data``) with each data's augmentation term dictionary digest added."""
+    """``record`` (of ``data``) with each data's augmentation term dictionary digest added, and the
+    evaluation glossary's."""
     datas = [*(st.data for st in rc.stages), rc.data]
     targets = [*record.get("stages", []), record["data"]]
     for spec, target, path in zip(datas, targets, data.term_dictionaries, strict=True):
         if path is not None and spec.augmentation is not None and spec.augmentation.synonyms is not None:
             target["augmentationTerms"] = {spec.augmentation.synonyms.uri: sha256_file(path)}
+    if data.glossary is not None and rc.evaluation.glossary is not None:
+        # The glossary decides terminology_coverage (and a gate on it): its content is an input.
+        record["data"]["evaluationGlossary"] = {rc.evaluation.glossary.uri: sha256_file(data.glossary)}
     return record
 
 
