@@ -186,6 +186,18 @@ def test_a_run_is_tracked_in_mlflow_and_its_version_registered_with_the_promoted
     ]
     assert run.data.metrics["eval_loss"] == pytest.approx(version["metrics"]["eval_loss"])
     assert "base.eval_loss" in run.data.metrics and run.data.metrics["gates.passed"] == float(gates_passed)
+    # tuned - base with its paired interval, as the version's eval report has it.
+    m = run.data.metrics
+    paired = json.loads(
+        (
+            demo_store / "kubetune-demo" / "models" / TRACKED / "versions" / "v1" / "eval" / "report.json"
+        ).read_text()
+    )["evaluation"]["paired"]["eval_loss"]
+    assert m["paired.eval_loss.difference"] == pytest.approx(m["eval_loss"] - m["base.eval_loss"], rel=1e-6)
+    assert (m["paired.eval_loss.ci_low"], m["paired.eval_loss.ci_high"]) == pytest.approx(
+        (paired["ci_low"], paired["ci_high"])
+    )
+    assert m["paired.eval_loss.significant"] == (1.0 if paired["improved"] else 0.0)
     tags = run.data.tags
     assert tags["kubetune.version"] == "v1" and tags["kubetune.version_uri"].endswith(
         f"/{TRACKED}/versions/v1"

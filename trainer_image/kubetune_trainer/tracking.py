@@ -8,7 +8,9 @@ Rank 0's :class:`~kubetune_trainer.reporting.Reporter` drives an :class:`MlflowT
   ``training.learningRate``, ``method.lora.r``, ...; never the storage connection or any secret);
 * every progress report logs ``train_loss``, ``learning_rate``, ``tokens_per_second`` and
   ``epoch`` at its optimizer step;
-* the result ends it: the evaluation metrics of the tuned model (and ``base.<metric>`` of the base),
+* the result ends it: the evaluation metrics of the tuned model (and ``base.<metric>`` of the base,
+  and ``paired.<metric>.{difference,ci_low,ci_high,significant}``: tuned - base with its paired
+  bootstrap interval; ``significant`` is 1 when it excludes 0 on the better side),
   the evaluation losses logged during training at their steps, the gates (``gates.passed`` and one
   tag per gate), the model card (``model-card/README.md``) and the eval report as artifacts, tags
   linking the version (``kubetune.version``, ``kubetune.version_uri``, ``kubetune.inputs_digest``,
@@ -210,6 +212,12 @@ class MlflowTracker:
         report = json.loads(self._read(f"{published.uri}/eval/report.json") or "{}")
         base = (report.get("evaluation") or {}).get("base") or {}  # None when compareBase is false
         final |= {f"base.{k}": v for k, v in base.items() if isinstance(v, int | float)}
+        # tuned - base with its paired bootstrap interval, per metric (eval/report.json's "paired").
+        for metric, d in ((report.get("evaluation") or {}).get("paired") or {}).items():
+            for key in ("difference", "ci_low", "ci_high"):
+                if isinstance(d.get(key), int | float):
+                    final[f"paired.{metric}.{key}"] = d[key]
+            final[f"paired.{metric}.significant"] = 1.0 if d.get("improved") else 0.0
         for artifact, values in ((manifest.get("extra") or {}).get("artifactMetrics") or {}).items():
             final |= {f"{artifact}.{k}": v for k, v in values.items() if isinstance(v, int | float)}
         if result.gates is not None:
