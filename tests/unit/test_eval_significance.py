@@ -16,6 +16,7 @@ from kubetune_trainer.evaluate.gates import check_gates
 from kubetune_trainer.evaluate.significance import loss_sums, paired_bootstrap
 from tests.support.crd_schema import validate
 from tests.unit.test_evaluate import Oracle, build_tiny_llama, build_tiny_tokenizer, make_examples
+from tests.unit.test_recipes_parts import _job as recipe_job
 
 QUESTIONS = [
     ("Who issues a bygglov? ", "The building committee issues the bygglov under PBL."),
@@ -163,17 +164,7 @@ def test_batched_greedy_answers_equal_one_at_a_time(tiny: dict[str, Any]) -> Non
 
 
 def _job(evaluation: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "j"},
-        "spec": {
-            "model": {"name": "m", "base": {"uri": "s3://bucket/base"}},
-            "data": {"train": {"uri": "s3://bucket/train.jsonl"}},
-            "output": {"uri": "s3://bucket/models"},
-            "evaluation": evaluation,
-        },
-    }
+    return recipe_job(evaluation=evaluation)
 
 
 def test_a_significance_only_gate_and_a_glossary_are_accepted() -> None:

@@ -56,6 +56,7 @@ latency on the same first ``maxSamples`` — so ``<artifact>.<metric>`` gates co
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -174,7 +175,9 @@ def normalize_answer(text: str) -> str:
 # training starts, for metrics computed after it ends (and often not requested).
 
 
+@functools.cache
 def _rouge_scorer() -> Any:
+    """One scorer per process (it is stateless): built once, not per answer."""
     from rouge_score import rouge_scorer  # deferred: see the comment above
 
     # Default tokenizer, no stemming: the configuration most published ROUGE-L numbers use.
