@@ -154,8 +154,9 @@ SHAPES: dict[str, ModelShape] = {
 def build_llama(out_dir: Path, tokenizer_dir: Path, shape: ModelShape, *, seed: int = 0) -> dict[str, Any]:
     """Save a randomly initialised Llama of ``shape`` (fp32 safetensors) with the tokenizer beside it.
 
-    Returns ``{"params", "non_embedding_params", "vocab"}``. ``non_embedding_params`` excludes the
-    input embedding (a lookup, no matmul) but keeps ``lm_head`` (a matmul): the N of 6·N·T.
+    Returns ``{"params", "non_embedding_params", "vocab", "head_params", "tied_embeddings"}``.
+    ``non_embedding_params`` excludes the input embedding (a lookup, no matmul) but keeps ``lm_head``
+    (a matmul): the N of 6·N·T; ``head_params`` is that head (for the executed-FLOPs count).
     """
     import torch
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -187,6 +188,12 @@ def build_llama(out_dir: Path, tokenizer_dir: Path, shape: ModelShape, *, seed: 
     tokenizer.save_pretrained(out_dir)
     params = sum(p.numel() for p in model.parameters())
     embed = int(model.get_input_embeddings().weight.numel())
-    info = {"params": params, "non_embedding_params": params - embed, "vocab": len(tokenizer)}
+    info = {
+        "params": params,
+        "non_embedding_params": params - embed,
+        "vocab": len(tokenizer),
+        "head_params": int(model.get_output_embeddings().weight.numel()),
+        "tied_embeddings": False,
+    }
     (out_dir / "bench-model.json").write_text(json.dumps({"shape": shape.name, **info}, indent=2))
     return info

@@ -33,9 +33,18 @@ Per repeat:
    (``kopf.on.event`` on batch/v1 Jobs with its managed-by label), so this is the event-driven
    path; a value near ``resync_seconds`` would mean the event was missed and the timer caught it.
 5. **Peak RSS**: the operator's VmHWM at the end; its handler timings from its own /metrics.
+6. **API requests per FineTuneJob**: from the API server's own audit log (the cluster runs with
+   ``audit=True``), the operator ServiceAccount's requests from the burst's start until the operator
+   was quiet (step 3), by verb and resource, watches excluded (``bench/_audit.py``).
+7. **The box's limit** (unless ``--no-limit``): in a fresh namespace, the same burst of FineTuneJobs
+   and, per FineTuneJob, the same six children (rendered by the operator's builders beforehand),
+   one status patch and one Event, sent by a bare client with the operator's token and worker count
+   (:func:`bare_client_burst`). The operator's burst wall over that wall is its distance from what
+   this API server can do.
 
-Targets (issue 8, item 6): create -> children p50 <= 1 s and p99 <= 10 s, peak RSS <= 300 MB
-(MB = 10^6 bytes), idle CPU ~0, taken here as <= 2% of one core. The control plane and the
+Targets (issue 8, item 6; issue 19, item 4): create -> children p50 <= 1 s and p99 <= 10 s, peak
+RSS <= 300 MB (MB = 10^6 bytes), idle CPU ~0, taken here as <= 2% of one core; burst wall <= 1.2x
+the bare client's; requests per FineTuneJob <= its 6 children + one status patch + one Event. The control plane and the
 operator share this machine's cores with the bench (and with whatever else runs): the load
 average at start is printed with the results.
 """
@@ -61,6 +70,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import _audit
 from bench._common import REPO_ROOT, format_machine, format_table, machine_info, median, verdict
 
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
@@ -72,6 +82,9 @@ MB = 1_000_000
 
 TARGET_P50_S = 1.0
 TARGET_P99_S = 10.0
+TARGET_OVER_LIMIT = 1.2  # operator burst wall / the bare client's wall for the same objects
+#: What the operator must send per FineTuneJob: its six children, one status patch, one Event.
+MINIMUM_REQUESTS_PER_JOB = len(CHILD_KINDS) + 2
 TARGET_RSS_MB = 300.0
 TARGET_IDLE_CPU_PCT = 2.0  # "~0": at most 2% of one core
 
@@ -461,9 +474,15 @@ def _count_children(admin: Any, namespace: str) -> dict[str, dict[str, int]]:
 
 
 def _create_all(
-    cluster: Any, namespace: str, names: Sequence[str], creators: int
+    cluster: Any,
+    namespace: str,
+    names: Sequence[str],
+    creators: int,
+    on_created: Callable[[str, str], None] | None = None,
 ) -> dict[str, tuple[str, float]]:
-    """Create the FineTuneJobs from ``creators`` threads; name -> (uid, monotonic time the create returned)."""
+    """Create the FineTuneJobs from ``creators`` threads; name -> (uid, monotonic time the create returned).
+
+    ``on_created(name, uid)`` is called in the creating thread right after each create returned."""
     from kubernetes import client
 
     local = threading.local()
@@ -480,7 +499,10 @@ def _create_all(
 
     def create(name: str) -> tuple[str, str, float]:
         created = api().create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, _ftj_body(name))
-        return name, created["metadata"]["uid"], time.monotonic()
+        returned = time.monotonic()
+        if on_created is not None:
+            on_created(name, created["metadata"]["uid"])
+        return name, created["metadata"]["uid"], returned
 
     try:
         with ThreadPoolExecutor(max_workers=creators, thread_name_prefix="creator") as pool:
@@ -552,10 +574,14 @@ def run_once(cluster: Any, opts: RunOptions, work: Path, index: int) -> dict[str
             raise TimeoutError(
                 f"{exc}; operator log {log}:\n{log.read_text(errors='replace')[-3000:]}"
             ) from None
+        # ... and has finished with it (its Job's first update included), so the burst's request
+        # count and CPU hold the burst's jobs only.
+        _wait_quiet(metrics_port, quiet_s=2.0, limit_s=60.0)
         cpu_before_burst = proc_cpu_seconds(pid)
         procs_before = child_cpu_seconds(pid)
 
         names = [f"ftj-{i:04d}" for i in range(opts.jobs)]
+        burst_since = datetime.datetime.now(datetime.UTC)
         burst_start = time.monotonic()
         created = _create_all(cluster, namespace, names, opts.creators)
         create_wall = time.monotonic() - burst_start
@@ -612,18 +638,15 @@ def run_once(cluster: Any, opts: RunOptions, work: Path, index: int) -> dict[str
         # "Idle" starts when the operator has worked through its backlog of child events: no
         # reconcile or child handler run finished for 5 s (its own metrics). Only the timer runs then.
         settle_start = time.monotonic()
-
-        def event_work() -> float:
-            timings = handler_timings(metrics_port)
-            return sum(timings.get(h, {}).get("count", 0.0) for h in ("reconcile", "child"))
-
-        last, stable_since = event_work(), time.monotonic()
-        while time.monotonic() - stable_since < 5.0 and time.monotonic() - settle_start < 300:
-            time.sleep(1.0)
-            now_count = event_work()
-            if now_count != last:
-                last, stable_since = now_count, time.monotonic()
+        _wait_quiet(metrics_port, quiet_s=5.0, limit_s=300.0)
         settle_s = time.monotonic() - settle_start
+        # Every request the operator made for the burst, from the API server's own audit log: from
+        # the first create until it went quiet (its later refreshes for the Job controller's updates
+        # and the new pods included; watches not: one long request each, not per object).
+        quiet_at = datetime.datetime.now(datetime.UTC)
+        requests = _audit.requests_of(
+            cluster.audit_events(), _audit.service_account_user(namespace, OPERATOR_SA), burst_since, quiet_at
+        )
         _progress(
             f"repeat {index + 1}: operator quiet after {settle_s:.0f} s; idle CPU for {idle_window:g} s"
         )
@@ -700,6 +723,9 @@ def run_once(cluster: Any, opts: RunOptions, work: Path, index: int) -> dict[str
             k: sum(1 for uid in uids if children.get(uid, {}).get(k, 0) >= 1) for k in CHILD_KINDS
         },
         "operator_cpu_burst_s": cpu_burst,
+        "operator_requests": dict(requests),
+        "operator_requests_per_job": _audit.per_job(requests, opts.jobs),
+        "requests_window": [burst_since.isoformat(), quiet_at.isoformat()],
         "idle_window_s": idle_window,
         "idle_cpu_pct": idle_cpu_pct,
         "settle_s": settle_s,
@@ -720,8 +746,137 @@ def run_once(cluster: Any, opts: RunOptions, work: Path, index: int) -> dict[str
             "create_to_status_s": sorted(to_status),
             "reflect_s": reflect,
         },
-        "operator_log": str(log),
+        "operator_log": log.name,  # a file of the run's temporary work directory (printed as logs:)
     }
+
+
+# --- the box's limit: the same objects from a bare client ---------------------------------------
+
+
+def bare_client_burst(cluster: Any, opts: RunOptions, work: Path, index: int) -> dict[str, Any]:
+    """The physical limit of this API server for the operator's work: the same burst of FineTuneJobs
+    (``opts.creators`` threads) and, per FineTuneJob, the same six children, one status patch and
+    one Event, sent by a plain client with the operator's token, connection pool and worker count
+    (``OperatorSettings.max_workers``) — no kopf, no watches, no validation, no status reduction.
+    The children are rendered by the operator's builders before the clock starts (only the owner's
+    uid is filled in afterwards). Wall = burst start -> last request answered."""
+    import copy
+
+    from kubernetes import client
+
+    from kubetune_operator import reconcile
+    from kubetune_operator.settings import OperatorSettings
+    from kubetune_operator.validation import validate_job
+    from tests.fixtures.operator import OperatorProcess
+
+    namespace = f"bare-{index}-{uuid.uuid4().hex[:6]}"
+    kubeconfig = operator_namespace(cluster, namespace)
+    # The operator's own settings (the environment its process gets), so the children are the same.
+    env = OperatorProcess(kubeconfig, namespace, work / "unused.log", {}).env
+    env.pop("KUBETUNE_OPERATOR_RESYNC_SECONDS", None)
+    env.update(opts.operator_env)
+    settings = OperatorSettings.from_env(env)
+    names = [f"ftj-{i:04d}" for i in range(opts.jobs)]
+    templates: dict[str, list[dict[str, Any]]] = {}
+    for name in names:
+        body = _ftj_body(name)
+        body["metadata"].update(namespace=namespace, uid="00000000-0000-0000-0000-000000000000", generation=1)
+        templates[name] = reconcile.desired_children(validate_job(body, settings), settings)
+    configuration = client.Configuration()
+    from kubernetes import config as kube_config
+
+    kube_config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+    configuration.connection_pool_maxsize = settings.max_workers
+    api = client.ApiClient(configuration)
+    custom = client.CustomObjectsApi(api)
+    core = client.CoreV1Api(api)
+    creators = reconcile.child_creators(api)  # the same create calls the operator makes
+    since = datetime.datetime.now(datetime.UTC)
+
+    def children(name: str, uid: str) -> None:
+        for template in templates[name]:
+            obj = copy.deepcopy(template)
+            for ref in obj["metadata"].get("ownerReferences") or []:
+                ref["uid"] = uid
+            creators[obj["kind"]][0](namespace, obj, _preload_content=False)
+        custom.patch_namespaced_custom_object_status(
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+            {
+                "status": {
+                    "observedGeneration": 1,
+                    "phase": "Pending",
+                    "jobName": templates[name][-1]["metadata"]["name"],
+                }
+            },
+            _preload_content=False,
+        )
+        core.create_namespaced_event(
+            namespace,
+            {
+                "metadata": {"generateName": f"{name}."},
+                "involvedObject": {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": "FineTuneJob",
+                    "name": name,
+                    "namespace": namespace,
+                    "uid": uid,
+                },
+                "reason": "Created",
+                "message": "created its children",
+                "type": "Normal",
+                "source": {"component": "bare-client"},
+            },
+            _preload_content=False,
+        )
+
+    try:
+        start = time.monotonic()
+        with ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="bare") as workers:
+            futures: list[Any] = []
+            _create_all(
+                cluster,
+                namespace,
+                names,
+                opts.creators,
+                on_created=lambda name, uid: futures.append(workers.submit(children, name, uid)),
+            )
+            for future in list(futures):
+                future.result()
+        wall = time.monotonic() - start
+    finally:
+        api.close()
+    until = datetime.datetime.now(datetime.UTC)
+    user = _audit.service_account_user(namespace, OPERATOR_SA)
+    counts = _audit.requests_of(cluster.audit_events(), user, since, until)
+    return {
+        "namespace": namespace,
+        "jobs": opts.jobs,
+        "workers": settings.max_workers,
+        "wall_s": wall,
+        "requests": dict(counts),
+        "requests_per_job": _audit.per_job(counts, opts.jobs),
+    }
+
+
+def _wait_quiet(metrics_port: int, *, quiet_s: float, limit_s: float) -> None:
+    """Until no reconcile or child handler run finished for ``quiet_s`` (the operator's own metrics),
+    or ``limit_s`` passed."""
+    started = time.monotonic()
+
+    def event_work() -> float:
+        timings = handler_timings(metrics_port)
+        return sum(timings.get(h, {}).get("count", 0.0) for h in ("reconcile", "child"))
+
+    last, stable_since = event_work(), time.monotonic()
+    while time.monotonic() - stable_since < quiet_s and time.monotonic() - started < limit_s:
+        time.sleep(min(1.0, quiet_s / 4))
+        now_count = event_work()
+        if now_count != last:
+            last, stable_since = now_count, time.monotonic()
 
 
 def _inject_job_failure(batch: Any, namespace: str, job_name: str) -> float:
@@ -807,6 +962,24 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "verdict": verdict(idle, TARGET_IDLE_CPU_PCT, higher_is_better=False),
         },
     }
+    limited = [r for r in runs if r.get("burst_wall_over_limit") is not None]
+    if limited:
+        ratio = _med(limited, lambda r: r["burst_wall_over_limit"])
+        targets["burst_wall_over_bare_client"] = {
+            "value": ratio,
+            "target": f"<= {TARGET_OVER_LIMIT:g}x",
+            "verdict": verdict(ratio, TARGET_OVER_LIMIT, higher_is_better=False),
+        }
+    per_job = _med(
+        runs,
+        lambda r: sum(r["operator_requests_per_job"].values()) if "operator_requests_per_job" in r else None,
+    )
+    if per_job is not None:
+        targets["operator_requests_per_job"] = {
+            "value": per_job,
+            "target": f"<= {MINIMUM_REQUESTS_PER_JOB} (6 children + status patch + Event)",
+            "verdict": verdict(per_job, MINIMUM_REQUESTS_PER_JOB, higher_is_better=False),
+        }
     return {"all_children_created": complete, "targets": targets}
 
 
@@ -892,6 +1065,33 @@ def print_report(
                 f"{r['idle_cpu_ms_per_handler_run']:.1f} ms operator CPU per run; child watch events "
                 + (", ".join(f"{k} {v}" for k, v in sorted(r["idle_child_events"].items())) or "none")
             )
+    for i, r in enumerate(runs, 1):
+        bare = r.get("bare_client")
+        if bare is not None:
+            print(
+                f"repeat {i}: the same {bare['jobs']} FineTuneJobs and their objects from a bare client "
+                f"({bare['workers']} workers): {bare['wall_s']:.1f} s; operator burst wall / that = "
+                f"{r['burst_wall_over_limit']:.2f}x"
+            )
+        ops = r.get("operator_requests_per_job") or {}
+        keys = list(ops) + [k for k in (bare or {}).get("requests_per_job", {}) if k not in ops]
+        rows = [
+            [
+                k,
+                f"{ops.get(k, 0):.2f}",
+                f"{(bare or {}).get('requests_per_job', {}).get(k, 0):.2f}" if bare else "-",
+            ]
+            for k in keys
+        ]
+        rows.append(
+            [
+                "total",
+                f"{sum(ops.values()):.2f}",
+                f"{sum(bare['requests_per_job'].values()):.2f}" if bare else "-",
+            ]
+        )
+        print(f"repeat {i}: API requests per FineTuneJob (kube-apiserver audit log, watches excluded)")
+        print(format_table(["request", "operator", "bare client"], rows))
     print()
     print(
         format_table(
@@ -969,6 +1169,11 @@ def main(argv: list[str] | None = None) -> int:
         help="extra operator setting, repeatable (e.g. KUBETUNE_OPERATOR_MAX_WORKERS=32), to try a tuning",
     )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for every job's children")
+    p.add_argument(
+        "--no-limit",
+        action="store_true",
+        help="skip the bare-client run of the same objects (the box's limit)",
+    )
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
     a = p.parse_args(argv)
@@ -989,13 +1194,18 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     info = machine_info()
     work = Path(tempfile.mkdtemp(prefix="kubetune-bench-operator-"))
-    cluster = LocalCluster(kube_bin_dir(), log_dir=work / "cluster-logs")
+    cluster = LocalCluster(kube_bin_dir(), log_dir=work / "cluster-logs", audit=True)
     runs: list[dict[str, Any]] = []
     with cluster:
         install_crds_and_roles(cluster)
         opts = RunOptions(a.jobs, a.creators, reflect, a.idle_seconds, a.resync_seconds, a.timeout, extra_env)
         for rep in range(a.repeats):
-            runs.append(run_once(cluster, opts, work, rep))
+            run = run_once(cluster, opts, work, rep)
+            if not a.no_limit:
+                _progress(f"repeat {rep + 1}: the same objects from a bare client (the box's limit)")
+                run["bare_client"] = bare_client_burst(cluster, opts, work, rep)
+                run["burst_wall_over_limit"] = run["burst_wall_s"] / run["bare_client"]["wall_s"]
+            runs.append(run)
     summary = summarize(runs)
     print_report(info, load, runs, summary)
     print(f"logs: {work}")

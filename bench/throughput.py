@@ -57,8 +57,11 @@ an equal or lower eval loss; the trl-packed pair also requires kubetune's peak R
 MFU = achieved model FLOP/s / peak matmul FLOP/s, the peak measured in the same run with
 ``torch.matmul`` at the same thread count. Model FLOPs per real token are reported two ways:
 ``6N`` (the standard full-training approximation, N = parameters without the input embedding) and
-``LoRA`` (4N + 6·N_trainable: frozen weights need no weight gradients). Attention score FLOPs are
-left out of both.
+``LoRA`` (4N + 6·N_trainable: frozen weights need no weight gradients), both per real token, and
+``executed``: the FLOPs the run actually computed (:func:`executed_flops_per_s`: every computed
+position, padding included, and the LM head only where it ran — for kubetune the labelled
+positions), so a contender is never credited for work it skipped or charged for padding it did not
+compute. Attention score FLOPs are left out of all three.
 """
 
 from __future__ import annotations
@@ -129,7 +132,12 @@ def flop_params(model: Any) -> dict[str, Any]:
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is embed
     n = params - embed.numel() + (head.weight.numel() if tied else 0)
-    return {"params": int(params), "non_embedding_params": int(n), "tied_embeddings": bool(tied)}
+    return {
+        "params": int(params),
+        "non_embedding_params": int(n),
+        "head_params": int(head.weight.numel()) if head is not None else 0,
+        "tied_embeddings": bool(tied),
+    }
 
 
 def _real_model_info(model_dir: Path, info_file: Path, source: str) -> dict[str, Any]:
@@ -266,6 +274,11 @@ def _bench_job(
                     "precision": precision,
                     "seed": SEED,
                     "logEverySteps": 1,
+                    # No evaluation inside the timed loop (the other contenders run none): unset, kubetune
+                    # evaluates at each epoch's end, which fell between timed steps when a run's steps
+                    # spanned two epochs (smollm2: 3 batches per epoch, 4 steps). The held-out loss is
+                    # measured after training, the same way for every contender (heldout_loss).
+                    "evalEverySteps": 10_000_000,
                     # Only the final checkpoint (written after the timed loop); none mid-run.
                     "checkpoint": {"everySteps": 10_000_000, "everyMinutes": 10_080, "keep": 1},
                 },
@@ -423,6 +436,8 @@ def worker_kubetune(a: argparse.Namespace) -> dict[str, Any]:
     )
     step_tokens: list[int] = []
     step_examples: list[int] = []
+    step_positions: list[int] = []
+    step_head: list[int] = []
     epoch = 0
     while len(step_tokens) < len(steps):
         for batch in iter_batches(
@@ -436,12 +451,17 @@ def worker_kubetune(a: argparse.Namespace) -> dict[str, Any]:
         ):
             step_tokens.append(int(batch["num_tokens"]))
             step_examples.append(_examples_in(batch))
+            step_positions.append(int(batch["input_ids"].numel()))
+            # train/label_head.py: the head runs only where the next token is a label.
+            step_head.append(int((batch["labels"][..., 1:] != -100).sum()))
         epoch += 1
     step_times = [float(m["elapsed_s"]) for m in steps]
     return {
         "step_times": step_times,
         "step_tokens": step_tokens[: len(steps)],
         "step_examples": step_examples[: len(steps)],
+        "step_positions": step_positions[: len(steps)],
+        "step_head_positions": step_head[: len(steps)],
         "tokens_per_s": _timed_rate(step_times, step_tokens, 0.0),
         "final_train_loss": steps[-1]["loss"],
         "eval_loss": heldout_loss(recipe.model, prepared.eval, int(tokenizer.pad_token_id), a.precision),
@@ -476,7 +496,12 @@ class _StepClock:
         return Clock()
 
 
-def _counting(collator: Any, counts: list[int], examples: list[int] | None = None) -> Any:
+def _counting(
+    collator: Any,
+    counts: list[int],
+    examples: list[int] | None = None,
+    positions: list[int] | None = None,
+) -> Any:
     """Wrap a data collator to record each batch's real (non-pad) token count, in order.
 
     Padded batches: the attention_mask's ones. Padding-free batches (TRL's ``padding_free``: one
@@ -484,11 +509,14 @@ def _counting(collator: Any, counts: list[int], examples: list[int] | None = Non
     packed features' ``seq_lengths`` — exactly their tokens, whatever padding the collator might
     add (none on CPU: TRL's ``pad_to_multiple_of="auto"`` pads only on Neuron; the unit test checks
     that this equals the row's length there). ``examples``, when given, gets the examples with loss
-    per batch (rows for padded batches).
+    per batch (rows for padded batches); ``positions`` the positions the model computes on (every
+    position of ``input_ids``, padding included: the HF contenders run body and head on all of them).
     """
 
     def collate(features: list[Any]) -> Any:
         batch = collator(features)
+        if positions is not None:
+            positions.append(int(batch["input_ids"].numel()))
         if "attention_mask" in batch:
             counts.append(int(batch["attention_mask"].sum()))
         elif features and "seq_lengths" in features[0]:
@@ -544,12 +572,22 @@ def _last_loss(log_history: list[dict[str, Any]]) -> float | None:
 
 
 def _trainer_result(
-    trainer: Any, clock: _StepClock, counts: list[int], eval_examples: list[Any], tokenizer: Any, a: Any
+    trainer: Any,
+    clock: _StepClock,
+    counts: list[int],
+    eval_examples: list[Any],
+    tokenizer: Any,
+    a: Any,
+    positions: list[int] | None = None,
 ) -> dict[str, Any]:
-    """What every HF-Trainer-based contender reports: step clock, real tokens, losses, trainables."""
+    """What every HF-Trainer-based contender reports: step clock, real tokens, losses, trainables,
+    and the positions computed per step (the LM head runs at every one of them: ``step_head_positions``)."""
+    computed = (positions or [])[: len(clock.times)]
     return {
         "step_times": clock.times,
         "step_tokens": counts[: len(clock.times)],
+        "step_positions": computed,
+        "step_head_positions": computed,
         "tokens_per_s": _timed_rate(clock.times, counts, 0.0),
         "final_train_loss": _last_loss(trainer.state.log_history),
         "eval_loss": heldout_loss(trainer.model, eval_examples, int(tokenizer.pad_token_id), a.precision),
@@ -596,17 +634,18 @@ def worker_hf_peft(a: argparse.Namespace) -> dict[str, Any]:
     model.config.use_cache = False
     model = get_peft_model(model, _lora_config())
     counts: list[int] = []
+    positions: list[int] = []
     clock = _StepClock()
     trainer = Trainer(
         model=model,
         args=TrainingArguments(**_common_args(a)),
         train_dataset=dataset,
-        data_collator=_counting(default_data_collator, counts),
+        data_collator=_counting(default_data_collator, counts, positions=positions),
         callbacks=[clock.callback()],
     )
     trainer.train()
     return {
-        **_trainer_result(trainer, clock, counts, eval_examples, tokenizer, a),
+        **_trainer_result(trainer, clock, counts, eval_examples, tokenizer, a, positions),
         "batch": f"{a.batch_size} examples padded to {a.max_length}",
         "examples": len(dataset),
     }
@@ -624,6 +663,7 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
     dtype = torch.bfloat16 if a.precision == "bf16" and a.device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=dtype)
     counts: list[int] = []
+    positions: list[int] = []
     clock = _StepClock()
     trainer = SFTTrainer(
         model=model,
@@ -633,10 +673,10 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
         peft_config=_lora_config(),
         callbacks=[clock.callback()],
     )
-    trainer.data_collator = _counting(trainer.data_collator, counts)
+    trainer.data_collator = _counting(trainer.data_collator, counts, positions=positions)
     trainer.train()
     return {
-        **_trainer_result(trainer, clock, counts, eval_examples, tokenizer, a),
+        **_trainer_result(trainer, clock, counts, eval_examples, tokenizer, a, positions),
         "batch": f"{a.batch_size} examples, padded to longest",
         "examples": len(dataset),
     }
@@ -682,6 +722,7 @@ def worker_trl_packed(a: argparse.Namespace) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=dtype)
     counts: list[int] = []
     examples: list[int] = []
+    positions: list[int] = []
     clock = _StepClock()
     args = SFTConfig(
         **{**_common_args(a), "per_device_train_batch_size": rows_per_step},
@@ -710,10 +751,10 @@ def worker_trl_packed(a: argparse.Namespace) -> dict[str, Any]:
         file=sys.stderr,
         flush=True,
     )
-    trainer.data_collator = _counting(trainer.data_collator, counts, examples)
+    trainer.data_collator = _counting(trainer.data_collator, counts, examples, positions)
     trainer.train()
     return {
-        **_trainer_result(trainer, clock, counts, eval_examples, tokenizer, a),
+        **_trainer_result(trainer, clock, counts, eval_examples, tokenizer, a, positions),
         "step_examples": examples[: len(clock.times)],
         "batch": f"{rows_per_step} BFD rows, padding-free",
         "packed_rows": rows,
@@ -966,6 +1007,30 @@ def run_benchmark(a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def executed_flops_per_s(run: dict[str, Any], model: dict[str, Any]) -> float | None:
+    """Model FLOP/s over the matmul work the run actually executed, steps 2..N (None for runs
+    recorded before positions were logged).
+
+    Per step: every computed position (padding included) runs the frozen body forward and its
+    activation gradients (4·N_body) and the trainable LoRA weights fully (6·N_trainable); the LM head
+    (frozen: 4·H·V) runs at ``step_head_positions`` only — every position for the HF contenders, the
+    labelled ones for kubetune (train/label_head.py). Attention scores are left out, as in 6N.
+    """
+    if "step_positions" not in run or "head_params" not in model:
+        return None
+    head = int(model["head_params"])
+    body = int(model["non_embedding_params"]) - head
+    trainable = int(run["trainable_params"])
+    flops = [
+        p * (4 * body + 6 * trainable) + h * 4 * head
+        for p, h in zip(run["step_positions"], run["step_head_positions"], strict=True)
+    ]
+    times = run["step_times"]
+    if len(times) < 2 or len(flops) < len(times):
+        return None
+    return sum(flops[1 : len(times)]) / (times[-1] - times[0])
+
+
 def summarise(data: dict[str, Any]) -> dict[str, Any]:
     """Medians per (size, contender), pair-by-pair ratios per repeat, MFU and target verdicts."""
     peak = data["peak_matmul_flops"]
@@ -991,6 +1056,11 @@ def summarise(data: dict[str, Any]) -> dict[str, Any]:
                 "eval_loss": median(r["eval_loss"] for r in rs),
                 "mfu_6n": 6 * n * tps / peak,
                 "mfu_lora": (4 * n + 6 * trainable) * tps / peak,
+                "mfu_executed": (
+                    median(executed) / peak
+                    if (executed := [e for r in rs if (e := executed_flops_per_s(r, model)) is not None])
+                    else None
+                ),
                 "batch": rs[0]["batch"],
                 "repeats": len(rs),
             }
@@ -1053,6 +1123,7 @@ def render(data: dict[str, Any], summary: dict[str, Any]) -> str:
                     m["eval_loss"],
                     f"{100 * m['mfu_6n']:.1f}%",
                     f"{100 * m['mfu_lora']:.1f}%",
+                    "-" if m.get("mfu_executed") is None else f"{100 * m['mfu_executed']:.1f}%",
                 ]
             )
     lines.append(
@@ -1069,6 +1140,7 @@ def render(data: dict[str, Any], summary: dict[str, Any]) -> str:
                 "eval loss",
                 "MFU(6N)",
                 "MFU(LoRA)",
+                "MFU(executed)",
             ],
             rows,
         )

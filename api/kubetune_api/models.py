@@ -486,7 +486,7 @@ class TrainingSpec(ApiModel):
         default=None,
         ge=1,
         le=10_000_000,
-        description="Evaluate eval loss every N steps (and at the end of each epoch).",
+        description="Evaluate eval loss every N steps; unset: at the end of each epoch.",
     )
     log_every_steps: int = Field(
         default=10, ge=1, le=100_000, description="Progress line and metrics row every N steps."

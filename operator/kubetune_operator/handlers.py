@@ -11,9 +11,10 @@ kopf's backoff. Handlers never sleep, and run at least once, so every create is 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import kopf
 
@@ -53,15 +54,17 @@ def _report_rejection(
     ctx: Context,
     body: kopf.Body,
     current: Mapping[str, Any],
+    pending: Mapping[str, Any],
     obs: status.Observed,
     exc: reconcile.ChildRejected,
     retry: int,
-) -> None:
+) -> NoReturn:
     """Stalled with the API server's words and a Warning Event (once per reason and message), then a
-    retry with back-off: the cause (a quota, a webhook, a spec field) may be removed at any time."""
+    retry with back-off: the cause (a quota, a webhook, a spec field) may be removed at any time.
+    ``pending``: the status the reconcile decided and had not written yet (written with it)."""
     meta = body["metadata"]
     message = f"the API server refused to create {exc.kind} {exc.name} (HTTP {exc.status}): {exc.message}"
-    patch = status.rejected_status(obs, exc.reason, message)
+    patch = {**pending, **status.rejected_status(obs, exc.reason, message)}
     reconcile.patch_status(ctx.api, meta["namespace"], meta["name"], patch)
     if (current.get("reason"), current.get("message")) != (exc.reason, message):
         reconcile.post_event(body, "Warning", exc.reason, message)
@@ -131,12 +134,13 @@ def reconcile_finetunejob(
             status=current,
             now=reconcile.utc_now(),
         )
+        # What this reconcile decides about the status is written once, with what the children show
+        # (reconcile.refresh_status), or before raising if creating them fails. Attempt names are
+        # deterministic (the generation), so a crash before that write resumes the same attempt.
+        pending: dict[str, Any] = {}
         if plan.action == "new":
-            # A new generation (or the first, or the first valid one): start its attempt. The status
-            # is written first, so a crash after it resumes this attempt instead of starting another.
-            reset = status.new_attempt_status(obs, attempt.fingerprint)
-            reconcile.patch_status(ctx.api, meta["namespace"], meta["name"], reset)
-            current = status.merged(current, reset)
+            # A new generation (or the first, or the first valid one): start its attempt.
+            pending = status.new_attempt_status(obs, attempt.fingerprint)
         elif plan.action != "keep":
             # adopt: a new generation that only flipped runPolicy.suspend; rebaseline: the same
             # generation read differently after an upgrade. Either way the attempt goes on as it is.
@@ -146,38 +150,45 @@ def reconcile_finetunejob(
                     generation,
                     attempt.name,
                 )
-            keep = {"observedGeneration": generation, "attemptFingerprint": attempt.fingerprint}
+            pending = {"observedGeneration": generation, "attemptFingerprint": attempt.fingerprint}
             if not current.get("attemptGeneration"):
-                keep["attemptGeneration"] = attempt.generation
-            reconcile.patch_status(ctx.api, meta["namespace"], meta["name"], keep)
-            current = status.merged(current, keep)
+                pending["attemptGeneration"] = attempt.generation
+        before = current
+        current = status.merged(current, pending)
+        obs = dataclasses.replace(obs, status=current)
 
         finished = current.get("phase") in status.TERMINAL_PHASES
-        if plan.action == "new" or not finished:
-            # The old attempt goes, its record stays (status.history, ModelVersions).
-            removed = reconcile.remove_stale_attempts(ctx.api, job, attempt.name)
-            if removed:
-                logger.info("replaced attempt: removed %s", ", ".join(removed))
-                reconcile.post_event(
-                    body,
-                    "Normal",
-                    "AttemptReplaced",
-                    f"generation {generation}: removed {', '.join(removed)}",
-                )
-        if not finished:
-            try:
+        created = reconcile.Created([])
+        try:
+            # The old attempt goes, its record stays (status.history, ModelVersions). Generation 1
+            # has no older attempt to look for: attempt names carry the generation that started them.
+            if (plan.action == "new" or not finished) and generation > 1:
+                removed = reconcile.remove_stale_attempts(ctx.api, job, attempt.name)
+                if removed:
+                    logger.info("replaced attempt: removed %s", ", ".join(removed))
+                    reconcile.post_event(
+                        body,
+                        "Normal",
+                        "AttemptReplaced",
+                        f"generation {generation}: removed {', '.join(removed)}",
+                    )
+            if not finished:
                 created = reconcile.ensure_children(ctx.api, job, ctx.settings, attempt)
-            except reconcile.ChildRejected as exc:
-                _report_rejection(ctx, body, current, obs, exc, retry)
-            if created:
-                logger.info("created %s", ", ".join(created))
-                reconcile.post_event(body, "Normal", "Created", f"created {', '.join(created)}")
-            if reconcile.apply_suspend(ctx.api, job, attempt.name, ctx.settings):
-                verb = "suspended" if job.spec.run_policy.suspend else "resumed"
-                reconcile.post_event(body, "Normal", verb.capitalize(), f"Job {attempt.name} {verb}")
+                if created.names:
+                    logger.info("created %s", ", ".join(created.names))
+                # A Job created just now is already as runPolicy asks (builders.job_suspended_at_creation).
+                if created.job is None and reconcile.apply_suspend(ctx.api, job, attempt.name, ctx.settings):
+                    verb = "suspended" if job.spec.run_policy.suspend else "resumed"
+                    reconcile.post_event(body, "Normal", verb.capitalize(), f"Job {attempt.name} {verb}")
+        except reconcile.ChildRejected as exc:
+            _report_rejection(ctx, body, before, pending, obs, exc, retry)
+        except Exception:
+            if pending:
+                reconcile.patch_status(ctx.api, meta["namespace"], meta["name"], pending)
+            raise
         fresh = dict(body)
-        fresh["status"] = current
-        reconcile.refresh_status(ctx, fresh)
+        fresh["status"] = before
+        reconcile.refresh_status(ctx, fresh, pending=pending, created=created)
 
 
 # --- level-based mirroring --------------------------------------------------------------------
@@ -200,7 +211,9 @@ def resync_finetunejob(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         reconcile.refresh_status(ctx, body)
 
 
-def child_changed(body: kopf.Body, memo: kopf.Memo, type: str | None, **_: Any) -> None:
+def child_changed(
+    body: kopf.Body, memo: kopf.Memo, type: str | None, resource: kopf.Resource | None = None, **_: Any
+) -> None:
     """A Job or pod of ours changed: refresh its FineTuneJob's status now rather than at the next resync.
 
     ADDED events are skipped: a Job appears because the reconcile handler just created it (and
@@ -216,9 +229,12 @@ def child_changed(body: kopf.Body, memo: kopf.Memo, type: str | None, **_: Any) 
     if not name:
         return
     with ctx.metrics.timed("child"):
+        # The FineTuneJob is read fresh (the watch's copy may not have our last status write yet).
         ftj = reconcile.read_finetunejob(ctx.api, meta["namespace"], name)
         if ftj is not None:
-            reconcile.refresh_status(ctx, ftj)
+            # A Job's event carries the Job as it is now: no need to read it again.
+            seen = dict(body) if resource is not None and resource.plural == "jobs" else None
+            reconcile.refresh_status(ctx, ftj, seen_job=seen)
 
 
 def finetunejob_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
@@ -276,7 +292,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, ctx_fa
     kopf.on.login(registry=registry)(kopf.login_via_client)
     for decorator in (kopf.on.create, kopf.on.resume, kopf.on.update):
         decorator(*FTJ, registry=registry, id="reconcile")(reconcile_finetunejob)
-    # optional=True: no finalizer; deletion must never wait for the operator.
+    # optional=True: this handler adds no finalizer (the resync timer's does: docs/operator.md).
     kopf.on.delete(*FTJ, registry=registry, optional=True, id="forget")(finetunejob_deleted)
     # initial_delay: a new object is reconciled by its create handler; an immediate timer run would
     # only repeat that work during a burst of creations.

@@ -62,7 +62,7 @@ def _status_of(exc: Exception) -> int | None:
 # --- creating children ------------------------------------------------------------------------
 
 
-def _creators(api: ApiClient) -> dict[str, tuple[Callable[..., Any], Callable[..., Any]]]:
+def child_creators(api: ApiClient) -> dict[str, tuple[Callable[..., Any], Callable[..., Any]]]:
     """kind -> (create(namespace, body), read(name, namespace)) for every child kind."""
     from kubernetes import client
 
@@ -111,18 +111,20 @@ def _server_message(exc: Exception) -> str:
         return str(body)
 
 
-def create_owned(api: ApiClient, obj: Mapping[str, Any]) -> bool:
-    """Create ``obj``; True if created, False if it already existed and is owned by the same FineTuneJob.
+def create_owned(api: ApiClient, obj: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Create ``obj``; the created object as the API server returned it (its JSON form), or None if
+    it already existed and is owned by the same FineTuneJob.
 
     Raises ``kopf.TemporaryError`` when the name is taken by an object with another owner (for
     example one still being garbage-collected after a FineTuneJob of the same name was deleted).
     """
     kind = obj["kind"]
     meta = obj["metadata"]
-    create, read = _creators(api)[kind]
+    create, read = child_creators(api)[kind]
     try:
-        create(meta["namespace"], obj)
-        return True
+        # Raw JSON: the caller reads the created Job in the API's own form (no read-back needed).
+        response = create(meta["namespace"], obj, _preload_content=False)
+        return dict(json.loads(response.data))
     except _api_exception() as exc:
         code = _status_of(exc)
         if code in _REJECTED:
@@ -138,7 +140,7 @@ def create_owned(api: ApiClient, obj: Mapping[str, Any]) -> bool:
             "waiting for it to go away",
             delay=CONFLICT_RETRY_SECONDS,
         )
-    return False
+    return None
 
 
 def desired_children(
@@ -159,18 +161,30 @@ def desired_children(
     return objects
 
 
+@dataclass
+class Created:
+    """What :func:`ensure_children` created now: ``'<Kind>/<name>'`` of each, and the attempt's Job
+    as the API server returned it when that was one of them (None: it existed, or is not made yet)."""
+
+    names: list[str]
+    job: dict[str, Any] | None = None
+
+
 def ensure_children(
     api: ApiClient, job: FineTuneJob, settings: OperatorSettings, attempt: builders.Attempt
-) -> list[str]:
-    """Create what is missing; returns '<Kind>/<name>' of each object created now.
+) -> Created:
+    """Create what is missing.
 
     An existing child is never replaced or updated: what an attempt runs is fixed when its Job is
     created (an upgrade that renders it differently changes only Jobs created afterwards).
     """
-    created = []
+    created = Created([])
     for obj in desired_children(job, settings, attempt):
-        if create_owned(api, obj):
-            created.append(f"{obj['kind']}/{obj['metadata']['name']}")
+        made = create_owned(api, obj)
+        if made is not None:
+            created.names.append(f"{obj['kind']}/{obj['metadata']['name']}")
+            if obj["kind"] == "Job":
+                created.job = made
     return created
 
 
@@ -266,21 +280,45 @@ def read_finetunejob(api: ApiClient, namespace: str, name: str) -> dict[str, Any
     return dict(obj)
 
 
-def observe(api: ApiClient, job: FineTuneJob, current_status: Mapping[str, Any], now: str) -> status.Observed:
-    """Read the current attempt's Job and pods (the attempt ``status.jobName`` names) into :class:`status.Observed`."""
+def observe(
+    api: ApiClient,
+    job: FineTuneJob,
+    current_status: Mapping[str, Any],
+    now: str,
+    created_job: Mapping[str, Any] | None = None,
+    seen_job: Mapping[str, Any] | None = None,
+) -> status.Observed:
+    """Read the current attempt's Job and pods (the attempt ``status.jobName`` names) into :class:`status.Observed`.
+
+    ``created_job``: the attempt's Job as its create call returned it a moment ago. Then nothing is
+    read: the Job is that object, and a Job this new has no pods and no Events yet (the Job
+    controller acts on it after the create returned; its pods' and the Job's next changes arrive as
+    events, which refresh the status again).
+
+    ``seen_job``: a Job as a watch event delivered it just now; when it is the attempt's Job it is
+    not read again (its pods still are).
+    """
     from kubernetes import client
 
     attempt = builders.attempt_for(job, current_status)
     namespace = job.metadata.namespace or "default"
+    if created_job is not None:
+        return _observed(job, attempt.name, current_status, now, dict(created_job), [], [])
     # Raw JSON (_preload_content=False): the reducers read the API's own JSON form, and building
     # client model objects only to serialise them back was ~40% of a status refresh's CPU.
-    try:
-        response = client.BatchV1Api(api).read_namespaced_job(attempt.name, namespace, _preload_content=False)
-        job_obj = json.loads(response.data)
-    except _api_exception() as exc:
-        if _status_of(exc) != 404:
-            raise
-        job_obj = None
+    job_obj: dict[str, Any] | None
+    if seen_job is not None and (seen_job.get("metadata") or {}).get("name") == attempt.name:
+        job_obj = dict(seen_job)
+    else:
+        try:
+            response = client.BatchV1Api(api).read_namespaced_job(
+                attempt.name, namespace, _preload_content=False
+            )
+            job_obj = json.loads(response.data)
+        except _api_exception() as exc:
+            if _status_of(exc) != 404:
+                raise
+            job_obj = None
     pods = client.CoreV1Api(api).list_namespaced_pod(
         namespace, label_selector=f"{naming.LABEL_ATTEMPT}={attempt.name}", _preload_content=False
     )
@@ -295,12 +333,24 @@ def observe(api: ApiClient, job: FineTuneJob, current_status: Mapping[str, Any],
             _preload_content=False,
         )
         job_events = list(json.loads(events.data).get("items") or [])
+    return _observed(job, attempt.name, current_status, now, job_obj, pod_items, job_events)
+
+
+def _observed(
+    job: FineTuneJob,
+    attempt: str,
+    current_status: Mapping[str, Any],
+    now: str,
+    job_obj: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+    job_events: list[dict[str, Any]],
+) -> status.Observed:
     return status.Observed(
         generation=job.metadata.generation or 1,
-        attempt=attempt.name,
+        attempt=attempt,
         job_events=job_events,
         job=job_obj,
-        pods=pod_items,
+        pods=pods,
         status=current_status,
         now=now,
         suspend_requested=job.spec.run_policy.suspend,
@@ -381,15 +431,29 @@ def post_event(body: Mapping[str, Any], type_: str, reason: str, message: str) -
     kopf.event(dict(body), type=type_, reason=reason, message=message[:1024])  # type: ignore[arg-type]
 
 
-def refresh_status(ctx: Context, body: Mapping[str, Any]) -> dict[str, Any]:
+def refresh_status(
+    ctx: Context,
+    body: Mapping[str, Any],
+    *,
+    pending: Mapping[str, Any] | None = None,
+    created: Created | None = None,
+    seen_job: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Level-based status update of one FineTuneJob from its children; returns the patch written.
 
     Also creates the ModelVersion for a published version and posts an Event for each phase or
     reason change. A spec that fails validation is left alone (its Invalid status was written by
     the reconcile handler). Raises only for API errors.
+
+    From the reconcile handler: ``pending`` is the status it decided (a new attempt, a re-recorded
+    fingerprint) and has not written: it goes out in the same status patch as what the children show,
+    one write per reconcile. ``created`` is what it created now: its Job is not read back, and the
+    creation and the status it leads to are told in one Event (a Warning still gets its own).
+    From a Job's watch event: ``seen_job`` is that Job as the event delivered it (not read again).
     """
     meta = body.get("metadata", {})
-    current = dict(body.get("status") or {})
+    before = dict(body.get("status") or {})
+    current = status.merged(before, pending or {})
     if current.get("observedGeneration") != meta.get("generation"):
         # A generation the reconcile handler has not acted on yet: what the children show is about
         # an earlier generation and must not be reported as this one's outcome.
@@ -398,13 +462,15 @@ def refresh_status(ctx: Context, body: Mapping[str, Any]) -> dict[str, Any]:
         job = validate_job(body, ctx.settings)
     except SpecInvalid:
         return {}
-    obs = observe(ctx.api, job, current, utc_now())
+    obs = observe(
+        ctx.api, job, current, utc_now(), created_job=created.job if created else None, seen_job=seen_job
+    )
     patch = status.reduce_status(obs)
     if patch.get("reason") == "ServiceAccountMissing":
         # Someone deleted the attempt's ServiceAccount (or its token): put back what is missing, as
         # the reconcile handler would; the Job controller's next pod creation then succeeds.
         try:
-            restored = ensure_children(ctx.api, job, ctx.settings, builders.attempt_for(job, current))
+            restored = ensure_children(ctx.api, job, ctx.settings, builders.attempt_for(job, current)).names
         except ChildRejected as exc:
             restored = []
             post_event(body, "Warning", exc.reason, str(exc))
@@ -414,22 +480,28 @@ def refresh_status(ctx: Context, body: Mapping[str, Any]) -> dict[str, Any]:
     if result is not None and result.version is not None:
         record = builders.build_model_version(job, result)
         try:
-            created = ensure_model_version(ctx.api, record)
-            if created is not None:
+            made = ensure_model_version(ctx.api, record)
+            if made is not None:
                 ctx.metrics.model_versions_created.inc()
                 post_event(
                     body,
                     "Normal",
                     "ModelVersionCreated",
-                    f"ModelVersion {created} records {result.version.uri}",
+                    f"ModelVersion {made} records {result.version.uri}",
                 )
         except ModelVersionConflict as exc:
             post_event(body, "Warning", "ModelVersionConflict", str(exc))
-    if _changed(current, patch):
-        patch_status(ctx.api, meta["namespace"], meta["name"], patch)
-        event = status.transition(current, patch)
-        if event is not None:
-            post_event(body, event.type, event.reason, event.message)
+    write = {**(pending or {}), **patch}
+    if _changed(before, write):
+        patch_status(ctx.api, meta["namespace"], meta["name"], write)
+    event = status.transition(current, patch) if _changed(current, patch) else None
+    if created is not None and created.names:
+        told = f"created {', '.join(created.names)}"
+        if event is not None and event.type == "Normal":
+            told, event = f"{told}; {event.message}", None
+        post_event(body, "Normal", "Created", told)
+    if event is not None:
+        post_event(body, event.type, event.reason, event.message)
     ctx.metrics.observe_phase(meta["namespace"], meta["name"], patch.get("phase"))
     ctx.metrics.observe_status(meta["namespace"], meta["name"], current, status.merged(current, patch))
-    return patch
+    return write

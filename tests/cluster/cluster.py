@@ -21,6 +21,7 @@ import base64
 import datetime
 import hashlib
 import ipaddress
+import json
 import os
 import secrets
 import shutil
@@ -91,8 +92,10 @@ class LocalCluster:
         *,
         startup_timeout: float = 90.0,
         log_dir: Path | str | None = None,
+        audit: bool = False,
     ) -> None:
         self.bin_dir = Path(bin_dir)
+        self.audit = audit
         self.startup_timeout = startup_timeout
         self._work = Path(tempfile.mkdtemp(prefix="kubetune-cluster-"))
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="kubetune-cluster-logs-"))
@@ -224,6 +227,19 @@ class LocalCluster:
         """One line per process naming its log file, for failure messages."""
         return "; ".join(f"{p.name}: {p.log_path}" for p in self._processes) or f"logs in {self.log_dir}"
 
+    @property
+    def audit_log(self) -> Path:
+        """The API server's audit log (JSON lines, one per request at stage ResponseComplete or
+        Panic, level Metadata: who, verb, resource, subresource, namespace, name, response code);
+        only written when the cluster was made with ``audit=True``."""
+        return self.log_dir / "audit.log"
+
+    def audit_events(self) -> list[dict[str, Any]]:
+        """Every audit event logged so far (the log backend writes each before the response)."""
+        if not self.audit_log.exists():
+            return []
+        return [json.loads(line) for line in self.audit_log.read_text().splitlines() if line.strip()]
+
     # ------------------------------------------------------------------------------------ internals
     def _spawn(self, name: str, argv: list[str]) -> None:
         log_path = self.log_dir / f"{name}.log"
@@ -284,8 +300,24 @@ class LocalCluster:
                 "DefaultTolerationSeconds,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,ResourceQuota,"
                 "Priority",
                 "--v=1",
+                *self._audit_flags(),
             ],
         )
+
+    def _audit_flags(self) -> list[str]:
+        if not self.audit:
+            return []
+        policy = self._work / "audit-policy.yaml"
+        # One event per request, when its response is complete (long-running watches: when they end).
+        policy.write_text(
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\n"
+            "omitStages: [RequestReceived, ResponseStarted]\nrules:\n- level: Metadata\n"
+        )
+        return [
+            f"--audit-policy-file={policy}",
+            f"--audit-log-path={self.audit_log}",
+            "--audit-log-format=json",
+        ]
 
     def _start_controller_manager(self) -> None:
         self._spawn(

@@ -88,6 +88,8 @@ def test_five_jobs_get_children_and_the_tables_carry_the_measurements(
         "create_to_children_p99_s",
         "peak_rss_mb",
         "idle_cpu_pct_of_core",
+        "burst_wall_over_bare_client",
+        "operator_requests_per_job",
     ):
         line = next(line for line in text.splitlines() if line.startswith(target))
         assert line.rstrip().endswith(("PASS", "MISS")), line
@@ -106,3 +108,18 @@ def test_five_jobs_get_children_and_the_tables_carry_the_measurements(
     assert run["idle_cpu_pct"] >= 0
     assert data["summary"]["all_children_created"] is True
     assert plot.stat().st_size > 0
+    # The box's limit: the bare client sent exactly its 6 creates, a status patch and an Event per job
+    # (counted from the API server's own audit log, so a miscount there would show here).
+    bare = run["bare_client"]
+    assert bare["requests_per_job"] == {
+        **{f"create {k.lower()}s": 1.0 for k in CHILD_KINDS},
+        "patch finetunejobs/status": 1.0,
+        "create events": 1.0,
+    }, bare
+    assert bare["wall_s"] > 0 and run["burst_wall_over_limit"] == run["burst_wall_s"] / bare["wall_s"]
+    # The operator creates each child once, never reads back a Job it created, and does not write a
+    # status twice in a first reconcile (2 of the 5 FineTuneJobs' Jobs are failed on purpose).
+    ops = run["operator_requests_per_job"]
+    for kind in CHILD_KINDS:
+        assert ops[f"create {kind.lower()}s"] == 1.0, ops
+    assert ops["patch finetunejobs/status"] <= 3.0 and "get jobs" not in ops, ops

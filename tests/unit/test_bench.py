@@ -275,3 +275,60 @@ def test_bench_cache_reads_the_trainer_s_model_bytes_lines(tmp_path: Path) -> No
         "logEverySteps": 1,
         "learningRate": original * 0.5,
     }
+
+
+def test_executed_flops_charge_padding_and_the_head_only_where_it_ran() -> None:
+    from bench.throughput import executed_flops_per_s
+
+    model = {"params": 1_000, "non_embedding_params": 700, "head_params": 200}  # body = 500
+    run = {
+        "trainable_params": 10,
+        "step_times": [1.0, 2.0, 4.0],  # steps 2..3 take 3 s
+        "step_positions": [999, 100, 50],  # step 1 (set-up) is left out
+        "step_head_positions": [999, 40, 50],
+    }
+    per_position = 4 * 500 + 6 * 10
+    expected = (100 * per_position + 40 * 4 * 200 + 50 * per_position + 50 * 4 * 200) / 3.0
+    assert executed_flops_per_s(run, model) == pytest.approx(expected)
+    # The head at every position costs more than at the labelled ones only.
+    everywhere = {**run, "step_head_positions": run["step_positions"]}
+    assert executed_flops_per_s(everywhere, model) > executed_flops_per_s(run, model)  # type: ignore[operator]
+    # Runs recorded before positions were logged have no executed figure.
+    assert executed_flops_per_s({"step_times": [1.0, 2.0], "trainable_params": 1}, model) is None
+
+
+def test_audit_counting_is_per_user_window_and_kind_without_watches() -> None:
+    import datetime
+
+    from bench._audit import per_job, requests_of, service_account_user
+
+    user = service_account_user("ns", "kubetune-operator")
+
+    def event(
+        verb: str, resource: str, at: str, who: str = user, sub: str | None = None
+    ) -> dict[str, object]:
+        ref: dict[str, object] = {"resource": resource, "namespace": "ns"}
+        if sub:
+            ref["subresource"] = sub
+        return {
+            "stage": "ResponseComplete",
+            "verb": verb,
+            "objectRef": ref,
+            "user": {"username": who},
+            "requestReceivedTimestamp": at,
+        }
+
+    events = [
+        event("create", "jobs", "2026-12-02T10:00:00.500000Z"),
+        event("create", "jobs", "2026-12-02T10:00:01.000000Z"),
+        event("patch", "finetunejobs", "2026-12-02T10:00:01.100000Z", sub="status"),
+        event("watch", "pods", "2026-12-02T10:00:01.200000Z"),  # long-running: not per object
+        event("create", "jobs", "2026-12-02T10:00:01.300000Z", who="admin"),  # someone else
+        event("create", "jobs", "2026-12-02T09:59:59.000000Z"),  # before the window
+    ]
+    since = datetime.datetime(2026, 12, 2, 10, 0, 0, tzinfo=datetime.UTC)
+    counts = requests_of(events, user, since)
+    assert counts == {"create jobs": 2, "patch finetunejobs/status": 1}
+    assert per_job(counts, 2) == {"create jobs": 1.0, "patch finetunejobs/status": 0.5}
+    until = datetime.datetime(2026, 12, 2, 10, 0, 1, tzinfo=datetime.UTC)
+    assert requests_of(events, user, since, until) == {"create jobs": 1}
