@@ -158,7 +158,7 @@ def reconcile_finetunejob(
         obs = dataclasses.replace(obs, status=current)
 
         finished = current.get("phase") in status.TERMINAL_PHASES
-        created = reconcile.Created([])
+        created = reconcile.Created()
         try:
             # The old attempt goes, its record stays (status.history, ModelVersions). Generation 1
             # has no older attempt to look for: attempt names carry the generation that started them.

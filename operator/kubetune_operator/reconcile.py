@@ -12,7 +12,7 @@ import datetime
 import json
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import kopf
@@ -166,7 +166,7 @@ class Created:
     """What :func:`ensure_children` created now: ``'<Kind>/<name>'`` of each, and the attempt's Job
     as the API server returned it when that was one of them (None: it existed, or is not made yet)."""
 
-    names: list[str]
+    names: list[str] = field(default_factory=list)
     job: dict[str, Any] | None = None
 
 
@@ -178,7 +178,7 @@ def ensure_children(
     An existing child is never replaced or updated: what an attempt runs is fixed when its Job is
     created (an upgrade that renders it differently changes only Jobs created afterwards).
     """
-    created = Created([])
+    created = Created()
     for obj in desired_children(job, settings, attempt):
         made = create_owned(api, obj)
         if made is not None:
