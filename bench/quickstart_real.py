@@ -164,7 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], help="spec override KEY=VALUE"
     )
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="default: every core, as make quickstart",
+    )
     parser.add_argument("--resamples", type=int, default=2000)
     args = parser.parse_args(argv)
 

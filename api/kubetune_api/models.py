@@ -719,6 +719,18 @@ class EvaluationSpec(ApiModel):
             "version has one eval_loss."
         ),
     )
+    artifact_max_samples: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000,
+        description=(
+            "Eval examples used for the generation metrics of each published artifact (merged and "
+            "every quantization format): the first artifactMaxSamples of the maxSamples the tuned "
+            "model answered; unset: the same maxSamples. Their eval_loss and perplexity still use "
+            "the whole eval set, and a maxDropVsTuned gate compares with the tuned model's score on "
+            "the same examples (from its recorded answers), so a smaller check costs no fairness."
+        ),
+    )
     max_new_tokens: int = Field(
         default=64, ge=1, le=8192, description="Generation length for generation metrics."
     )

@@ -85,3 +85,36 @@ def test_a_failed_gate_on_the_int8_artifact_makes_the_version_gate_failed(
     assert "| int8.latency_p95_ms | spec, on int8 | <= 0.001 |" in card
     # Published, not promoted.
     assert not (models_dir(demo_store) / "aliases" / "candidate.json").exists()
+
+
+def test_artifact_max_samples_checks_merged_on_fewer_answers_against_the_tuned_on_the_same(
+    demo_store: Path, tmp_path: Path, run_kubetune: Runner
+) -> None:
+    """spec.evaluation.artifactMaxSamples through the whole pipeline: merged answers the first 2 of
+    the tuned model's 4; its gate is judged against the tuned model's recorded answers to those 2."""
+    job = small_job(
+        **{
+            "evaluation.metrics": ["eval_loss", "exact_match"],
+            "evaluation.maxSamples": 4,
+            "evaluation.artifactMaxSamples": 2,
+            "evaluation.maxNewTokens": 8,
+            "evaluation.gates": {"merged.exact_match": {"maxDropVsTuned": 0.0}},
+            "output.merge": True,
+        }
+    )
+    proc = run_job(run_kubetune, demo_store, tmp_path, "artifact-subset", job)
+    assert proc.returncode in (0, 4), proc.stderr[-4000:]
+    vdir = models_dir(demo_store) / "versions" / "v1"
+    report = json.loads((vdir / "eval" / "report.json").read_text())
+    merged = {e["artifact"]: e for e in report["artifact_evaluations"]}["merged"]
+    assert merged["settings"]["generation_examples"] == 2
+    assert merged["settings"]["tuned_generation_examples"] == 4
+    assert merged["settings"]["num_examples"] == report["evaluation"]["num_examples"]  # loss: all
+    samples = [json.loads(line) for line in (vdir / "eval" / "samples.jsonl").read_text().splitlines()]
+    rows = [s for s in samples if s["set"] == "eval"][:2]
+    expected = sum(r["tuned"].strip() == r["reference"].strip() for r in rows) / 2
+    assert merged["tuned_on_same"]["exact_match"] == pytest.approx(expected)
+    gate = {g["metric"]: g for g in report["gates"]["results"]}["merged.exact_match"]
+    assert gate["min"] == pytest.approx(merged["tuned_on_same"]["exact_match"])
+    assert gate["value"] == merged["metrics"]["exact_match"]
+    assert gate["passed"] == (merged["metrics"]["exact_match"] >= merged["tuned_on_same"]["exact_match"])

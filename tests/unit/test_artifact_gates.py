@@ -322,6 +322,92 @@ def test_an_artifact_is_scored_like_the_tuned_model_on_the_same_examples(tiny: d
     assert "peak_memory_ratio" in skipped.skipped and "peak_memory_ratio" not in skipped.metrics
 
 
+def test_artifact_max_samples_judges_an_artifact_on_fewer_answers_against_the_tuned_on_the_same(
+    tiny: dict[str, Any],
+) -> None:
+    """spec.evaluation.artifactMaxSamples: the artifact answers the first N of the tuned model's
+    maxSamples; its eval_loss still covers every example, and maxDropVsTuned compares with the
+    tuned model's recorded answers to those N, not with its score on all of them."""
+    examples = tiny["examples"]
+    eval_cfg = {
+        "metrics": ["eval_loss", "exact_match", "rouge_l"],
+        "maxSamples": 3,
+        "artifactMaxSamples": 1,
+        "maxNewTokens": 4,
+        "gates": {"int8.rouge_l": {"maxDropVsTuned": 0.0}},
+    }
+    spec = FineTuneJob.model_validate(
+        {**MINIMAL, "spec": {**MINIMAL["spec"], "evaluation": eval_cfg}}
+    ).spec.evaluation
+    assert spec.artifact_max_samples == 1
+    # The tuned model's recorded answers: the first is the reference itself, the others are wrong.
+    tuned_answers = [examples[0].answer_text, "zzz", "zzz"]
+    result = evaluate_artifact(
+        "int8",
+        tiny["model"],
+        tiny["tokenizer"],
+        examples,
+        spec,
+        path="quantized/int8",
+        seed=7,
+        tuned_answers=tuned_answers,
+    )
+    loss, _ = loss_and_perplexity(tiny["model"], examples)
+    assert result.metrics["eval_loss"] == pytest.approx(loss, rel=1e-5)  # every example
+    assert result.settings["generation_examples"] == 1
+    assert result.settings["tuned_generation_examples"] == 3
+    # The tuned model on that one example: a perfect answer (the whole-sample score would be 1/3).
+    assert result.tuned_on_same == {"exact_match": 1.0, "rouge_l": pytest.approx(1.0)}
+    tuned_all = {"eval_loss": loss, "exact_match": 1 / 3, "rouge_l": 1 / 3}
+    reference = result.tuned_reference(tuned_all)
+    assert reference["eval_loss"] == loss and reference["rouge_l"] == pytest.approx(1.0)
+    artifact = {"int8": {**result.metrics, "rouge_l": 0.5}}
+    # Against the whole-sample tuned score 0.5 would pass; against the same example it is a drop.
+    assert check_artifact_gates(eval_cfg["gates"], tuned_all, artifact)[0].passed
+    judged = check_artifact_gates(eval_cfg["gates"], tuned_all, artifact, tuned_for={"int8": reference})
+    assert not judged[0].passed
+    # Without a subset the tuned model's own figures stand and nothing is re-scored.
+    full = evaluate_artifact(
+        "int8",
+        tiny["model"],
+        tiny["tokenizer"],
+        examples,
+        {**eval_cfg, "artifactMaxSamples": None},
+        path="quantized/int8",
+        tuned_answers=tuned_answers,
+    )
+    assert full.tuned_on_same == {} and "tuned_on_same" not in full.to_dict()
+    assert full.settings["generation_examples"] == 3
+
+
+def test_the_card_compares_a_subset_artifact_with_the_tuned_model_on_the_same_examples() -> None:
+    report = EvalReport(
+        tuned={"eval_loss": 1.0, "rouge_l": 0.4}, base=None, samples=[], num_examples=10, settings={}
+    )
+    int8 = ArtifactEvaluation(
+        "int8",
+        "quantized/int8",
+        {"eval_loss": 1.0, "rouge_l": 0.45},
+        settings={"generation_examples": 5, "tuned_generation_examples": 10},
+        tuned_on_same={"rouge_l": 0.5},
+    )
+    card = render_model_card(
+        model_name="m",
+        version="v1",
+        base_model="s3://models/base",
+        data_digests={},
+        hyperparameters={},
+        report=report,
+        gates=GateReport(passed=True, results=[]),
+        artifacts=[],
+        artifact_evaluations=[int8],
+    )
+    # -10% against the tuned model's 0.5 on the same 5 answers (not +12.5% against its 0.4 on 10).
+    assert "| rouge_l | 0.4 | 0.45 (-10.0%) |" in card
+    assert "are on the first 5 of the tuned model's 10 answered examples" in card
+    assert int8.to_dict()["tuned_on_same"] == {"rouge_l": 0.5}
+
+
 # ------------------------------------------------------------------------------- the card and report
 
 

@@ -276,5 +276,6 @@ def _evaluate_and_publish(
 ) -> Published:
     """evaluate -> artifacts -> publish, on rank 0: one trained stage becomes a version."""
     evaluation = evaluate_stage(ctx, inputs, trained, tokenizer)
-    artifacts = build_artifacts(ctx, inputs, trained)
+    tuned_answers = [row.tuned for row in evaluation.report.samples if row.set == "eval"]
+    artifacts = build_artifacts(ctx, inputs, trained, tuned_answers)
     return publish_stage(ctx, inputs, identity, trained, evaluation, artifacts, stages=lineage)

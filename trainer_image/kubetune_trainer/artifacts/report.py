@@ -261,9 +261,10 @@ def _artifact_evaluation_section(report: EvalReport, evaluations: Sequence[Artif
     header = ["Metric", "Tuned"] + [f"`{e.artifact}`" for e in evaluations]
     rows = [
         [name, report.tuned.get(name)]
-        + [_vs_tuned(e.metrics.get(name), report.tuned.get(name)) for e in evaluations]
+        + [_vs_tuned(e.metrics.get(name), e.tuned_reference(report.tuned).get(name)) for e in evaluations]
         for name in names
     ]
+    fewer = [e for e in evaluations if e.tuned_on_same]
     lines = [
         "### What ships, on the same eval set",
         "",
@@ -283,6 +284,16 @@ def _artifact_evaluation_section(report: EvalReport, evaluations: Sequence[Artif
         _table(header, rows),
         "",
     ]
+    if fewer:
+        n = fewer[0].settings.get("generation_examples")
+        lines += [
+            "`spec.evaluation.artifactMaxSamples`: the generation metrics of "
+            + ", ".join(f"`{e.artifact}`" for e in fewer)
+            + f" are on the first {n} of the tuned model's "
+            f"{fewer[0].settings.get('tuned_generation_examples')} answered examples, and the change in "
+            "brackets is against the tuned model's own answers to those same examples.",
+            "",
+        ]
     skipped = [f"`{e.artifact}.{k}` ({v})" for e in evaluations for k, v in e.skipped.items()]
     if skipped:
         lines += ["Not computed: " + "; ".join(skipped) + ".", ""]

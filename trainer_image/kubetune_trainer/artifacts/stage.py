@@ -7,7 +7,9 @@
 entry under ``quantized/``), and each published artifact — ``merged/`` (when it ships) and every
 quantized format — reloaded from disk and evaluated on the tuned model's eval set
 (:func:`~kubetune_trainer.evaluate.evaluator.evaluate_artifact`: the same loss examples, the same
-generation samples and seed), which ``<artifact>.<metric>`` gates read. Raises
+generation samples — or the first ``spec.evaluation.artifactMaxSamples`` of them, the tuned model
+then re-scored from its recorded answers on those — and seed), which ``<artifact>.<metric>`` gates
+read. Raises
 UnsupportedFormatError, ArtifactSmokeTestError and FileExistsError (from
 :func:`~kubetune_trainer.artifacts.quantize.quantize_artifacts`), and what evaluation raises.
 
@@ -81,8 +83,12 @@ class Artifacts:
         return [merged, *self.evaluations]
 
 
-def build_artifacts(ctx: RunContext, inputs: Inputs, trained: Trained) -> Artifacts:
-    """Merge the adapter into the base and write the quantized formats (stage ``Quantizing``)."""
+def build_artifacts(
+    ctx: RunContext, inputs: Inputs, trained: Trained, tuned_answers: list[str] | None = None
+) -> Artifacts:
+    """Merge the adapter into the base and write the quantized formats (stage ``Quantizing``).
+    ``tuned_answers``: the tuned model's greedy answers on the eval set, in order (the evaluate
+    stage's samples table), for artifacts judged on fewer examples."""
     rc, reporter, staging = ctx.rc, ctx.reporter, ctx.staging
     outcome = trained.outcome
     merged_dir: Path | None = None
@@ -106,7 +112,7 @@ def build_artifacts(ctx: RunContext, inputs: Inputs, trained: Trained) -> Artifa
     # What ships is what is judged: each published artifact on the tuned model's eval set.
     evaluations: list[ArtifactEvaluation] = []
     if merged_dir is not None and rc.output.merge and rc.method.type != "full":
-        evaluations.append(_evaluate_merged(ctx, inputs, trained, merged_dir))
+        evaluations.append(_evaluate_merged(ctx, inputs, trained, merged_dir, tuned_answers))
     for report in quantized:
         evaluations.append(
             _evaluate_one(
@@ -117,6 +123,7 @@ def build_artifacts(ctx: RunContext, inputs: Inputs, trained: Trained) -> Artifa
                 f"quantized/{report.path}",
                 {"peak_memory_ratio": report.peak_memory_ratio} if _memory_wanted(ctx) else None,
                 glossary_terms(inputs),
+                tuned_answers,
             )
         )
     return Artifacts(
@@ -133,7 +140,7 @@ def _memory_wanted(ctx: RunContext) -> bool:
 
 
 def _evaluate_merged(
-    ctx: RunContext, inputs: Inputs, trained: Trained, merged_dir: Path
+    ctx: RunContext, inputs: Inputs, trained: Trained, merged_dir: Path, tuned_answers: list[str] | None
 ) -> ArtifactEvaluation:
     """merged/ on the eval set; its peak_memory_ratio (when asked for) against the base, each
     measured in a fresh process as the tuned model's is."""
@@ -159,6 +166,7 @@ def _evaluate_merged(
         "merged",
         extra,
         glossary_terms(inputs),
+        tuned_answers,
     )
 
 
@@ -170,6 +178,7 @@ def _evaluate_one(
     path: str,
     extra: dict[str, float | None] | None,
     glossary: list[str] | None,
+    tuned_answers: list[str] | None = None,
 ) -> ArtifactEvaluation:
     """Load one artifact from disk (with its own tokenizer), score it, print its ``eval`` line."""
     ctx.reporter.stage("Quantizing", f"evaluating {artifact} on the eval set")
@@ -187,6 +196,7 @@ def _evaluate_one(
             batch_size=ctx.rc.training.batch_size,
             extra_metrics=extra,
             glossary=glossary,
+            tuned_answers=tuned_answers,
         )
     finally:
         del model

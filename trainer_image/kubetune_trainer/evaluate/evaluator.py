@@ -641,18 +641,9 @@ def _score_model(
             timed=min(latency_samples, len(examples)) if wants_latency else 0,
         )
         references = [ex.answer_text for ex in examples]
-        text = text_metrics(answers, references)
-        metrics.update({k: v for k, v in text.items() if k in requested})
-        if "terminology_coverage" in requested:
-            if matcher is None:
-                skipped["terminology_coverage"] = "spec.evaluation.glossary is not set"
-            else:
-                try:
-                    metrics["terminology_coverage"] = terminology_coverage(answers, references, matcher)
-                except ValueError as exc:
-                    skipped["terminology_coverage"] = str(exc)
-        if "json_validity" in requested and json_schema is not None:
-            metrics["json_validity"] = json_validity(answers, json_schema)
+        scored, why = answer_metrics(answers, references, requested, matcher=matcher, json_schema=json_schema)
+        metrics.update(scored)
+        skipped.update(why)
         if wants_latency:
             metrics.update(latency_percentiles([g.latency_ms for g in timed]))
     if "consistency" in requested:
@@ -673,6 +664,35 @@ def _score_model(
                 per_prompt[i].append(g.text)
         metrics["consistency"] = consistency(per_prompt)
     return _Scored(metrics=metrics, answers=answers, losses=losses, skipped=skipped)
+
+
+def answer_metrics(
+    answers: Sequence[str],
+    references: Sequence[str],
+    requested: Sequence[str] | set[str],
+    *,
+    matcher: TermMatcher | None,
+    json_schema: Mapping[str, Any] | None,
+) -> tuple[dict[str, float], dict[str, str]]:
+    """The ``requested`` metrics that the answers alone decide (exact_match, bleu, rouge_l,
+    accuracy, terminology_coverage, json_validity), and why one could not be computed. The one
+    scorer of every model's answers, and of the tuned model's recorded answers when an artifact
+    was judged on fewer examples (:func:`evaluate_artifact`)."""
+    metrics: dict[str, float] = {}
+    skipped: dict[str, str] = {}
+    text = text_metrics(answers, references)
+    metrics.update({k: v for k, v in text.items() if k in requested})
+    if "terminology_coverage" in requested:
+        if matcher is None:
+            skipped["terminology_coverage"] = "spec.evaluation.glossary is not set"
+        else:
+            try:
+                metrics["terminology_coverage"] = terminology_coverage(answers, references, matcher)
+            except ValueError as exc:
+                skipped["terminology_coverage"] = str(exc)
+    if "json_validity" in requested and json_schema is not None:
+        metrics["json_validity"] = json_validity(answers, json_schema)
+    return metrics, skipped
 
 
 def _row_scores(
@@ -916,6 +936,10 @@ class ArtifactEvaluation:
     ``artifact``: ``merged`` or a quantization format; ``path``: its folder inside the version;
     ``metrics``: metric name -> value (what ``<artifact>.<metric>`` gates read); ``skipped``:
     metric -> why it was not computed; ``settings``: examples scored and generation length.
+    ``tuned_on_same``: when the artifact answered fewer examples than the tuned model
+    (``spec.evaluation.artifactMaxSamples``), the tuned model's answer metrics on those same
+    examples, scored from its recorded answers: what ``maxDropVsTuned`` and the model card compare
+    with. Empty when the examples are the tuned model's own.
     """
 
     artifact: str
@@ -923,11 +947,20 @@ class ArtifactEvaluation:
     metrics: dict[str, float]
     skipped: dict[str, str] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    tuned_on_same: dict[str, float] = field(default_factory=dict)
+
+    def tuned_reference(self, tuned: Mapping[str, float]) -> dict[str, float]:
+        """The tuned model's metrics this artifact is compared with: ``tuned`` (its evaluation on
+        the whole sample) with the answer metrics re-scored on this artifact's examples."""
+        return {**tuned, **self.tuned_on_same}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; NaN/inf become None."""
         data = asdict(self)
         data["metrics"] = {k: (v if math.isfinite(v) else None) for k, v in self.metrics.items()}
+        data["tuned_on_same"] = {k: (v if math.isfinite(v) else None) for k, v in self.tuned_on_same.items()}
+        if not self.tuned_on_same:
+            data.pop("tuned_on_same")
         return data
 
 
@@ -943,13 +976,17 @@ def evaluate_artifact(
     batch_size: int = 8,
     extra_metrics: Mapping[str, float | None] | None = None,
     glossary: Sequence[str] | None = None,
+    tuned_answers: Sequence[str] | None = None,
 ) -> ArtifactEvaluation:
     """Score a loaded artifact on the eval examples exactly as :func:`evaluate_model` scores the
     tuned model: :func:`artifact_metrics` of ``eval_cfg``, eval_loss/perplexity over every example,
-    generation metrics and latency (batch 1) on the first ``maxSamples``, the same seed.
+    generation metrics and latency (batch 1) on the first ``maxSamples`` — or the first
+    ``artifactMaxSamples`` of them when that is set — with the same seed.
 
     ``extra_metrics``: values measured elsewhere (``peak_memory_ratio`` of the quantization step);
-    a None value is recorded as skipped.
+    a None value is recorded as skipped. ``tuned_answers``: the tuned model's greedy answers in
+    example order (its samples table); with fewer artifact examples than the tuned model answered,
+    its answer metrics on the same examples become ``tuned_on_same``.
 
     Raises:
         ValueError: no examples, or an unknown metric name.
@@ -958,6 +995,11 @@ def evaluate_artifact(
         raise ValueError(f"evaluating artifact {artifact} needs at least one eval example")
     requested = artifact_metrics(eval_cfg, artifact)
     score_kwargs = _score_settings(eval_cfg, seed=seed, batch_size=batch_size)
+    tuned_examples = min(len(examples), int(score_kwargs["max_samples"]))
+    subset = _cfg(eval_cfg, "artifact_max_samples", None)
+    if subset is not None:
+        score_kwargs["max_samples"] = min(int(score_kwargs["max_samples"]), int(subset))
+    generation_examples = min(len(examples), int(score_kwargs["max_samples"]))
     scored = _score_model(
         model,
         tokenizer,
@@ -975,16 +1017,29 @@ def evaluate_artifact(
             skipped[name] = f"{name} was not measured for {artifact}"
         else:
             metrics[name] = float(value)
+    tuned_on_same: dict[str, float] = {}
+    settings: dict[str, Any] = {
+        "metrics": requested,
+        "num_examples": len(examples),
+        "generation_examples": generation_examples,
+        "max_new_tokens": score_kwargs["max_new_tokens"],
+        "seed": seed,
+    }
+    if generation_examples < tuned_examples and _GENERATION_METRICS & set(requested):
+        settings["tuned_generation_examples"] = tuned_examples
+        if tuned_answers is not None and len(tuned_answers) >= generation_examples:
+            tuned_on_same, _ = answer_metrics(
+                list(tuned_answers[:generation_examples]),
+                [ex.answer_text for ex in list(examples)[:generation_examples]],
+                requested,
+                matcher=TermMatcher(glossary) if glossary else None,
+                json_schema=score_kwargs["json_schema"],
+            )
     return ArtifactEvaluation(
         artifact=artifact,
         path=path,
         metrics=metrics,
         skipped=skipped,
-        settings={
-            "metrics": requested,
-            "num_examples": len(examples),
-            "generation_examples": min(len(examples), int(score_kwargs["max_samples"])),
-            "max_new_tokens": score_kwargs["max_new_tokens"],
-            "seed": seed,
-        },
+        settings=settings,
+        tuned_on_same=tuned_on_same,
     )

@@ -283,6 +283,7 @@ def check_artifact_gates(
     *,
     not_computed: Mapping[str, Mapping[str, str]] | None = None,
     not_evaluated: Mapping[str, str] | None = None,
+    tuned_for: Mapping[str, Mapping[str, float]] | None = None,
 ) -> list[GateResult]:
     """Check the ``<artifact>.<metric>`` gates against each artifact's own evaluation.
 
@@ -292,6 +293,8 @@ def check_artifact_gates(
         artifacts: artifact name (``merged``, ``int8``, ...) -> its metrics on the eval set.
         not_computed: artifact -> metric -> why that metric was not computed for it.
         not_evaluated: artifact -> why it was not evaluated at all (quoted by a gate on it).
+        tuned_for: artifact -> the tuned model's metrics on that artifact's examples, where they
+            differ from ``tuned`` (an artifact judged on the first ``artifactMaxSamples``).
 
     Returns:
         One :class:`GateResult` per artifact gate, in spec order, ``metric`` being the gate key
@@ -317,6 +320,7 @@ def check_artifact_gates(
             )
             continue
         raw = measured.get(metric)
+        reference = (tuned_for or {}).get(artifact, tuned)
         results.append(
             _check_one(
                 key,
@@ -325,7 +329,7 @@ def check_artifact_gates(
                 None if raw is None else float(raw),
                 (not_computed or {}).get(artifact, {}).get(metric),
                 drop=drop,
-                tuned=None if tuned.get(metric) is None else float(tuned[metric]),
+                tuned=None if reference.get(metric) is None else float(reference[metric]),
                 lower_is_better=metric in LOWER_IS_BETTER,
             )
         )

@@ -165,6 +165,7 @@ def _with_artifact_gates(ctx: RunContext, evaluation: Evaluation, artifacts: Art
         {e.artifact: e.metrics for e in judged},
         not_computed={e.artifact: e.skipped for e in judged},
         not_evaluated=not_evaluated,
+        tuned_for={e.artifact: e.tuned_reference(evaluation.report.tuned) for e in judged},
     )
     if not results:
         return evaluation
