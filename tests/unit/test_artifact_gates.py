@@ -380,6 +380,21 @@ def test_artifact_max_samples_judges_an_artifact_on_fewer_answers_against_the_tu
     assert full.settings["generation_examples"] == 3
 
 
+def artifact_card(report: EvalReport, gates: GateReport, evaluations: list[ArtifactEvaluation]) -> str:
+    """The model card of a version ``m v1`` with these evaluations and nothing else."""
+    return render_model_card(
+        model_name="m",
+        version="v1",
+        base_model="s3://models/base",
+        data_digests={},
+        hyperparameters={},
+        report=report,
+        gates=gates,
+        artifacts=[],
+        artifact_evaluations=evaluations,
+    )
+
+
 def test_the_card_compares_a_subset_artifact_with_the_tuned_model_on_the_same_examples() -> None:
     report = EvalReport(
         tuned={"eval_loss": 1.0, "rouge_l": 0.4}, base=None, samples=[], num_examples=10, settings={}
@@ -391,17 +406,7 @@ def test_the_card_compares_a_subset_artifact_with_the_tuned_model_on_the_same_ex
         settings={"generation_examples": 5, "tuned_generation_examples": 10},
         tuned_on_same={"rouge_l": 0.5},
     )
-    card = render_model_card(
-        model_name="m",
-        version="v1",
-        base_model="s3://models/base",
-        data_digests={},
-        hyperparameters={},
-        report=report,
-        gates=GateReport(passed=True, results=[]),
-        artifacts=[],
-        artifact_evaluations=[int8],
-    )
+    card = artifact_card(report, GateReport(passed=True, results=[]), [int8])
     # -10% against the tuned model's 0.5 on the same 5 answers (not +12.5% against its 0.4 on 10).
     assert "| rouge_l | 0.4 | 0.45 (-10.0%) |" in card
     assert "are on the first 5 of the tuned model's 10 answered examples" in card
@@ -429,17 +434,7 @@ def test_card_and_report_show_each_artifact_and_the_gate_that_judged_it(tmp_path
     gates = check_gates(report.tuned, tuned_gates(spec_gates)).plus(
         check_artifact_gates(spec_gates, report.tuned, {e.artifact: e.metrics for e in evaluations})
     )
-    card = render_model_card(
-        model_name="m",
-        version="v1",
-        base_model="s3://models/base",
-        data_digests={},
-        hyperparameters={},
-        report=report,
-        gates=gates,
-        artifacts=[],
-        artifact_evaluations=evaluations,
-    )
+    card = artifact_card(report, gates, evaluations)
     assert "**Quality gates FAILED: this version is not promotable.**" in card
     assert "### What ships, on the same eval set" in card
     assert "| Metric | Tuned | `merged` | `int8` |" in card
