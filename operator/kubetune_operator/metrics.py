@@ -45,6 +45,12 @@ class OperatorMetrics:
             ["handler", "kind"],
             registry=self.registry,
         )
+        self.status_conflicts = Counter(
+            "kubetune_status_conflicts_total",
+            "Status writes refused because the FineTuneJob changed since it was read (409); each is "
+            "read again and the status worked out anew.",
+            registry=self.registry,
+        )
         self.model_versions_created = Counter(
             "kubetune_modelversions_created_total",
             "ModelVersion records created.",

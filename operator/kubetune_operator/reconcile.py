@@ -366,13 +366,35 @@ def _job_finished(job_obj: Mapping[str, Any]) -> bool:
     )
 
 
-def patch_status(api: ApiClient, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
-    """JSON merge patch of ``status`` (only the keys in ``patch``) through the /status subresource."""
+class StatusConflict(RuntimeError):
+    """The FineTuneJob changed after the status being written was worked out from it (HTTP 409)."""
+
+
+def patch_status(
+    api: ApiClient,
+    namespace: str,
+    name: str,
+    patch: Mapping[str, Any],
+    resource_version: str | None = None,
+) -> None:
+    """JSON merge patch of ``status`` (only the keys in ``patch``) through the /status subresource.
+
+    With ``resource_version`` the write is conditional: the API server refuses it (409, raised as
+    :class:`StatusConflict`) when the object changed since that version was read.
+    """
     from kubernetes import client
 
-    client.CustomObjectsApi(api).patch_namespaced_custom_object_status(
-        names.API_GROUP, names.API_VERSION, namespace, PLURAL, name, {"status": dict(patch)}
-    )
+    body: dict[str, Any] = {"status": dict(patch)}
+    if resource_version:
+        body["metadata"] = {"resourceVersion": resource_version}
+    try:
+        client.CustomObjectsApi(api).patch_namespaced_custom_object_status(
+            names.API_GROUP, names.API_VERSION, namespace, PLURAL, name, body
+        )
+    except _api_exception() as exc:
+        if resource_version and _status_of(exc) == 409:
+            raise StatusConflict(f"FineTuneJob {namespace}/{name} changed since {resource_version}") from None
+        raise
 
 
 def _changed(current: Mapping[str, Any], patch: Mapping[str, Any]) -> bool:
@@ -431,6 +453,10 @@ def post_event(body: Mapping[str, Any], type_: str, reason: str, message: str) -
     kopf.event(dict(body), type=type_, reason=reason, message=message[:1024])  # type: ignore[arg-type]
 
 
+#: Conditional status writes tried per refresh before giving up (each refused one re-reads the object).
+STATUS_WRITE_ATTEMPTS = 5
+
+
 def refresh_status(
     ctx: Context,
     body: Mapping[str, Any],
@@ -450,21 +476,74 @@ def refresh_status(
     one write per reconcile. ``created`` is what it created now: its Job is not read back, and the
     creation and the status it leads to are told in one Event (a Warning still gets its own).
     From a Job's watch event: ``seen_job`` is that Job as the event delivered it (not read again).
+
+    Handlers run concurrently (a Job's event, a pod's, the reconcile handler), each from what it read:
+    the write is conditional on ``body``'s resourceVersion. When another write came first the object
+    is read again and the status worked out anew from it and the pods listed again, so an older
+    picture never overwrites a newer one (a Succeeded job reported Pending again).
     """
+    meta = body.get("metadata", {})
+    namespace, name = meta.get("namespace"), meta.get("name")
+    created_job = created.job if created else None
+    recorded: str | None = None
+    for attempt_no in range(STATUS_WRITE_ATTEMPTS):
+        refreshed = _work_out_status(ctx, body, pending, created_job, seen_job)
+        if refreshed is None:
+            return {}
+        before, current, patch, obs = refreshed
+        # Before the status says Succeeded, so a failure here is retried rather than left behind.
+        recorded = _record_model_version(ctx, body, obs, recorded)
+        write = {**(pending or {}), **patch}
+        if not _changed(before, write):
+            break
+        try:
+            patch_status(ctx.api, namespace, name, write, resource_version=meta.get("resourceVersion"))
+            break
+        except StatusConflict:
+            ctx.metrics.status_conflicts.inc()
+            if attempt_no == STATUS_WRITE_ATTEMPTS - 1:
+                raise
+            fresh = read_finetunejob(ctx.api, namespace, name)
+            if fresh is None:
+                return {}
+            # The pods are listed again; a Job seen in an event (or just created) is not read again:
+            # when it is older than the one the other write saw, its newer event follows this one,
+            # and a recorded outcome is never moved back by an older copy (status.verdict).
+            body, meta = fresh, fresh.get("metadata", {})
+    event = status.transition(current, patch) if _changed(current, patch) else None
+    if created is not None and created.names:
+        told = f"created {', '.join(created.names)}"
+        if event is not None and event.type == "Normal":
+            told, event = f"{told}; {event.message}", None
+        post_event(body, "Normal", "Created", told)
+    if event is not None:
+        post_event(body, event.type, event.reason, event.message)
+    ctx.metrics.observe_phase(namespace, name, patch.get("phase"))
+    ctx.metrics.observe_status(namespace, name, current, status.merged(current, patch))
+    return write
+
+
+def _work_out_status(
+    ctx: Context,
+    body: Mapping[str, Any],
+    pending: Mapping[str, Any] | None,
+    created_job: Mapping[str, Any] | None,
+    seen_job: Mapping[str, Any] | None,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], status.Observed] | None:
+    """(status as read, with ``pending`` applied, the reducers' patch, what was observed); None when
+    the status is not this refresh's to write (a generation not acted on yet, an invalid spec)."""
     meta = body.get("metadata", {})
     before = dict(body.get("status") or {})
     current = status.merged(before, pending or {})
     if current.get("observedGeneration") != meta.get("generation"):
         # A generation the reconcile handler has not acted on yet: what the children show is about
         # an earlier generation and must not be reported as this one's outcome.
-        return {}
+        return None
     try:
         job = validate_job(body, ctx.settings)
     except SpecInvalid:
-        return {}
-    obs = observe(
-        ctx.api, job, current, utc_now(), created_job=created.job if created else None, seen_job=seen_job
-    )
+        return None
+    obs = observe(ctx.api, job, current, utc_now(), created_job=created_job, seen_job=seen_job)
     patch = status.reduce_status(obs)
     if patch.get("reason") == "ServiceAccountMissing":
         # Someone deleted the attempt's ServiceAccount (or its token): put back what is missing, as
@@ -476,32 +555,25 @@ def refresh_status(
             post_event(body, "Warning", exc.reason, str(exc))
         if restored:
             post_event(body, "Normal", "Created", f"recreated {', '.join(restored)}")
+    return before, current, patch, obs
+
+
+def _record_model_version(
+    ctx: Context, body: Mapping[str, Any], obs: status.Observed, recorded: str | None
+) -> str | None:
+    """Make sure the ModelVersion of the version the trainer reported exists (an Event when it was
+    made now); returns that version's URI, or ``recorded`` when there is none or it was done."""
     result = status.trainer_result(obs.pods)
-    if result is not None and result.version is not None:
-        record = builders.build_model_version(job, result)
-        try:
-            made = ensure_model_version(ctx.api, record)
-            if made is not None:
-                ctx.metrics.model_versions_created.inc()
-                post_event(
-                    body,
-                    "Normal",
-                    "ModelVersionCreated",
-                    f"ModelVersion {made} records {result.version.uri}",
-                )
-        except ModelVersionConflict as exc:
-            post_event(body, "Warning", "ModelVersionConflict", str(exc))
-    write = {**(pending or {}), **patch}
-    if _changed(before, write):
-        patch_status(ctx.api, meta["namespace"], meta["name"], write)
-    event = status.transition(current, patch) if _changed(current, patch) else None
-    if created is not None and created.names:
-        told = f"created {', '.join(created.names)}"
-        if event is not None and event.type == "Normal":
-            told, event = f"{told}; {event.message}", None
-        post_event(body, "Normal", "Created", told)
-    if event is not None:
-        post_event(body, event.type, event.reason, event.message)
-    ctx.metrics.observe_phase(meta["namespace"], meta["name"], patch.get("phase"))
-    ctx.metrics.observe_status(meta["namespace"], meta["name"], current, status.merged(current, patch))
-    return write
+    if result is None or result.version is None or result.version.uri == recorded:
+        return recorded
+    record = builders.build_model_version(validate_job(body, ctx.settings), result)
+    try:
+        made = ensure_model_version(ctx.api, record)
+        if made is not None:
+            ctx.metrics.model_versions_created.inc()
+            post_event(
+                body, "Normal", "ModelVersionCreated", f"ModelVersion {made} records {result.version.uri}"
+            )
+    except ModelVersionConflict as exc:
+        post_event(body, "Warning", "ModelVersionConflict", str(exc))
+    return result.version.uri

@@ -271,21 +271,36 @@ def _failure(
     return Verdict("Failed", reason, (cond.get("message") or "the Job failed") + _last_failure_text(pods))
 
 
+def _recorded_outcome(obs: Observed) -> Verdict | None:
+    """The outcome the status already records for this attempt (None while it has none)."""
+    st = obs.status
+    if st.get("jobName") != obs.attempt or st.get("phase") not in TERMINAL_PHASES:
+        return None
+    return Verdict(st["phase"], st.get("reason") or "", st.get("message") or "")
+
+
+def _job_finished(job: Mapping[str, Any]) -> bool:
+    return _job_condition(job, "Complete") is not None or _job_condition(job, "Failed") is not None
+
+
 def verdict(obs: Observed, result: TrainerResult | None) -> Verdict:
     """The phase of the FineTuneJob from its current attempt (see module docstring)."""
     job = obs.job
+    recorded = _recorded_outcome(obs)
     if job is None:
-        if obs.status.get("jobName") == obs.attempt and obs.status.get("phase") in TERMINAL_PHASES:
+        if recorded is not None:
             # The finished Job was deleted by its TTL: the recorded outcome still stands.
-            return Verdict(
-                obs.status["phase"], obs.status.get("reason") or "", obs.status.get("message") or ""
-            )
+            return recorded
         if obs.suspend_requested:
             return Verdict("Suspended", "Suspended", "spec.runPolicy.suspend is true: no pods run")
         if obs.status.get("phase") == "Pending" and obs.status.get("reason") in REJECTION_REASONS:
             # The reconcile handler's record of a refused create stands until its retry succeeds.
             return Verdict("Pending", obs.status["reason"], obs.status.get("message") or "", stalled=True)
         return Verdict("Pending", "Creating", "creating the training Job")
+    if recorded is not None and not _job_finished(job):
+        # A finished attempt does not run again: a Job that shows it unfinished is an older copy of
+        # it (a watch event handled late), and must not move the recorded outcome back.
+        return recorded
     if _job_condition(job, "Complete") is not None:
         if result is None:
             return Verdict("Succeeded", "Completed", "the trainer finished but left no result")

@@ -367,3 +367,44 @@ def test_the_same_model_and_version_in_two_registries_get_two_model_versions(
     assert {r["spec"]["source"]["name"] for r in records} == {"team-a", "team-b"}
     assert "tiny-shared-v1" in {r["metadata"]["name"] for r in records}
     assert not [e for n in ("team-a", "team-b") for e in api.events(n) if e.reason == "ModelVersionConflict"]
+
+
+def test_a_status_worked_out_from_an_older_read_never_overwrites_a_newer_one(
+    api: Api, kube_api: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race a loaded CI run showed: a Job's watch event handled late (its Job still running, its
+    FineTuneJob read before another handler wrote Succeeded) wrote the job back to Pending. The
+    write is conditional on the resourceVersion it was worked out from: refused (409), read again,
+    worked out anew, and the recorded outcome stays. The real v1.20 API server decides the 409."""
+    from kubetune_operator import reconcile
+    from kubetune_operator.metrics import OperatorMetrics
+    from kubetune_operator.settings import OperatorSettings
+
+    events: list[tuple[str, str]] = []
+    monkeypatch.setattr(
+        reconcile, "post_event", lambda _b, _t, reason, message: events.append((reason, message))
+    )
+    ctx = reconcile.Context(settings=OperatorSettings(), api=kube_api, metrics=OperatorMetrics())
+    api.create_ftj(finetunejob("late", "tiny-late"))
+    running = {"phase": "Running", "reason": "Running", "observedGeneration": 1, "jobName": "late-g1"}
+    reconcile.patch_status(kube_api, api.ns, "late", running)
+    stale = api.ftj("late")
+    # Another handler saw the Job complete and wrote the outcome.
+    succeeded = {**running, "phase": "Succeeded", "reason": "Published", "message": "published v1"}
+    reconcile.patch_status(kube_api, api.ns, "late", succeeded)
+    old_job = {"metadata": {"name": "late-g1"}, "spec": {}, "status": {"active": 1}}
+
+    # What the late event alone shows (its Job running, no pods left) would say Pending...
+    worked_out = reconcile._work_out_status(ctx, stale, None, None, old_job)
+    assert worked_out is not None and worked_out[2]["phase"] == "Pending"
+    with pytest.raises(reconcile.StatusConflict):
+        reconcile.patch_status(
+            kube_api, api.ns, "late", worked_out[2], resource_version=stale["metadata"]["resourceVersion"]
+        )
+    # ...but the refresh is refused, reads the job again and keeps what the newer write recorded.
+    written = reconcile.refresh_status(ctx, stale, seen_job=old_job)
+    st = api.status("late")
+    assert (st["phase"], st["reason"], st["message"]) == ("Succeeded", "Published", "published v1")
+    assert written.get("phase") in (None, "Succeeded")
+    assert ctx.metrics.status_conflicts._value.get() == 1
+    assert not [e for e in events if "Pending" in e[1]], events

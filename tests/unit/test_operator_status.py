@@ -287,6 +287,21 @@ def test_finished_job_deleted_by_ttl_keeps_its_outcome() -> None:
     assert (patch["phase"], patch["reason"], patch["restarts"]) == ("Succeeded", "Published", 2)
 
 
+def test_an_older_copy_of_the_job_never_moves_a_finished_attempt_back() -> None:
+    """A Job's watch event handled after the outcome was recorded shows the Job still running (and
+    its pods, read now, done): the recorded outcome stands rather than Pending/PodsPending."""
+    before = {"phase": "Succeeded", "reason": "Published", "message": "published v2", "jobName": ATTEMPT}
+    done = pod("Succeeded", terminated={"exitCode": 0, "reason": "Completed"})
+    patch = reduce_status(observed(job(active=1), [done], before))
+    assert (patch["phase"], patch["reason"], patch["message"]) == ("Succeeded", "Published", "published v2")
+    # Not for another attempt's record: a new attempt's running Job is reported as running.
+    other = {**before, "jobName": "demo-older"}
+    assert reduce_status(observed(job(active=1), [pod()], other))["phase"] == "Running"
+    # And a finished Job is read as it says (a failure found after a recorded success is reported).
+    failed = job(failed=1, condition=("Failed", "BackoffLimitExceeded"))
+    assert reduce_status(observed(failed, [], before))["phase"] == "Failed"
+
+
 def test_invalid_spec_status_names_the_field() -> None:
     patch = status.invalid_status([("spec.output.uri", "not under an allowed prefix")], observed(None, []))
     assert (patch["phase"], patch["reason"]) == ("Failed", "InvalidSpec")
