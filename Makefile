@@ -8,6 +8,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STORE ?= .kubetune/store
 PYTEST_ARGS ?=
+# Test files run in parallel, one pytest-xdist worker per core (each worker single-threaded, with its
+# own servers; a file's tests stay on one worker). PYTEST_WORKERS=0 runs everything in one process.
+PYTEST_WORKERS ?= $(shell nproc)
+PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadfile
 
 .PHONY: setup tools llama-cpp quickstart quickstart-real demo quickstart-inputs test lint typecheck crds crds-check docs-check unit integration kube clean
 
@@ -84,13 +88,13 @@ kube:
 	@if [ "$${KUBETUNE_SKIP_KUBE:-}" != 1 ] && [ -x tests/cluster/build-kube.sh ]; then tests/cluster/build-kube.sh; fi
 
 unit: setup tools llama-cpp
-	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
+	$(VENV)/bin/pytest tests/unit $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 integration: setup tools kube llama-cpp
-	$(VENV)/bin/pytest tests/integration -m integration $(PYTEST_ARGS)
+	$(VENV)/bin/pytest tests/integration -m integration $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 test: setup tools llama-cpp lint typecheck crds-check docs-check kube
-	$(VENV)/bin/pytest tests $(PYTEST_ARGS)
+	$(VENV)/bin/pytest tests $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 clean:
 	rm -rf .kubetune .pytest_cache .mypy_cache .ruff_cache
