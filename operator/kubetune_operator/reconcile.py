@@ -324,7 +324,7 @@ def observe(
     )
     pod_items = list(json.loads(pods.data).get("items") or [])
     job_events: list[dict[str, Any]] = []
-    if job_obj is not None and not pod_items and not _job_finished(job_obj):
+    if job_obj is not None and not pod_items and not status.job_finished(job_obj):
         # No pods and not finished: the Job controller may be failing to create them (quota,
         # admission). It says so only in Events on the Job.
         events = client.CoreV1Api(api).list_namespaced_event(
@@ -356,13 +356,6 @@ def _observed(
         suspend_requested=job.spec.run_policy.suspend,
         queue_name=job.spec.run_policy.queue_name,
         nodes=job.spec.distributed.nodes,
-    )
-
-
-def _job_finished(job_obj: Mapping[str, Any]) -> bool:
-    return any(
-        c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
-        for c in job_obj.get("status", {}).get("conditions") or []
     )
 
 
@@ -490,9 +483,9 @@ def refresh_status(
         refreshed = _work_out_status(ctx, body, pending, created_job, seen_job)
         if refreshed is None:
             return {}
-        before, current, patch, obs = refreshed
+        before, current, patch, obs, job = refreshed
         # Before the status says Succeeded, so a failure here is retried rather than left behind.
-        recorded = _record_model_version(ctx, body, obs, recorded)
+        recorded = _record_model_version(ctx, job, body, obs, recorded)
         write = {**(pending or {}), **patch}
         if not _changed(before, write):
             break
@@ -529,9 +522,10 @@ def _work_out_status(
     pending: Mapping[str, Any] | None,
     created_job: Mapping[str, Any] | None,
     seen_job: Mapping[str, Any] | None,
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], status.Observed] | None:
-    """(status as read, with ``pending`` applied, the reducers' patch, what was observed); None when
-    the status is not this refresh's to write (a generation not acted on yet, an invalid spec)."""
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], status.Observed, FineTuneJob] | None:
+    """(status as read, with ``pending`` applied, the reducers' patch, what was observed, the
+    validated spec); None when the status is not this refresh's to write (a generation not acted
+    on yet, an invalid spec)."""
     meta = body.get("metadata", {})
     before = dict(body.get("status") or {})
     current = status.merged(before, pending or {})
@@ -555,18 +549,18 @@ def _work_out_status(
             post_event(body, "Warning", exc.reason, str(exc))
         if restored:
             post_event(body, "Normal", "Created", f"recreated {', '.join(restored)}")
-    return before, current, patch, obs
+    return before, current, patch, obs, job
 
 
 def _record_model_version(
-    ctx: Context, body: Mapping[str, Any], obs: status.Observed, recorded: str | None
+    ctx: Context, job: FineTuneJob, body: Mapping[str, Any], obs: status.Observed, recorded: str | None
 ) -> str | None:
     """Make sure the ModelVersion of the version the trainer reported exists (an Event when it was
     made now); returns that version's URI, or ``recorded`` when there is none or it was done."""
     result = status.trainer_result(obs.pods)
     if result is None or result.version is None or result.version.uri == recorded:
         return recorded
-    record = builders.build_model_version(validate_job(body, ctx.settings), result)
+    record = builders.build_model_version(job, result)
     try:
         made = ensure_model_version(ctx.api, record)
         if made is not None:

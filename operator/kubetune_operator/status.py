@@ -279,7 +279,8 @@ def _recorded_outcome(obs: Observed) -> Verdict | None:
     return Verdict(st["phase"], st.get("reason") or "", st.get("message") or "")
 
 
-def _job_finished(job: Mapping[str, Any]) -> bool:
+def job_finished(job: Mapping[str, Any]) -> bool:
+    """The Job has its Complete or Failed condition."""
     return _job_condition(job, "Complete") is not None or _job_condition(job, "Failed") is not None
 
 
@@ -297,7 +298,7 @@ def verdict(obs: Observed, result: TrainerResult | None) -> Verdict:
             # The reconcile handler's record of a refused create stands until its retry succeeds.
             return Verdict("Pending", obs.status["reason"], obs.status.get("message") or "", stalled=True)
         return Verdict("Pending", "Creating", "creating the training Job")
-    if recorded is not None and not _job_finished(job):
+    if recorded is not None and not job_finished(job):
         # A finished attempt does not run again: a Job that shows it unfinished is an older copy of
         # it (a watch event handled late), and must not move the recorded outcome back.
         return recorded

@@ -406,5 +406,5 @@ def test_a_status_worked_out_from_an_older_read_never_overwrites_a_newer_one(
     st = api.status("late")
     assert (st["phase"], st["reason"], st["message"]) == ("Succeeded", "Published", "published v1")
     assert written.get("phase") in (None, "Succeeded")
-    assert ctx.metrics.status_conflicts._value.get() == 1
+    assert ctx.metrics.registry.get_sample_value("kubetune_status_conflicts_total") == 1
     assert not [e for e in events if "Pending" in e[1]], events
