@@ -102,6 +102,8 @@ def format_machine(info: Mapping[str, Any]) -> str:
     parts = [f"{info['cpu']}", f"nproc={info['nproc']}", f"mem={info['memory_gib']} GiB"]
     if "threads_per_contender" in info:
         parts.append(f"threads/contender={info['threads_per_contender']}")
+    if info.get("gpu"):
+        parts.append(f"gpu={info['gpu']}")
     return "machine: " + ", ".join(parts)
 
 

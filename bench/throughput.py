@@ -90,9 +90,20 @@ from bench._common import (
 )
 
 CONTENDERS = ("kubetune", "hf-peft", "trl", "trl-packed")
-DEFAULT_STEPS = {"tiny": 3, "5m": 8, "25m": 6, "100m": 4, "1b": 20, "smollm2": 4}
-REAL_SIZES = ("smollm2",)
-"""Sizes that are real checkpoints (with real data), not :data:`bench._synth.SHAPES`."""
+DEFAULT_STEPS = {"tiny": 3, "5m": 8, "25m": 6, "100m": 4, "1b": 20, "smollm2": 4, "smollm2-shape": 4}
+REAL_SIZES = ("smollm2", "smollm2-shape")
+"""Sizes with the real model's tokenizer and the real FAQ data, not :data:`bench._synth.SHAPES`:
+``smollm2`` is the real checkpoint; ``smollm2-shape`` is its architecture and tokenizer with random
+weights (:func:`build_real_shape`), for machines the real weights cannot reach."""
+SHAPE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+"""What ``--shape-dir`` holds (those present): a checkpoint's architecture and tokenizer, no weights."""
 TARGET_VS_HF = 3.0
 TARGET_VS_TRL = 1.3
 TARGET_VS_TRL_PACKED = 2.0
@@ -184,11 +195,51 @@ def faq_records(n_train: int) -> tuple[list[dict[str, str]], list[dict[str, str]
     return [record(i) for i in train], [record(i) for i in held]
 
 
-def prepare_inputs(workdir: Path, sizes: list[str], steps: dict[str, int], batch_size: int) -> dict[str, Any]:
+def export_shape(model_dir: Path, out_dir: Path) -> list[str]:
+    """Copy a checkpoint's architecture and tokenizer files (:data:`SHAPE_FILES`), not its weights."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in SHAPE_FILES:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, out_dir / name)
+            copied.append(name)
+    return copied
+
+
+def build_real_shape(shape_dir: Path, out_dir: Path, *, seed: int = 0) -> Path:
+    """A model of ``shape_dir``'s architecture with random weights (seeded), its tokenizer beside it.
+
+    Same layers, widths, heads, vocabulary and tied head as the real checkpoint, so per-token work and
+    memory are the real model's; the losses start from random weights (ln(vocab)), so they compare
+    contenders with each other, not with the real model's.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if (out_dir / "model.safetensors").is_file():
+        return out_dir
+    config = AutoConfig.from_pretrained(shape_dir)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    export_shape(shape_dir, out_dir)
+    return out_dir
+
+
+def prepare_inputs(
+    workdir: Path,
+    sizes: list[str],
+    steps: dict[str, int],
+    batch_size: int,
+    *,
+    shape_dir: Path | None = None,
+) -> dict[str, Any]:
     """Tokenizer, one model per size, train files (8·steps examples each) and eval files, per size.
 
     Synthetic sizes share the bench tokenizer and the synthetic eval file; ``smollm2`` brings its
-    own tokenizer (inside the dequantised folder) and FAQ train/eval files.
+    own tokenizer (inside the dequantised folder) and FAQ train/eval files; ``smollm2-shape`` the
+    same tokenizer and files with random weights, its architecture from ``shape_dir`` (default: the
+    dequantised real model's).
     """
     from bench._synth import SHAPES, build_llama, build_tokenizer, instruction_records, write_jsonl
 
@@ -202,15 +253,23 @@ def prepare_inputs(workdir: Path, sizes: list[str], steps: dict[str, int], batch
         eval_file = write_jsonl(workdir / "eval.jsonl", instruction_records(EVAL_EXAMPLES, seed=2))
     for size in sizes:
         n = steps[size] * batch_size
-        if size == "smollm2":
-            from kubetune_trainer import demo_real
-            from kubetune_trainer.fetch.gguf import prepare_gguf_base
+        if size in REAL_SIZES:
+            if size == "smollm2-shape" and shape_dir is not None:
+                model_dir = build_real_shape(shape_dir, workdir / f"model-{size}")
+                source = f"SmolLM2-135M-Instruct's config and tokenizer ({shape_dir.name}), random weights"
+            else:
+                from kubetune_trainer import demo_real
+                from kubetune_trainer.fetch.gguf import prepare_gguf_base
 
-            base = prepare_gguf_base(demo_real.locate_model_file(), workdir / "gguf", cache_dir=GGUF_CACHE)
-            info = _real_model_info(
-                base.model_dir, workdir / f"model-{size}" / "bench-model.json", base.describe()
-            )
-            out["models"][size] = {"dir": str(base.model_dir), **info}
+                base = prepare_gguf_base(
+                    demo_real.locate_model_file(), workdir / "gguf", cache_dir=GGUF_CACHE
+                )
+                model_dir, source = base.model_dir, base.describe()
+                if size == "smollm2-shape":
+                    model_dir = build_real_shape(base.model_dir, workdir / f"model-{size}")
+                    source = f"{source}: its config and tokenizer, random weights"
+            info = _real_model_info(model_dir, workdir / f"model-{size}" / "bench-model.json", source)
+            out["models"][size] = {"dir": str(model_dir), **info}
             train, held = faq_records(n)
             out["train"][size] = str(write_jsonl(workdir / f"train-{size}-{n}.jsonl", train))
             out["eval"][size] = str(write_jsonl(workdir / f"eval-{size}.jsonl", held))
@@ -885,8 +944,19 @@ WORKERS = {
 def _worker_main(a: argparse.Namespace) -> int:
     pin_torch_threads(a.threads)
     started = time.monotonic()
+    if a.device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
     result = WORKERS[a.worker](a)
     result["worker_wall_s"] = time.monotonic() - started
+    if a.device == "cuda":
+        import torch
+
+        # The GPU's peak for this contender's whole process (weights, activations, optimizer state):
+        # on a GPU that, not the host's RSS, is the memory that bounds a run.
+        result["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated())
+        result["gpu"] = torch.cuda.get_device_name()
     write_result(a.result, result)
     return 0
 
@@ -947,7 +1017,7 @@ def run_benchmark(a: argparse.Namespace) -> dict[str, Any]:
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     print(f"[bench] inputs and logs under {workdir}", file=sys.stderr, flush=True)
-    inputs = prepare_inputs(workdir, a.sizes, a.steps_by_size, a.batch_size)
+    inputs = prepare_inputs(workdir, a.sizes, a.steps_by_size, a.batch_size, shape_dir=a.shape_dir)
     peaks = [_measure_peak(a, inputs, a.sizes[0], logs)]
     runs: list[dict[str, Any]] = []
     try:
@@ -986,8 +1056,11 @@ def run_benchmark(a: argparse.Namespace) -> dict[str, Any]:
     finally:
         if not a.keep and not a.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+    machine = machine_info(a.threads)
+    if a.device == "cuda" and runs:
+        machine["gpu"] = runs[0].get("gpu")
     return {
-        "machine": machine_info(a.threads),
+        "machine": machine,
         "settings": {
             "sizes": a.sizes,
             "steps": a.steps_by_size,
@@ -1050,6 +1123,12 @@ def summarise(data: dict[str, Any]) -> dict[str, Any]:
             per[c] = {
                 "tokens_per_s": tps,
                 "peak_rss_mib": median(mib(r["peak_rss_bytes"]) for r in rs),
+                "peak_cuda_mib": (
+                    median(mib(r["peak_cuda_bytes"]) for r in rs)
+                    if all("peak_cuda_bytes" in r for r in rs)
+                    else None
+                ),
+                "attn_implementation": rs[0].get("attn_implementation"),
                 "final_train_loss": median(
                     r["final_train_loss"] for r in rs if r["final_train_loss"] is not None
                 ),
@@ -1080,7 +1159,9 @@ def summarise(data: dict[str, Any]) -> dict[str, Any]:
                     pairs.append(k[0]["tokens_per_s"] / o[0]["tokens_per_s"])
             ratio = median(pairs)
             loss_ok = per["kubetune"]["eval_loss"] <= per[other]["eval_loss"] * (1 + EVAL_LOSS_TOLERANCE)
-            rss_ok = per["kubetune"]["peak_rss_mib"] <= per[other]["peak_rss_mib"] * (1 + RSS_TOLERANCE)
+            # On a GPU the memory that counts is the device's peak allocation; on CPU the process RSS.
+            mem_key = "peak_cuda_mib" if per["kubetune"]["peak_cuda_mib"] is not None else "peak_rss_mib"
+            rss_ok = per["kubetune"][mem_key] <= per[other][mem_key] * (1 + RSS_TOLERANCE)
             ok = verdict(ratio, target) == "PASS" and loss_ok and (rss_ok or not memory_counts)
             ratios[other] = {
                 "ratio": ratio,
@@ -1108,6 +1189,7 @@ def render(data: dict[str, Any], summary: dict[str, Any]) -> str:
         "",
     ]
     rows = []
+    on_gpu = s["device"] == "cuda"
     for size, block in summary["sizes"].items():
         for c, m in block["contenders"].items():
             rows.append(
@@ -1125,6 +1207,7 @@ def render(data: dict[str, Any], summary: dict[str, Any]) -> str:
                     f"{100 * m['mfu_lora']:.1f}%",
                     "-" if m.get("mfu_executed") is None else f"{100 * m['mfu_executed']:.1f}%",
                 ]
+                + ([m.get("peak_cuda_mib"), m.get("attn_implementation") or "sdpa"] if on_gpu else [])
             )
     lines.append(
         format_table(
@@ -1141,7 +1224,8 @@ def render(data: dict[str, Any], summary: dict[str, Any]) -> str:
                 "MFU(6N)",
                 "MFU(LoRA)",
                 "MFU(executed)",
-            ],
+            ]
+            + (["GPU peak MiB", "attention"] if on_gpu else []),
             rows,
         )
     )
@@ -1172,7 +1256,7 @@ def render(data: dict[str, Any], summary: dict[str, Any]) -> str:
                 "target",
                 "speed",
                 "eval loss <=",
-                "peak RSS <=",
+                "GPU peak <=" if on_gpu else "peak RSS <=",
                 "verdict",
             ],
             rrows,
@@ -1181,7 +1265,7 @@ def render(data: dict[str, Any], summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: dict[str, Any], path: Path) -> None:
+def plot(summary: dict[str, Any], path: Path, device: str = "CPU") -> None:
     """Bar chart of real tokens/s per size and contender (log scale)."""
     import matplotlib
 
@@ -1198,7 +1282,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     ax.set_xticks([x + width * (len(contenders) - 1) / 2 for x in range(len(sizes))], sizes)
     ax.set_yscale("log")
     ax.set_ylabel("real tokens / s (median)")
-    ax.set_title("LoRA SFT throughput, CPU, same data and steps")
+    ax.set_title(f"LoRA SFT throughput, {device}, same data and steps")
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1211,8 +1295,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sizes",
         default="5m,25m,100m",
-        help="model sizes (tiny, 5m, 25m, 100m, 1b; smollm2: the real model)",
+        help="model sizes (tiny, 5m, 25m, 100m, 1b; smollm2: the real model; smollm2-shape: its "
+        "architecture and tokenizer with random weights)",
     )
+    p.add_argument(
+        "--shape-dir",
+        type=Path,
+        default=None,
+        help="smollm2-shape's config and tokenizer files (python -m bench.throughput --export-shape DIR "
+        "writes them from the real model); default: the dequantised real model's",
+    )
+    p.add_argument("--export-shape", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default per size)")
     p.add_argument("--repeats", type=int, default=3, help="repeats per contender; medians are reported")
     p.add_argument("--threads", type=int, default=1, help="torch/OMP threads per contender")
@@ -1247,6 +1340,14 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.worker:
         return _worker_main(a)
+    if a.export_shape:
+        from kubetune_trainer import demo_real
+        from kubetune_trainer.fetch.gguf import prepare_gguf_base
+
+        with tempfile.TemporaryDirectory() as tmp:
+            base = prepare_gguf_base(demo_real.locate_model_file(), Path(tmp), cache_dir=GGUF_CACHE)
+            print(f"{a.export_shape}: {', '.join(export_shape(base.model_dir, a.export_shape))}")
+        return 0
     if a.quick:
         a.sizes, a.repeats, a.matmul_n, a.matmul_reps = "tiny", 1, 256, 5
         a.max_length = min(a.max_length, 512)
@@ -1262,7 +1363,7 @@ def main(argv: list[str] | None = None) -> int:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps({**data, "summary": summary}, indent=2, default=float))
     if a.plot:
-        plot(summary, a.plot)
+        plot(summary, a.plot, "GPU" if a.device == "cuda" else "CPU")
     return 0
 
 
@@ -1272,7 +1373,7 @@ def _profile_main(a: argparse.Namespace) -> int:
     a.steps_by_size = {size: a.steps or DEFAULT_STEPS.get(size, 4)}
     workdir = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="kubetune-bench-prof-"))
     try:
-        inputs = prepare_inputs(workdir, [size], a.steps_by_size, a.batch_size)
+        inputs = prepare_inputs(workdir, [size], a.steps_by_size, a.batch_size, shape_dir=a.shape_dir)
         log = workdir / "profile.log"
         run = run_worker(
             "bench.throughput",

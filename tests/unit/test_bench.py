@@ -134,6 +134,45 @@ def test_summary_trl_packed_pair_targets_2x_and_counts_memory() -> None:
     assert summarise(data)["sizes"]["tiny"]["ratios"]["trl-packed"]["verdict"] == "MISS"
 
 
+def test_summary_on_a_gpu_compares_the_device_s_peak_not_the_host_s_rss() -> None:
+    runs = [
+        {**_run(300.0, 140.0, "kubetune", 0, rss=2**31), "peak_cuda_bytes": 2**30},
+        {**_run(300.0, 140.0, "trl-packed", 0, rss=2**30), "peak_cuda_bytes": 2**31},
+    ]
+    data = {
+        "settings": {"sizes": ["tiny"]},
+        "models": {"tiny": {"params": 100, "non_embedding_params": 50}},
+        "peak_matmul_flops": 1e9,
+        "runs": runs,
+    }
+    s = summarise(data)["sizes"]["tiny"]
+    assert s["contenders"]["kubetune"]["peak_cuda_mib"] == 1024.0
+    # Twice the host RSS of trl-packed, half its GPU peak: on a GPU the device's memory decides.
+    assert s["ratios"]["trl-packed"]["rss_ok"] and s["ratios"]["trl-packed"]["verdict"] == "PASS"
+    runs[0]["peak_cuda_bytes"] = 2**32
+    assert summarise(data)["sizes"]["tiny"]["ratios"]["trl-packed"]["verdict"] == "MISS"
+
+
+def test_a_real_shape_keeps_the_architecture_and_tokenizer_with_fresh_weights(tmp_path: Path) -> None:
+    from transformers import AutoConfig
+
+    from bench.throughput import build_real_shape, export_shape
+
+    real = tmp_path / "real"
+    model: Any = _tiny_llama(tied=True)
+    model.save_pretrained(real)
+    (real / "tokenizer.json").write_text("{}")
+    shape = tmp_path / "shape"
+    assert export_shape(real, shape) == ["config.json", "generation_config.json", "tokenizer.json"]
+    assert not list(shape.glob("*.safetensors"))  # no weights travel
+    out = build_real_shape(shape, tmp_path / "model")
+    rebuilt, original = AutoConfig.from_pretrained(out), AutoConfig.from_pretrained(real)
+    assert rebuilt.to_diff_dict() | {"transformers_version": ""} == original.to_diff_dict() | {
+        "transformers_version": ""
+    }
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").read_text() == "{}"
+
+
 def _tiny_llama(attn: str = "sdpa", tied: bool = False) -> object:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

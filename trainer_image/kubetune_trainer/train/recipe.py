@@ -663,7 +663,7 @@ class SFTRecipe:
                 "loss": loss,
                 "learning_rate": self._lr(),
                 "tokens_per_second": round(tps, 1),
-                "elapsed_s": round(now - started, 2),
+                "elapsed_s": round(now - started, 3),
                 **parts,
             }
             self._append_metrics(metrics_path, row)
