@@ -22,6 +22,7 @@ from pydantic.fields import FieldInfo
 
 from kubetune_api.models import FineTuneJobSpec, FineTuneJobStatus, ModelVersionSpec
 from kubetune_api.reports import TrainerResult
+from kubetune_api.sweep import FineTuneSweepSpec, TrialRecord
 
 TARGET = Path(__file__).resolve().parent / "api-reference.md"
 SECTIONS: list[tuple[str, str, type[BaseModel], str]] = [
@@ -43,6 +44,20 @@ SECTIONS: list[tuple[str, str, type[BaseModel], str]] = [
         "spec",
         ModelVersionSpec,
         "The immutable catalogue record the operator creates for each published version.",
+    ),
+    (
+        "FineTuneSweep spec",
+        "spec",
+        FineTuneSweepSpec,
+        "A hyperparameter search over a FineTuneJob template (`kubetune run sweep.yaml`; no CRD yet, "
+        "docs/sweeps.md). `template` is a FineTuneJob spec (above); its fields are not repeated here.",
+    ),
+    (
+        "FineTuneSweep trial record",
+        "",
+        TrialRecord,
+        "One trial in the sweep's study (`<output>/<model>/sweeps/<sweep>/<digest>/study.json`) and in "
+        "the winner's manifest (`extra.sweep.trials`).",
     ),
     (
         "Trainer result",
@@ -150,7 +165,7 @@ def render() -> str:
     for title, prefix, model, intro in SECTIONS:
         out += [f"## {title}", "", intro, ""]
         out += ["| Field | Type | Default | Bounds | Description |", "| --- | --- | --- | --- | --- |"]
-        out += _rows(model, prefix, (model,))
+        out += _rows(model, prefix, (model, FineTuneJobSpec))  # a sweep's template: see its own section
         out.append("")
     return "\n".join(out)
 

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kubetune_api.loader import SpecError, load_finetunejob
+from kubetune_api.loader import SpecError, document_kind, load_finetunejob, load_sweep
 from kubetune_api.reports import EXIT_BAD_INPUT, TrainerResult
 from kubetune_api.runconfig import RunConfig, resolve_run_config
 from kubetune_cli.cluster import add_commands as add_cluster_commands
@@ -80,7 +80,10 @@ def _trainer_module(name: str, command: str) -> Any:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``kubetune run``: kubetune's lines on the console, the rest in the work directory's
-    console.log (:mod:`kubetune_cli.console`); ``--verbose`` shows everything."""
+    console.log (:mod:`kubetune_cli.console`); ``--verbose`` shows everything. A FineTuneSweep
+    file runs the sweep (:func:`cmd_run_sweep`)."""
+    if document_kind(args.job) == "FineTuneSweep":
+        return cmd_run_sweep(args)
     try:
         job = load_finetunejob(args.job)
     except SpecError as exc:
@@ -101,6 +104,39 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _run_job(args, rc, workdir, store_dir)
     with quiet_console(workdir):
         return _run_job(args, rc, workdir, store_dir)
+
+
+def cmd_run_sweep(args: argparse.Namespace) -> int:
+    """``kubetune run sweep.yaml``: every trial on this machine, one at a time, then the winner
+    published (kubetune_trainer.sweep.local; docs/adr/0001)."""
+    try:
+        sweep = load_sweep(args.job)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if (args.nproc or 1) > 1:
+        print("[kubetune] error: a sweep runs its trials in one process here: drop --nproc", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    store_dir = Path(args.store_dir).resolve()
+    name = sweep.metadata.name or "sweep"
+    workdir = Path(args.workdir or Path(DEFAULT_WORK) / name).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.environ["KUBETUNE_CACHE_DIR"] = str(Path(args.cache_dir).resolve()) if args.cache_dir else ""
+    where = "the spec's object store" if args.remote else f"local object store {store_dir}"
+    print(f"[kubetune] running FineTuneSweep {name!r} against {where}", file=sys.stderr)
+    local_root = None if args.remote else str(store_dir)
+
+    def go() -> int:
+        local = _trainer_module("sweep.local", "run")  # inside the quiet console: torch's import noise
+        if local is None:
+            return EXIT_MISSING_EXTRA
+        code: int = local.run_sweep(sweep, workdir=workdir, local_root=local_root)
+        return code
+
+    if args.verbose:
+        return go()
+    with quiet_console(workdir):
+        return go()
 
 
 def _run_job(args: argparse.Namespace, rc: RunConfig, workdir: Path, store_dir: Path) -> int:
@@ -231,8 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubetune", description="Kubernetes-native LLM fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run_p = sub.add_parser("run", help="run a FineTuneJob YAML on this machine")
-    run_p.add_argument("job", type=Path, help="FineTuneJob YAML (the same file you would kubectl apply)")
+    run_p = sub.add_parser("run", help="run a FineTuneJob (or FineTuneSweep) YAML on this machine")
+    run_p.add_argument(
+        "job", type=Path, help="FineTuneJob YAML (the same file you would kubectl apply), or a FineTuneSweep"
+    )
     run_p.add_argument(
         "--store-dir", default=DEFAULT_STORE, help=f"local object store root (default {DEFAULT_STORE})"
     )

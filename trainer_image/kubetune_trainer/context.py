@@ -13,8 +13,10 @@ and published by the same functions as the job itself.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kubetune_api.runconfig import RunConfig
 from kubetune_registry.storage import StoreSettings
@@ -50,6 +52,22 @@ def make_reporter(rc: RunConfig, runtime: Runtime) -> Reporter:
     )
 
 
+@dataclass
+class Trial:
+    """This run is trial ``number`` of a sweep (docs/adr/0001): trained and evaluated, never published.
+
+    ``on_eval(step, eval_loss)`` is called at every intermediate evaluation and returns True when
+    the sweep's pruner stops the trial there; the run fills in ``inputs_digest`` and
+    ``checkpoint_prefix`` (the winner resumes from that trial's final checkpoint).
+    """
+
+    number: int
+    objective: str
+    on_eval: Callable[[int, float], bool]
+    inputs_digest: str | None = None
+    checkpoint_prefix: str | None = None
+
+
 @dataclass(frozen=True)
 class RunContext:
     """One run (or one ``spec.stages`` entry) as the stages see it.
@@ -66,6 +84,10 @@ class RunContext:
     reporter: Reporter
     store: StoreSettings
     registry: ModelRegistry
+    trial: Trial | None = None
+    """Set when this run is a sweep's trial: evaluate the objective, publish nothing."""
+    sweep: dict[str, Any] | None = None
+    """Set on a sweep's winner: the sweep's lineage (every trial), for the manifest and model card."""
 
     @classmethod
     def create(cls, rc: RunConfig, runtime: Runtime, workdir: Path, reporter: Reporter) -> RunContext:

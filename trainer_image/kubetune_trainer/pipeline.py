@@ -12,6 +12,11 @@ first, in order, each continuing from the weights of the one before (a stage wit
 evaluated and published as ``<model>-<stage>``, and reused like a job when its inputs match); the
 job's own data trains last.
 
+A sweep's trial (``trial=``, docs/adr/0001) trains and evaluates its objective, reports its
+intermediate eval_loss to the sweep (which may prune it) and publishes nothing; the sweep's winner
+(``sweep=``, its lineage) is an ordinary run whose inputs digest is the winning trial's, so it
+resumes from that trial's final checkpoint and is published with the sweep in its manifest and card.
+
 Each stage is one function of its stage package, taking the :class:`~kubetune_trainer.context.RunContext`
 and a small named input and returning a named output:
 
@@ -27,6 +32,7 @@ and a small named input and returning a named output:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -45,7 +51,7 @@ from kubetune_api.runconfig import RunConfig
 from kubetune_registry.storage import UnsafeKeyError, bytes_read
 from kubetune_trainer.artifacts.quantize import UnsupportedFormatError
 from kubetune_trainer.artifacts.stage import build_artifacts
-from kubetune_trainer.context import BadInputError, RunContext, make_reporter, store_settings
+from kubetune_trainer.context import BadInputError, RunContext, Trial, make_reporter, store_settings
 from kubetune_trainer.data import DataValidationError, TemplateError
 from kubetune_trainer.data.stage import load_tokenizer, prepare_stage_data
 from kubetune_trainer.evaluate.stage import evaluate_stage
@@ -79,11 +85,13 @@ from kubetune_trainer.train.distill import DistillationError
 from kubetune_trainer.train.peak import mark_run_start
 from kubetune_trainer.train.recipe import PreemptedError, TrainingDivergedError
 from kubetune_trainer.train.stage import Carry, Trained, checkpoint_prefix, train_stage
+from kubetune_trainer.train.trial import TrialPrunedError
 
 __all__ = [
     "EXIT_PREEMPTED",
     "BadInputError",
     "RunOutcome",
+    "Trial",
     "inputs_record",
     "make_reporter",
     "run",
@@ -103,11 +111,25 @@ class RunOutcome:
     result: TrainerResult | None = None
     version_uri: str | None = None
     notes: list[str] = field(default_factory=list)
+    objective: float | None = None
+    """A sweep trial's objective (``trial=``); None for ordinary runs and pruned trials."""
+    pruned: TrialPrunedError | None = None
+    """A sweep trial stopped by the pruner: where and at what eval_loss."""
 
 
-def run(rc: RunConfig, *, workdir: Path, reporter: Reporter | None = None) -> RunOutcome:
+def run(
+    rc: RunConfig,
+    *,
+    workdir: Path,
+    reporter: Reporter | None = None,
+    trial: Trial | None = None,
+    sweep: dict[str, Any] | None = None,
+) -> RunOutcome:
     """Run the whole pipeline for this process's rank. Never raises for expected failures:
-    they become a TrainerResult with a reason and the exit code of :mod:`kubetune_api.reports`."""
+    they become a TrainerResult with a reason and the exit code of :mod:`kubetune_api.reports`.
+
+    ``trial``: run as a sweep's trial (train, evaluate the objective, publish nothing);
+    ``sweep``: the winner's sweep lineage, recorded with its version."""
     workdir.mkdir(parents=True, exist_ok=True)
     mark_run_start()  # the CPU baseline of the measured peak the plan is compared with
     try:
@@ -117,7 +139,11 @@ def run(rc: RunConfig, *, workdir: Path, reporter: Reporter | None = None) -> Ru
         return _fail(rep, rc, EXIT_BAD_INPUT, "UnsupportedHardware", str(exc))
     reporter = reporter or make_reporter(rc, runtime)
     try:
-        return _run(RunContext.create(rc, runtime, workdir, reporter))
+        ctx = dataclasses.replace(RunContext.create(rc, runtime, workdir, reporter), trial=trial, sweep=sweep)
+        return _run_trial(ctx) if trial is not None else _run(ctx)
+    except TrialPrunedError as exc:
+        print(f"[kubetune] trial {trial.number if trial else '?'} {exc}", file=sys.stderr, flush=True)
+        return RunOutcome(exit_code=EXIT_OK, pruned=exc)
     except (DataValidationError, TemplateError, UnsafeKeyError, BadInputError) as exc:
         return _fail(reporter, rc, EXIT_BAD_INPUT, "InvalidData", str(exc))
     except UnsafeModelError as exc:
@@ -203,6 +229,30 @@ def _run(ctx: RunContext) -> RunOutcome:
     ctx.reporter.result(published.result)
     code = EXIT_GATES_FAILED if published.result.reason == "GateFailed" else EXIT_OK
     return RunOutcome(exit_code=code, result=published.result, version_uri=published.version_uri)
+
+
+def _run_trial(ctx: RunContext) -> RunOutcome:
+    """A sweep's trial: the job's training (resumed from its own checkpoint when one exists) and
+    its objective; no version, no reuse lookup, checkpoints kept (the winner resumes from them)."""
+    assert ctx.trial is not None
+    if ctx.rc.stages:
+        raise BadInputError("a sweep trial cannot have spec.stages")
+    data = fetch_data(ctx)
+    plan_stage(ctx, data)  # will it fit: refused before any weight is downloaded, as for a job
+    inputs = fetch_models(ctx, data)
+    identity = identify(ctx, inputs)
+    tokenizer = load_tokenizer(ctx, inputs.base_dir)
+    label = f"trial {ctx.trial.number}"
+    trained = _prepare_and_train(ctx, inputs, identity, tokenizer, Carry(), label)
+    if not ctx.runtime.is_main:
+        return RunOutcome(exit_code=EXIT_OK)
+    metric = ctx.trial.objective
+    if metric == "eval_loss":
+        value = trained.outcome.final_eval_loss
+    else:  # measured after training, as the job's evaluation would (spec.evaluation)
+        trained.model = None
+        value = evaluate_stage(ctx, inputs, trained, tokenizer).report.tuned.get(metric)
+    return RunOutcome(exit_code=EXIT_OK, objective=None if value is None else float(value))
 
 
 def _report_plan_accuracy(ctx: RunContext, plan: Plan | None, measured: dict[str, Any] | None) -> None:

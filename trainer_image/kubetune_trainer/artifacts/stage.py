@@ -33,6 +33,7 @@ from kubetune_trainer import __version__ as TRAINER_VERSION
 from kubetune_trainer.artifacts.merge import merge_adapter
 from kubetune_trainer.artifacts.quantize import ArtifactReport, quantize_artifacts, source_kind
 from kubetune_trainer.artifacts.report import plot_loss, render_model_card, write_eval_report
+from kubetune_trainer.artifacts.sweep_report import write_sweep_report
 from kubetune_trainer.context import RunContext
 from kubetune_trainer.evaluate.evaluator import (
     ArtifactEvaluation,
@@ -281,6 +282,7 @@ def write_reports(
             lora_rank=rc.method.lora.r if rc.method.type != "full" else None,
             vllm_lora=rc.method.type in ("lora", "qlora") and rc.method.lora.variant in ("lora", "rslora"),
         )
+        + (("\n" + write_sweep_report(staging, ctx.sweep)) if ctx.sweep else "")
     )
 
 

@@ -98,6 +98,8 @@ def publish_stage(
     outcome, gates = trained.outcome, evaluation.gates
     ctx.reporter.stage("Publishing")
     extra = _manifest_extra(ctx, outcome, artifacts, record) | ({"stages": stages} if stages else {})
+    if ctx.sweep:  # a sweep's winner: every trial, its parameters and objective (docs/adr/0001)
+        extra["sweep"] = ctx.sweep
     judged = artifacts.judged(evaluation.report)
     if judged:
         # Each published artifact's metrics on the eval set (what <artifact>.<metric> gates read).

@@ -33,6 +33,7 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -62,6 +63,7 @@ from kubetune_trainer.train.divergence import DivergenceMonitor, RecipeFacts
 from kubetune_trainer.train.divergence import TrainingDivergedError as TrainingDivergedError
 from kubetune_trainer.train.health import LossHealth, RunFacts, format_warning, layer_grad_norms
 from kubetune_trainer.train.label_head import LabelPositionHead
+from kubetune_trainer.train.trial import TrialPrunedError
 
 log = logging.getLogger("kubetune.trainer")
 
@@ -149,6 +151,7 @@ class SFTRecipe:
         model: Any = None,
         init_adapter_dir: Path | None = None,
         distiller: Any = None,
+        on_eval: Callable[[int, float], bool] | None = None,
     ) -> None:
         """``train_order_keys`` (one per training example, lower = easier) turns on the
         easy-to-hard curriculum of ``data.curriculum``; None shuffles every epoch.
@@ -162,6 +165,7 @@ class SFTRecipe:
         its knowledge-distillation loss; evaluation loss stays plain cross-entropy."""
         self.rc = rc
         self.distiller = distiller
+        self.on_eval = on_eval
         self._given_model = model
         self.init_adapter_dir = init_adapter_dir
         self.train_order_keys = train_order_keys
@@ -695,6 +699,9 @@ class SFTRecipe:
                 file=self.reporter.stream,
                 flush=True,
             )
+        if self.on_eval is not None and self.on_eval(self.state.step, eval_loss):
+            # A sweep's pruner: this trial is worse than the earlier ones at the same step.
+            raise TrialPrunedError(self.state.step, eval_loss)
         es = self.rc.training.early_stopping
         best = self.state.best_eval_loss
         if best is None or eval_loss < best - (es.min_delta if es else 0.0):

@@ -71,6 +71,8 @@ def train_stage(
     ctx.reporter.stage("Training", label)
     out_store, _ = open_uri(rc.output.uri, ctx.store)
     ckpt_prefix = checkpoint_prefix(rc, ctx.store, inputs_digest)
+    if ctx.trial is not None:  # the sweep deletes a losing trial's checkpoints, keeps the winner's
+        ctx.trial.inputs_digest, ctx.trial.checkpoint_prefix = inputs_digest, ckpt_prefix
     # Per-rank scratch: ranks on one machine share the workdir and must not upload each other's
     # half-written files (each rank uploads only what it wrote; the keys merge in the store).
     checkpoints = CheckpointManager(
@@ -105,6 +107,7 @@ def train_stage(
         model=carried.model,
         init_adapter_dir=weights if weights is not None and rc.method.type != "full" else None,
         distiller=distiller,
+        on_eval=ctx.trial.on_eval if ctx.trial is not None else None,
     )
     carried.model = None  # the recipe owns it now
     recipe.setup()

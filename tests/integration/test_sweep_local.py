@@ -1,0 +1,139 @@
+"""`kubetune run examples/sweep/finetunesweep.yaml` on the tiny demo model, as a user lives it: the
+sweep is killed mid-trial and run again (no trial lost or repeated), finds the clearly better
+learning rate, prunes weak trials, publishes only the winner (with every trial in its manifest and
+model card, the losers' checkpoints deleted), and a third run reuses it without running anything."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune_api.reports import EXIT_BAD_INPUT
+from tests.fixtures.trainer import kubetune_cmd, trainer_env
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "sweep" / "finetunesweep.yaml"
+MODEL = "kubetune-demo/models/tiny-demo-sweep"
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _study(store: Path) -> dict[str, Any] | None:
+    found = list((store / MODEL / "sweeps" / "quickstart-sweep").glob("*/study.json"))
+    return json.loads(found[0].read_text()) if found else None
+
+
+def test_a_sweep_survives_a_kill_finds_the_better_rate_and_publishes_only_the_winner(
+    demo_store: Path, tmp_path: Path
+) -> None:
+    args = [
+        *kubetune_cmd("run", str(EXAMPLE)),
+        "--store-dir",
+        str(demo_store),
+        "--workdir",
+        str(tmp_path / "w"),
+    ]
+    env = {**trainer_env(), "PYTHONPATH": str(REPO)}
+
+    # 1. Killed while trial 3 is running (SIGKILL: no chance to tidy up).
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 600
+    before: dict[str, Any] | None = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        study = _study(demo_store)
+        if study and any(t["number"] == 3 and t["state"] == "running" for t in study["trials"]):
+            before = study
+            break
+        time.sleep(0.05)
+    assert before is not None, f"trial 3 never ran: {proc.poll()=}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert not (demo_store / MODEL / "versions").exists()  # trials publish nothing
+
+    # 2. Run again: trials 0-2 are kept, trial 3 re-runs with the same values, then 4 and the winner.
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900, check=False)
+    console = again.stderr.splitlines()
+    assert again.returncode == 0, "\n".join(console[-30:])
+    assert not any(line.startswith("[kubetune] trial 0 (1 of 5)") for line in console)
+    assert any(line.startswith("[kubetune] trial 3 (4 of 5): ") for line in console), console
+    study = _study(demo_store)
+    assert study is not None
+    trials = study["trials"]
+    assert [t["number"] for t in trials] == [0, 1, 2, 3, 4]  # none lost, none repeated
+    assert [t["params"] for t in trials[:4]] == [t["params"] for t in before["trials"]]
+    assert all(t["state"] in ("complete", "pruned") for t in trials)
+
+    # The sweep found the clearly better learning rate: every complete trial at >= 1e-3 beats every
+    # one at <= 1e-4 by a wide margin, and the published trial is the best of them.
+    complete = [t for t in trials if t["state"] == "complete"]
+    high = [t["value"] for t in complete if t["params"]["training.learningRate"] >= 1e-3]
+    low = [t["value"] for t in complete if t["params"]["training.learningRate"] <= 1e-4]
+    assert high and low and max(high) < min(low) - 1.0, complete
+    winner = min(complete, key=lambda t: t["value"])
+    assert study["winner"]["trial"] == winner["number"] and study["winner"]["version"] == "v1"
+    # Pruning is visible: a trial stopped at its first evaluation, worse than the finished ones.
+    pruned = [t for t in trials if t["state"] == "pruned"]
+    assert pruned and all(list(t["intermediate"]) == ["10"] for t in pruned), pruned
+    assert any("pruned at step 10: eval_loss" in line for line in console)
+
+    # Only the winner is a version, with the sweep's lineage in its manifest and card.
+    versions = demo_store / MODEL / "versions"
+    assert sorted(p.name for p in versions.iterdir()) == ["v1"]
+    manifest = json.loads((versions / "v1" / "manifest.json").read_text())
+    lineage = manifest["extra"]["sweep"]
+    assert lineage["winner"] == winner["number"] and [t["number"] for t in lineage["trials"]] == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
+    assert manifest["metrics"]["eval_loss"] == pytest.approx(winner["value"], rel=1e-6)
+    run_config = json.loads((versions / "v1" / "training" / "run-config.json").read_text())
+    assert run_config["training"]["learningRate"] == winner["params"]["training.learningRate"]
+    listed = {f["path"] for f in manifest["files"]}
+    assert {"sweep/trials.json", "sweep/objective.png"} <= listed
+    card = (versions / "v1" / "README.md").read_text()
+    assert "## Sweep" in card and f"| **{winner['number']}** (this version) | complete |" in card
+    assert (demo_store / "kubetune-demo/models/tiny-demo-sweep/aliases/candidate.json").exists()
+    # The winner resumed from its trial's final checkpoint (nothing trained twice); then every
+    # checkpoint, the losers' too, is gone.
+    assert any(line.startswith("[kubetune] resumed from checkpoint at step 40") for line in console)
+    assert not (demo_store / MODEL / "checkpoints").exists() or not any(
+        (demo_store / MODEL / "checkpoints").rglob("*")
+    )
+
+    # 3. Re-applying the unchanged sweep runs nothing.
+    third = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert f"its winner, trial {winner['number']}, is tiny-demo-sweep v1" in third.stderr
+    assert "stage Training" not in third.stderr
+    assert sorted(p.name for p in versions.iterdir()) == ["v1"]
+
+
+def test_an_invalid_sweep_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    bad = tmp_path / "sweep.yaml"
+    text = EXAMPLE.read_text().replace("choices: [8, 16]", "choices: []")
+    bad.write_text(text)
+    line = text.splitlines().index("      choices: []") + 1
+    proc = subprocess.run(
+        [*kubetune_cmd("run", str(bad)), "--store-dir", str(tmp_path / "store")],
+        env={**trainer_env(), "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == EXIT_BAD_INPUT, proc.stderr
+    assert (
+        f"{bad}:{line}: spec.parameters[1].choices: a choice parameter needs at least one value"
+        in proc.stderr
+    )
+    assert not (tmp_path / "store").exists()

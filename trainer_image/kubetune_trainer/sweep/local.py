@@ -1,0 +1,234 @@
+"""``kubetune run sweep.yaml``: a FineTuneSweep on one machine (docs/adr/0001).
+
+The loop: draw trial n's values (:func:`~kubetune_trainer.sweep.search.next_params`), set them
+in the template, run the job as a trial (trained, evaluated, its intermediate eval_loss reported
+to the pruner, nothing published), record the outcome; when the budget is spent, run the best
+trial's spec once more as an ordinary job. Its inputs digest is the winning trial's, so it resumes
+from that trial's final checkpoint (no second training), is evaluated with the template's gates and
+published as the next version, with the sweep's lineage in its manifest (``extra.sweep``) and card.
+The losers' checkpoints are deleted.
+
+The study's state is one JSON document in the output store,
+``<output>/<model>/sweeps/<sweep>/<spec digest>/study.json``, written after every trial and every
+intermediate report: an interrupted ``kubetune run`` resumes where it stopped (a trial that was
+running re-runs with the same values and resumes from its own checkpoint), and re-running an
+unchanged, finished sweep runs nothing and reports the published winner. Trials run one at a time
+here; ``spec.parallelism`` is for a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from kubetune_api.models import FineTuneJob, FineTuneJobSpec, ObjectMeta
+from kubetune_api.reports import EXIT_ERROR, EXIT_OK
+from kubetune_api.runconfig import RunConfig, resolve_run_config
+from kubetune_api.sweep import FineTuneSweep, TrialRecord, apply_parameters
+from kubetune_registry.storage import ObjectNotFound, ObjectStore, join_key, open_uri
+from kubetune_trainer import pipeline
+from kubetune_trainer.context import Trial, store_settings
+from kubetune_trainer.sweep.search import best, next_params, should_prune
+from kubetune_trainer.train.stage import checkpoint_prefix
+
+
+class Study:
+    """The sweep's records and winner, kept as one JSON object in the output store."""
+
+    def __init__(self, store: ObjectStore, key: str) -> None:
+        self.store, self.key = store, key
+        self.records: list[TrialRecord] = []
+        self.winner: dict[str, Any] | None = None
+        try:
+            data = json.loads(store.get_bytes(key)[0])
+        except ObjectNotFound:
+            return
+        self.records = [TrialRecord.model_validate(r) for r in data.get("trials", [])]
+        self.winner = data.get("winner")
+
+    def save(self) -> None:
+        body = {"trials": [r.to_api() for r in self.records], "winner": self.winner}
+        self.store.put_bytes(self.key, json.dumps(body, indent=2, sort_keys=True).encode())
+
+
+def _job(sweep: FineTuneSweep, spec: FineTuneJobSpec) -> FineTuneJob:
+    """A trial (or the winner) as the FineTuneJob it is: the sweep's name, the trial's spec."""
+    meta = ObjectMeta(name=sweep.metadata.name or "sweep", namespace=sweep.metadata.namespace)
+    return FineTuneJob(metadata=meta, spec=spec)
+
+
+def lineage(sweep: FineTuneSweep, records: list[TrialRecord], winner: int) -> dict[str, Any]:
+    """What the winner's manifest (``extra.sweep``) and model card record of the sweep."""
+    spec = sweep.spec
+    return {
+        "name": sweep.metadata.name or "sweep",
+        "digest": sweep.digest()[:16],
+        "objective": {"metric": spec.objective.metric, "direction": spec.objective.resolved_direction},
+        "parameters": [p.to_api() for p in spec.parameters],
+        "sampler": spec.sampler.to_api(),
+        "pruning": spec.pruning.to_api(),
+        "maxTrials": spec.max_trials,
+        "winner": winner,
+        "trials": [r.to_api() for r in sorted(records, key=lambda r: r.number)],
+    }
+
+
+def leaderboard(sweep: FineTuneSweep, records: list[TrialRecord], winner: int | None) -> str:
+    """The trials as console lines, best first."""
+    sign = 1.0 if sweep.spec.objective.resolved_direction == "minimize" else -1.0
+    metric = sweep.spec.objective.metric
+
+    def order(r: TrialRecord) -> tuple[int, float, int]:
+        return (0 if r.value is not None else 1, sign * (r.value or 0.0), r.number)
+
+    lines = []
+    for r in sorted(records, key=order):
+        params = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.params.items()
+        )
+        value = f"{metric} {r.value:.4f}" if r.value is not None else (r.message or "")
+        mark = "  <- published" if r.number == winner else ""
+        lines.append(f"[kubetune]   trial {r.number:>3}  {r.state:<8}  {value}  ({params}){mark}")
+    return "\n".join(lines)
+
+
+def _run_trial(
+    sweep: FineTuneSweep,
+    study: Study,
+    record: TrialRecord,
+    rc: RunConfig,
+    workdir: Path,
+    out: TextIO,
+) -> int | None:
+    """Run one trial to its end (or its pruning) and record it. Returns the exit code when the
+    trial was stopped by SIGTERM (it stays ``running``: the next run resumes it), else None."""
+    spec = sweep.spec
+
+    def on_eval(step: int, eval_loss: float) -> bool:
+        record.intermediate[step] = eval_loss
+        study.save()  # durable before the decision: a restart sees every report
+        return should_prune(spec, study.records, record)
+
+    trial = Trial(number=record.number, objective=spec.objective.metric, on_eval=on_eval)
+    outcome = pipeline.run(rc, workdir=workdir / f"trial-{record.number}", trial=trial)
+    record.inputs_digest = trial.inputs_digest
+    if outcome.exit_code == pipeline.EXIT_PREEMPTED:  # its checkpoint is saved; not a result
+        study.save()
+        print(
+            f"[kubetune] sweep stopped during trial {record.number}; run it again to resume there",
+            file=out,
+            flush=True,
+        )
+        return outcome.exit_code
+    if outcome.pruned is not None:
+        record.state, record.message = "pruned", str(outcome.pruned)
+    elif outcome.exit_code != EXIT_OK or outcome.objective is None:
+        record.state = "failed"
+        if outcome.result is not None:
+            record.message = outcome.result.message
+        else:
+            record.message = f"exit code {outcome.exit_code}" if outcome.exit_code else "no objective value"
+    else:
+        record.state, record.value = "complete", outcome.objective
+    study.save()
+    print(
+        f"[kubetune] trial {record.number} ({record.number + 1} of {spec.max_trials}): {record.state}"
+        + (f", {spec.objective.metric} {record.value:.4f}" if record.value is not None else "")
+        + (f" ({record.message})" if record.message and record.state != "complete" else ""),
+        file=out,
+        flush=True,
+    )
+    return None
+
+
+def run_sweep(
+    sweep: FineTuneSweep, *, workdir: Path, local_root: str | None, out: TextIO | None = None
+) -> int:
+    """Run ``sweep`` to its budget and publish the winner; returns the winner's exit code.
+    Progress goes to ``out`` (default: ``sys.stderr`` as it is at the call)."""
+    out = out if out is not None else sys.stderr
+    spec = sweep.spec
+    base_rc = resolve_run_config(_job(sweep, spec.template), local_root=local_root)
+    store, prefix = open_uri(base_rc.output.uri, store_settings(base_rc))
+    name = sweep.metadata.name or "sweep"
+    digest = sweep.digest()[:16]
+    key = join_key(*([prefix] if prefix else []), base_rc.model.name, "sweeps", name, digest, "study.json")
+    study = Study(store, key)
+    if study.winner is not None:
+        print(
+            f"[kubetune] Reused: sweep {name!r} (digest {digest}) is complete; its winner, trial "
+            f"{study.winner['trial']}, is {base_rc.model.name} {study.winner['version']} "
+            f"({study.winner['uri']}): nothing ran",
+            file=out,
+            flush=True,
+        )
+        print(leaderboard(sweep, study.records, study.winner["trial"]), file=out, flush=True)
+        return EXIT_OK
+    print(
+        f"[kubetune] sweep {name!r}: {spec.max_trials} trials of {base_rc.model.name}, objective "
+        f"{spec.objective.metric} ({spec.objective.resolved_direction}), sampler {spec.sampler.type} "
+        f"seed {spec.sampler.seed}, pruning {spec.pruning.type}; study {store.uri_for(key)}",
+        file=out,
+        flush=True,
+    )
+    while True:
+        running = [r for r in study.records if r.state == "running"]
+        if running:  # interrupted before: same values, resumed from its own checkpoint
+            record = running[0]
+            record.intermediate = {}
+        elif len(study.records) < spec.max_trials:
+            number = len(study.records)
+            record = TrialRecord(
+                number=number, params=next_params(spec, study.records, number), state="running"
+            )
+            study.records.append(record)
+            study.save()
+        else:
+            break
+        trial_spec = apply_parameters(spec.template, record.params)
+        rc = resolve_run_config(_job(sweep, trial_spec), local_root=local_root)
+        params = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.params.items()
+        )
+        print(
+            f"[kubetune] trial {record.number} ({record.number + 1} of {spec.max_trials}): {params}",
+            file=out,
+            flush=True,
+        )
+        stopped = _run_trial(sweep, study, record, rc, workdir, out)
+        if stopped is not None:
+            return stopped
+    winner = best(spec, study.records)
+    if winner is None:
+        print(f"[kubetune] FAILED: sweep {name!r}: no trial completed", file=out, flush=True)
+        print(leaderboard(sweep, study.records, None), file=out, flush=True)
+        return EXIT_ERROR
+    print(
+        f"[kubetune] sweep {name!r}: trial {winner.number} is best ({spec.objective.metric} "
+        f"{winner.value:.4f}); publishing it",
+        file=out,
+        flush=True,
+    )
+    win_rc = resolve_run_config(
+        _job(sweep, apply_parameters(spec.template, winner.params)), local_root=local_root
+    )
+    outcome = pipeline.run(
+        win_rc, workdir=workdir / "winner", sweep=lineage(sweep, study.records, winner.number)
+    )
+    version = outcome.result.version if outcome.result is not None else None
+    if version is not None:
+        study.winner = {"trial": winner.number, "version": version.name, "uri": version.uri}
+        study.save()
+        # Only the winner's checkpoints were spent by its publish; the losers' go now.
+        settings = store_settings(base_rc)
+        for digest_ in {r.inputs_digest for r in study.records} - {winner.inputs_digest, None}:
+            assert digest_ is not None
+            store.delete_prefix(checkpoint_prefix(base_rc, settings, digest_) + "/")
+    print(
+        leaderboard(sweep, study.records, winner.number if version is not None else None),
+        file=out,
+        flush=True,
+    )
+    return outcome.exit_code
