@@ -106,6 +106,8 @@ def test_a_sweep_survives_a_kill_finds_the_better_rate_and_publishes_only_the_wi
     # The winner resumed from its trial's final checkpoint (nothing trained twice); then every
     # checkpoint, the losers' too, is gone.
     assert any(line.startswith("[kubetune] resumed from checkpoint at step 40") for line in console)
+    # ... so no peak was measured: no plan-accuracy line from a run that trained nothing.
+    assert not any(line.startswith("[kubetune] plan vs measured") for line in console)
     assert not (demo_store / MODEL / "checkpoints").exists() or not any(
         (demo_store / MODEL / "checkpoints").rglob("*")
     )

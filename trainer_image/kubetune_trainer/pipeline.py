@@ -222,7 +222,11 @@ def _run(ctx: RunContext) -> RunOutcome:
     trained.model = None  # free the weights before evaluation loads its own
     if not runtime.is_main:
         return RunOutcome(exit_code=EXIT_OK)
-    _report_plan_accuracy(ctx, plan, trained.peak_memory)
+    # A run resumed at its final step (a sweep's winner, a restart after the last step) trained
+    # nothing here: its measured peak says nothing about the plan.
+    outcome = trained.outcome
+    trained_here = outcome.resumed_from_step is None or outcome.steps > outcome.resumed_from_step
+    _report_plan_accuracy(ctx, plan, trained.peak_memory if trained_here else None)
 
     published = _evaluate_and_publish(ctx, inputs, identity, trained, tokenizer, lineage)
     delete_checkpoints(ctx, spent_checkpoints)  # the version is published: its checkpoints are spent

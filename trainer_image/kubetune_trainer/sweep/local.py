@@ -175,9 +175,8 @@ def run_sweep(
     )
     while True:
         running = [r for r in study.records if r.state == "running"]
-        if running:  # interrupted before: same values, resumed from its own checkpoint
-            record = running[0]
-            record.intermediate = {}
+        if running:  # interrupted before: same values, resumed from its own checkpoint (its
+            record = running[0]  # reports are kept; those made again overwrite theirs by step)
         elif len(study.records) < spec.max_trials:
             number = len(study.records)
             record = TrialRecord(

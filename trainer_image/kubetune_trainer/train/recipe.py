@@ -166,6 +166,7 @@ class SFTRecipe:
         self.rc = rc
         self.distiller = distiller
         self.on_eval = on_eval
+        self._last_eval: tuple[int, float] | None = None  # (step, eval_loss) of the latest evaluation
         self._given_model = model
         self.init_adapter_dir = init_adapter_dir
         self.train_order_keys = train_order_keys
@@ -565,9 +566,13 @@ class SFTRecipe:
             (metrics_path.parent / "health.json").write_text(
                 json.dumps({"warnings": self.state.health_warnings}, indent=2)
             )
-        final_eval = self.evaluate_loss()
-        if self.rt.is_main and final_eval is not None:
-            self._append_metrics(metrics_path, {"step": self.state.step, "eval_loss": final_eval})
+        final_eval: float | None
+        if self._last_eval is not None and self._last_eval[0] == self.state.step:
+            final_eval = self._last_eval[1]  # evaluated at this very step already (evalEverySteps)
+        else:
+            final_eval = self.evaluate_loss()
+            if self.rt.is_main and final_eval is not None:
+                self._append_metrics(metrics_path, {"step": self.state.step, "eval_loss": final_eval})
         saved = self._save_final()
         return TrainOutcome(
             saved_dir=saved,
@@ -692,6 +697,7 @@ class SFTRecipe:
         eval_loss = self.evaluate_loss()
         if eval_loss is None:
             return False
+        self._last_eval = (self.state.step, eval_loss)
         if self.rt.is_main:
             self._append_metrics(metrics_path, {"step": self.state.step, "eval_loss": eval_loss})
             print(
