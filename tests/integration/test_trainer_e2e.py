@@ -343,6 +343,35 @@ def test_sigterm_saves_a_checkpoint_before_exiting_and_the_restart_resumes(
     assert f"resumed from checkpoint at step {saved_at}" in resumed.stderr
 
 
+def test_sigterm_after_training_ends_the_run_at_once_and_the_rerun_only_evaluates(
+    demo_store: Path, tmp_path: Path, run_kubetune: Runner
+) -> None:
+    # The loop's SIGTERM handler (stop at a step boundary, save a checkpoint) is the trainer's only
+    # while it trains: left installed it swallowed a stop during evaluation, which then ran on to
+    # the end (in a pod: until the kubelet's SIGKILL).
+    job = write_job(tmp_path / "job.yaml", small_job(**{"evaluation.maxSamples": 32}))
+    proc = subprocess.Popen(
+        kubetune_cmd("run", str(job), "--store-dir", str(demo_store), "--workdir", str(tmp_path / "w")),
+        env=trainer_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if line.startswith("[kubetune] stage Evaluating"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == -signal.SIGTERM, rest[-3000:]
+    assert "stage Publishing" not in rest
+    assert not (demo_store / "kubetune-demo" / "models" / MODEL / "versions").exists()
+    resumed = run_kubetune("run", str(job), "--store-dir", str(demo_store), "--workdir", str(tmp_path / "w"))
+    assert_ok(resumed)
+    assert "resumed from checkpoint at step 16" in resumed.stderr  # the final step: nothing retrained
+    assert (demo_store / "kubetune-demo" / "models" / MODEL / "versions" / "v1" / "manifest.json").exists()
+
+
 def test_early_stopping_on_eval_loss(demo_store: Path, tmp_path: Path, run_kubetune: Runner) -> None:
     # A learning rate too small to move the eval loss: patience 2 stops at the third evaluation.
     job = small_job(

@@ -181,6 +181,7 @@ class SFTRecipe:
         self.state = TrainState()
         self.resumed_from_step: int | None = None
         self._sigterm = False
+        self._previous_sigterm: Any = None  # the SIGTERM handler before ours (restored after the loop)
         self._last_ckpt_time = time.monotonic()
         self._last_ckpt_step = 0
 
@@ -388,7 +389,16 @@ class SFTRecipe:
 
         # Only the main thread may install handlers (not when embedded in a test runner thread).
         with contextlib.suppress(ValueError):
-            signal.signal(signal.SIGTERM, handler)
+            self._previous_sigterm = signal.signal(signal.SIGTERM, handler)
+
+    def _restore_sigterm(self) -> None:
+        """The optimisation loop is over: SIGTERM acts as it did before (a stop during evaluation or
+        publishing ends the process at once; the final checkpoint is saved). Left installed, the
+        handler would swallow it, and the process would run on until SIGKILL."""
+        previous, self._previous_sigterm = self._previous_sigterm, None
+        if previous is not None:
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGTERM, previous)
 
     # --- train --------------------------------------------------------------------------------
     def _forward(self, batch: dict[str, Any], train: bool = False) -> Any:
@@ -436,6 +446,12 @@ class SFTRecipe:
 
     def train(self) -> TrainOutcome:
         """Run the optimisation loop to the planned step count (or early stop), then save."""
+        try:
+            return self._train()
+        finally:
+            self._restore_sigterm()
+
+    def _train(self) -> TrainOutcome:
         t = self.rc.training
         gas = t.gradient_accumulation_steps
         self.forward_model.train()
@@ -562,6 +578,7 @@ class SFTRecipe:
                 if not t.eval_every_steps and self._eval_and_check_early_stop(metrics_path):
                     done = True
         self.reporter.close_bar()
+        self._restore_sigterm()  # from here a stop ends the process at once; a restart resumes
         if self.rt.is_main:
             (metrics_path.parent / "health.json").write_text(
                 json.dumps({"warnings": self.state.health_warnings}, indent=2)
