@@ -139,3 +139,48 @@ def test_an_invalid_sweep_is_refused_before_anything_runs(tmp_path: Path) -> Non
         in proc.stderr
     )
     assert not (tmp_path / "store").exists()
+
+
+def test_a_sweep_against_a_real_s3_endpoint_keeps_its_study_there_and_leaks_no_secret(
+    demo_store_cache: Path, tmp_path: Path, s3_bucket: tuple[str, str]
+) -> None:
+    import boto3
+    import yaml
+
+    from tests.fixtures.s3 import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY, fake_credentials_env
+    from tests.fixtures.trainer import upload_demo
+
+    endpoint, bucket = s3_bucket
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    upload_demo(s3, bucket, demo_store_cache)
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    spec = doc["spec"]
+    spec["template"]["model"]["base"]["uri"] = f"s3://{bucket}/demo/base-models/tiny-llama-demo"
+    spec["template"]["data"]["train"]["uri"] = f"s3://{bucket}/demo/datasets/quickstart/train.jsonl"
+    spec["template"]["data"]["eval"]["uri"] = f"s3://{bucket}/demo/datasets/quickstart/eval.jsonl"
+    spec["template"]["output"] = {"uri": f"s3://{bucket}/registry"}
+    spec["template"]["storage"] = {"endpoint": endpoint, "region": "us-east-1", "addressingStyle": "path"}
+    spec["template"]["training"].update({"maxSteps": 8, "evalEverySteps": 4})
+    spec.update({"maxTrials": 3, "pruning": {"type": "none"}})
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    proc = subprocess.run(
+        [*kubetune_cmd("run", str(path)), "--remote", "--workdir", str(tmp_path / "w")],
+        env={**trainer_env(**fake_credentials_env()), "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="registry/")["Contents"]]
+    (study_key,) = [k for k in keys if k.endswith("/study.json")]
+    assert study_key.startswith("registry/tiny-demo-sweep/sweeps/quickstart-sweep/")
+    study = json.loads(s3.get_object(Bucket=bucket, Key=study_key)["Body"].read())
+    assert [t["state"] for t in study["trials"]] == ["complete"] * 3 and study["winner"]["version"] == "v1"
+    assert "registry/tiny-demo-sweep/versions/v1/sweep/trials.json" in keys
+    assert not [k for k in keys if "/checkpoints/" in k]  # the winner's spent, the losers' deleted
+    for secret in (FAKE_SECRET_ACCESS_KEY, FAKE_ACCESS_KEY_ID):
+        assert secret not in proc.stderr and secret not in proc.stdout
+        for key in keys:
+            assert secret.encode() not in s3.get_object(Bucket=bucket, Key=key)["Body"].read(), key
