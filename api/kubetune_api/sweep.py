@@ -52,7 +52,7 @@ class SearchParameter(ApiModel):
     )
     low: float | None = Field(default=None, description="Lower bound (uniform, logUniform, int).")
     high: float | None = Field(default=None, description="Upper bound, inclusive (uniform, logUniform, int).")
-    step: float | None = Field(default=None, gt=0, description="int: spacing of the values (default 1).")
+    step: int | None = Field(default=None, ge=1, description="int: spacing of the values (default 1).")
     choices: list[Any] | None = Field(default=None, description="choice: the values to choose from.")
 
 
@@ -99,12 +99,15 @@ class PruningSpec(ApiModel):
     type: Literal["median", "none"] = Field(
         default="median",
         description=(
-            "median: stop a trial whose eval_loss at an evaluation is worse than the median of the "
-            "earlier trials at the same step (Optuna's MedianPruner); none: every trial runs to the end."
+            "median: stop a trial whose best eval_loss so far is worse than the median of the complete "
+            "trials at the same step (Optuna's MedianPruner); none: every trial runs to the end."
         ),
     )
     startup_trials: int = Field(
-        default=2, ge=0, le=1000, description="Trials that finish before any is pruned."
+        default=2,
+        ge=0,
+        le=1000,
+        description="Complete trials before any is pruned (Optuna's MedianPruner prunes nothing before the first).",
     )
     warmup_steps: int = Field(
         default=0, ge=0, le=10_000_000, description="Evaluations before this step never prune."
@@ -266,6 +269,9 @@ def sweep_problems(spec: FineTuneSweepSpec) -> list[str]:
         else:
             if p.choices is not None:
                 problems.append(f"{field}.choices: only a choice parameter takes choices (type is {p.type})")
+                continue
+            if p.step is not None and p.type != "int":
+                problems.append(f"{field}.step: only an int parameter takes a step (type is {p.type})")
                 continue
             if p.low is None or p.high is None:
                 problems.append(f"{field}: type {p.type} needs low and high")

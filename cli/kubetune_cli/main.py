@@ -114,8 +114,13 @@ def cmd_run_sweep(args: argparse.Namespace) -> int:
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if (args.nproc or 1) > 1:
-        print("[kubetune] error: a sweep runs its trials in one process here: drop --nproc", file=sys.stderr)
+    strategy = sweep.spec.template.distributed.strategy
+    if (args.nproc or 1) > 1 or strategy != "none":
+        print(
+            "[kubetune] error: `kubetune run` runs a sweep's trials one at a time in this process: drop "
+            f"--nproc and use spec.template.distributed.strategy none (it is {strategy})",
+            file=sys.stderr,
+        )
         return EXIT_BAD_INPUT
     store_dir = Path(args.store_dir).resolve()
     name = sweep.metadata.name or "sweep"

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from kubetune_api.reports import EXIT_BAD_INPUT
+from kubetune_api.reports import EXIT_BAD_INPUT, EXIT_GATES_FAILED
 from tests.fixtures.trainer import kubetune_cmd, trainer_env
 
 REPO = Path(__file__).resolve().parents[2]
@@ -184,3 +184,45 @@ def test_a_sweep_against_a_real_s3_endpoint_keeps_its_study_there_and_leaks_no_s
         assert secret not in proc.stderr and secret not in proc.stdout
         for key in keys:
             assert secret.encode() not in s3.get_object(Bucket=bucket, Key=key)["Body"].read(), key
+
+
+def test_a_winner_that_stopped_early_is_published_as_it_stopped_and_its_gates_are_remembered(
+    demo_store: Path, tmp_path: Path
+) -> None:
+    # Its checkpoint says it stopped early: resumed from there, it must not train on (it did: the
+    # loop looked only at the step count), or the published model would not be the trial that won.
+    # A rate of 1e-12 learns nothing, so the trust gates fail it: exit 4, then and on a re-run.
+    import yaml
+
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    spec = doc["spec"]
+    spec["template"]["training"].update(
+        {"maxSteps": 40, "evalEverySteps": 2, "earlyStopping": {"patience": 2, "minDelta": 0.001}}
+    )
+    spec.update(
+        {
+            "parameters": [{"path": "training.learningRate", "type": "choice", "choices": [1e-12]}],
+            "maxTrials": 1,
+            "pruning": {"type": "none"},
+        }
+    )
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    args = [*kubetune_cmd("run", str(path)), "--store-dir", str(demo_store), "--workdir", str(tmp_path / "w")]
+    env = {**trainer_env(), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == EXIT_GATES_FAILED, proc.stderr[-3000:]
+    console = proc.stderr.splitlines()
+    stopped = [line for line in console if line.startswith("[kubetune] early stopping at step ")]
+    assert len(stopped) == 1, console  # the trial's; the winner does not train again
+    step = int(stopped[0].removeprefix("[kubetune] early stopping at step ").split(":")[0])
+    assert step < 40 and f"[kubetune] resumed from checkpoint at step {step}" in console
+    (trial,) = _study(demo_store)["trials"]  # type: ignore[index]
+    manifest = json.loads((demo_store / MODEL / "versions" / "v1" / "manifest.json").read_text())
+    assert manifest["metrics"]["eval_loss"] == pytest.approx(trial["value"], rel=1e-6)
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert again.returncode == EXIT_GATES_FAILED, again.stderr[-2000:]
+    assert (
+        "is tiny-demo-sweep v1 (s3://kubetune-demo/models/tiny-demo-sweep/versions/v1, GateFailed): nothing ran"
+        in (again.stderr)
+    )

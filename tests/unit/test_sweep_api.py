@@ -84,6 +84,14 @@ def test_the_example_is_a_valid_sweep() -> None:
             {"path": "training.learningRate.value", "type": "uniform", "low": 0.1, "high": 0.2},
             "spec.parameters[0].path: training.learningRate is a value, not an object",
         ),
+        (
+            {"path": "training.warmupRatio", "type": "uniform", "low": 0.0, "high": 0.1, "step": 1},
+            "spec.parameters[0].step: only an int parameter takes a step",
+        ),
+        (
+            {"path": "method.lora.r", "type": "int", "low": 4, "high": 16, "step": 0.5},
+            "spec.parameters[0].step: Input should be a valid integer",
+        ),
     ],
 )
 def test_an_invalid_search_space_is_refused_with_its_field_and_line(
@@ -192,3 +200,36 @@ def test_the_median_pruner_stops_a_trial_worse_than_the_finished_ones() -> None:
     assert not should_prune(_spec(pruning={"type": "none"}), [*done, worse], worse)
     assert best(spec, done) is done[0]
     assert best(_spec(objective={"metric": "eval_loss", "direction": "maximize"}), done) is done[1]
+
+
+def test_the_study_rebuilds_from_records_as_json_gives_them_back() -> None:
+    """Pruned and failed trials, step keys as strings (a JSON round trip)."""
+    import json
+
+    from kubetune_trainer.sweep.search import next_params, should_prune
+
+    spec = _spec(pruning={"type": "median", "startupTrials": 1})
+    records = [
+        TrialRecord(
+            number=0,
+            params={"training.learningRate": 1e-3},
+            state="complete",
+            value=2.0,
+            intermediate={5: 3.0, 10: 2.0},
+        ),
+        TrialRecord(
+            number=1,
+            params={"training.learningRate": 1e-5},
+            state="pruned",
+            intermediate={5: 8.0},
+            message="pruned",
+        ),
+        TrialRecord(number=2, params={"training.learningRate": 5e-3}, state="failed", message="Diverged"),
+    ]
+    again = [TrialRecord.model_validate(json.loads(json.dumps(r.to_api()))) for r in records]
+    assert again == records and all(isinstance(k, int) for r in again for k in r.intermediate)
+    assert 1e-5 <= next_params(spec, again, 3)["training.learningRate"] <= 1e-2
+    worse = TrialRecord(
+        number=3, params={"training.learningRate": 2e-5}, state="running", intermediate={5: 7.5}
+    )
+    assert should_prune(spec, [*again, worse], worse)

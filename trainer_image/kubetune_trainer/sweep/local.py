@@ -19,12 +19,15 @@ here; ``spec.parallelism`` is for a cluster.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from pydantic import ValidationError
+
 from kubetune_api.models import FineTuneJob, FineTuneJobSpec, ObjectMeta
-from kubetune_api.reports import EXIT_ERROR, EXIT_OK
+from kubetune_api.reports import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_OK
 from kubetune_api.runconfig import RunConfig, resolve_run_config
 from kubetune_api.sweep import FineTuneSweep, TrialRecord, apply_parameters
 from kubetune_registry.storage import ObjectNotFound, ObjectStore, join_key, open_uri
@@ -32,6 +35,9 @@ from kubetune_trainer import pipeline
 from kubetune_trainer.context import Trial, store_settings
 from kubetune_trainer.sweep.search import best, next_params, should_prune
 from kubetune_trainer.train.stage import checkpoint_prefix
+
+INPUT_FAILURES = ("FetchFailed", "InvalidData", "UnsafeModel")
+"""Trial failures caused by the template's inputs (base model, data), whatever the drawn values."""
 
 
 class Study:
@@ -124,6 +130,8 @@ def _run_trial(
         return outcome.exit_code
     if outcome.pruned is not None:
         record.state, record.message = "pruned", str(outcome.pruned)
+    elif outcome.objective is not None and not math.isfinite(outcome.objective):
+        record.state, record.message = "failed", f"{spec.objective.metric} is {outcome.objective}"
     elif outcome.exit_code != EXIT_OK or outcome.objective is None:
         record.state = "failed"
         if outcome.result is not None:
@@ -140,7 +148,52 @@ def _run_trial(
         file=out,
         flush=True,
     )
+    reason = outcome.result.reason if outcome.result is not None else None
+    if record.state == "failed" and reason in INPUT_FAILURES:
+        # The inputs, not the drawn values, are at fault: every other trial would fail the same way.
+        print(f"[kubetune] FAILED: sweep stopped: {reason} is the same for every trial", file=out, flush=True)
+        return outcome.exit_code or EXIT_BAD_INPUT
     return None
+
+
+def _same_values(records: list[TrialRecord], record: TrialRecord) -> TrialRecord | None:
+    """An earlier finished trial with exactly these values (TPE repeats choice and int draws)."""
+    return next(
+        (
+            r
+            for r in records
+            if r.number < record.number and r.state != "running" and r.params == record.params
+        ),
+        None,
+    )
+
+
+def _prefix(sweep: FineTuneSweep, record: TrialRecord, local_root: str | None) -> str | None:
+    """Where trial ``record`` kept its checkpoints (its own spec: a searched path may move them)."""
+    if record.inputs_digest is None:
+        return None
+    rc = resolve_run_config(
+        _job(sweep, apply_parameters(sweep.spec.template, record.params)), local_root=local_root
+    )
+    return checkpoint_prefix(rc, store_settings(rc), record.inputs_digest)
+
+
+def _delete_checkpoints(
+    store: ObjectStore,
+    sweep: FineTuneSweep,
+    records: list[TrialRecord],
+    *,
+    keep: str | None,
+    local_root: str | None,
+) -> None:
+    """Every trial's checkpoints but those of inputs digest ``keep`` (spent by the winner's publish)."""
+    done: set[str] = set()
+    for r in records:
+        prefix = _prefix(sweep, r, local_root)
+        if prefix is None or r.inputs_digest == keep or prefix in done:
+            continue
+        store.delete_prefix(prefix + "/")
+        done.add(prefix)
 
 
 def run_sweep(
@@ -160,12 +213,13 @@ def run_sweep(
         print(
             f"[kubetune] Reused: sweep {name!r} (digest {digest}) is complete; its winner, trial "
             f"{study.winner['trial']}, is {base_rc.model.name} {study.winner['version']} "
-            f"({study.winner['uri']}): nothing ran",
+            f"({study.winner['uri']}, {study.winner.get('reason', 'Published')}): nothing ran",
             file=out,
             flush=True,
         )
         print(leaderboard(sweep, study.records, study.winner["trial"]), file=out, flush=True)
-        return EXIT_OK
+        # The winner's outcome is remembered: one that failed its gates fails again (exit 4).
+        return int(study.winner.get("exitCode", EXIT_OK))
     print(
         f"[kubetune] sweep {name!r}: {spec.max_trials} trials of {base_rc.model.name}, objective "
         f"{spec.objective.metric} ({spec.objective.resolved_direction}), sampler {spec.sampler.type} "
@@ -186,8 +240,6 @@ def run_sweep(
             study.save()
         else:
             break
-        trial_spec = apply_parameters(spec.template, record.params)
-        rc = resolve_run_config(_job(sweep, trial_spec), local_root=local_root)
         params = ", ".join(
             f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.params.items()
         )
@@ -196,11 +248,35 @@ def run_sweep(
             file=out,
             flush=True,
         )
-        stopped = _run_trial(sweep, study, record, rc, workdir, out)
-        if stopped is not None:
-            return stopped
+        same = _same_values(study.records, record)
+        try:
+            rc = resolve_run_config(
+                _job(sweep, apply_parameters(spec.template, record.params)), local_root=local_root
+            )
+        except ValidationError as exc:  # each value fits its field, together they break a rule
+            first = exc.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
+            record.state, record.message = "failed", f"these values make an invalid FineTuneJob: {first}"
+        else:
+            if same is not None:  # nothing new to learn: the earlier trial's result stands for it
+                record.state, record.value, record.intermediate = (
+                    same.state,
+                    same.value,
+                    dict(same.intermediate),
+                )
+                record.inputs_digest, record.message = (
+                    same.inputs_digest,
+                    f"same values as trial {same.number}",
+                )
+            else:
+                stopped = _run_trial(sweep, study, record, rc, workdir, out)
+                if stopped is not None:
+                    return stopped
+                continue
+        study.save()
+        print(f"[kubetune] trial {record.number}: {record.state} ({record.message})", file=out, flush=True)
     winner = best(spec, study.records)
     if winner is None:
+        _delete_checkpoints(store, sweep, study.records, keep=None, local_root=local_root)
         print(f"[kubetune] FAILED: sweep {name!r}: no trial completed", file=out, flush=True)
         print(leaderboard(sweep, study.records, None), file=out, flush=True)
         return EXIT_ERROR
@@ -216,17 +292,22 @@ def run_sweep(
     outcome = pipeline.run(
         win_rc, workdir=workdir / "winner", sweep=lineage(sweep, study.records, winner.number)
     )
-    version = outcome.result.version if outcome.result is not None else None
-    if version is not None:
-        study.winner = {"trial": winner.number, "version": version.name, "uri": version.uri}
+    result = outcome.result
+    version = result.version if result is not None else None
+    if result is not None and version is not None:
+        study.winner = {
+            "trial": winner.number,
+            "version": version.name,
+            "uri": version.uri,
+            "reason": result.reason,
+            "exitCode": outcome.exit_code,
+        }
         study.save()
-        # Only the winner's checkpoints were spent by its publish; the losers' go now.
-        settings = store_settings(base_rc)
-        for digest_ in {r.inputs_digest for r in study.records} - {winner.inputs_digest, None}:
-            assert digest_ is not None
-            store.delete_prefix(checkpoint_prefix(base_rc, settings, digest_) + "/")
+        # A publish spends the winner's checkpoints; a reused version spent none, so they go too.
+        keep = winner.inputs_digest if result.reason != "Reused" else None
+        _delete_checkpoints(store, sweep, study.records, keep=keep, local_root=local_root)
     print(
-        leaderboard(sweep, study.records, winner.number if version is not None else None),
+        leaderboard(sweep, study.records, winner.number if study.winner is not None else None),
         file=out,
         flush=True,
     )

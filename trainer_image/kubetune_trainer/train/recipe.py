@@ -479,7 +479,8 @@ class SFTRecipe:
         grad_norms_path = metrics_path.parent / "grad-norms.jsonl"
         if self.rt.is_main:
             grad_norms_path.write_text("".join(json.dumps(r) + "\n" for r in self.state.grad_norm_history))
-        done = self.state.step >= self.total_steps
+        # A checkpoint saved when early stopping fired resumes as stopped: it never trains on.
+        done = self.state.step >= self.total_steps or self.state.stopped_early
         while not done:
             epoch = self.state.epoch
             accum_loss, accum_n = 0.0, 0
@@ -577,8 +578,11 @@ class SFTRecipe:
                 self.state.micro_batch = 0
                 if not t.eval_every_steps and self._eval_and_check_early_stop(metrics_path):
                     done = True
+                    self.save_checkpoint()  # stopped early at an epoch's end: a restart resumes here
         self.reporter.close_bar()
         self._restore_sigterm()  # from here a stop ends the process at once; a restart resumes
+        if self.rt.broadcast(self._sigterm):  # it came while the last checkpoint was being saved
+            raise PreemptedError(f"stopped by SIGTERM after saving a checkpoint at step {self.state.step}")
         if self.rt.is_main:
             (metrics_path.parent / "health.json").write_text(
                 json.dumps({"warnings": self.state.health_warnings}, indent=2)
