@@ -226,3 +226,44 @@ def test_a_winner_that_stopped_early_is_published_as_it_stopped_and_its_gates_ar
         "is tiny-demo-sweep v1 (s3://kubetune-demo/models/tiny-demo-sweep/versions/v1, GateFailed): nothing ran"
         in (again.stderr)
     )
+
+
+def test_a_repeated_draw_takes_the_earlier_trials_result(demo_store: Path, tmp_path: Path) -> None:
+    # Three draws from two values: at least one repeats, and repeats train nothing.
+    import yaml
+
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    spec = doc["spec"]
+    spec["template"]["training"].update({"maxSteps": 8, "evalEverySteps": 4, "learningRate": 2e-3})
+    spec.update(
+        {
+            "parameters": [{"path": "method.lora.r", "type": "choice", "choices": [8, 16]}],
+            "maxTrials": 3,
+            "pruning": {"type": "none"},
+        }
+    )
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    proc = subprocess.run(
+        [*kubetune_cmd("run", str(path)), "--store-dir", str(demo_store), "--workdir", str(tmp_path / "w")],
+        env={**trainer_env(), "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = _study(demo_store)["trials"]  # type: ignore[index]
+    firsts = {t["params"]["method.lora.r"]: t for t in reversed(trials)}  # the earliest per value
+    repeats = [t for t in trials if firsts[t["params"]["method.lora.r"]] is not t]
+    assert repeats, trials
+    for t in repeats:
+        first = firsts[t["params"]["method.lora.r"]]
+        assert t["message"] == f"same values as trial {first['number']}"
+        assert (t["state"], t["value"], t["inputsDigest"]) == (
+            first["state"],
+            first["value"],
+            first["inputsDigest"],
+        )
+    trained = sum(line.startswith("[kubetune] stage Training: trial") for line in proc.stderr.splitlines())
+    assert trained == len(firsts)  # one training per distinct value
