@@ -320,20 +320,8 @@ def test_sigterm_saves_a_checkpoint_before_exiting_and_the_restart_resumes(
             }
         ),
     )
-    proc = subprocess.Popen(
-        kubetune_cmd("run", str(job), "--store-dir", str(demo_store), "--workdir", str(tmp_path / "w")),
-        env=trainer_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if line.startswith("[kubetune] step 3/"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    rest = proc.stderr.read()
-    assert proc.wait(timeout=120) == 143, rest[-3000:]
+    code, rest = _sigterm_at("[kubetune] step 3/", job, demo_store, tmp_path)
+    assert code == 143, rest[-3000:]
     markers = list((demo_store / "kubetune-demo" / "models" / MODEL / "checkpoints").rglob("COMPLETE.json"))
     assert len(markers) == 1
     saved_at = json.loads(markers[0].read_text())["step"]
@@ -350,6 +338,18 @@ def test_sigterm_after_training_ends_the_run_at_once_and_the_rerun_only_evaluate
     # while it trains: left installed it swallowed a stop during evaluation, which then ran on to
     # the end (in a pod: until the kubelet's SIGKILL).
     job = write_job(tmp_path / "job.yaml", small_job(**{"evaluation.maxSamples": 32}))
+    code, rest = _sigterm_at("[kubetune] stage Evaluating", job, demo_store, tmp_path)
+    assert code == -signal.SIGTERM, rest[-3000:]
+    assert "stage Publishing" not in rest
+    assert not (demo_store / "kubetune-demo" / "models" / MODEL / "versions").exists()
+    resumed = run_kubetune("run", str(job), "--store-dir", str(demo_store), "--workdir", str(tmp_path / "w"))
+    assert_ok(resumed)
+    assert "resumed from checkpoint at step 16" in resumed.stderr  # the final step: nothing retrained
+    assert (demo_store / "kubetune-demo" / "models" / MODEL / "versions" / "v1" / "manifest.json").exists()
+
+
+def _sigterm_at(prefix: str, job: Path, demo_store: Path, tmp_path: Path) -> tuple[int, str]:
+    """`kubetune run job` sent SIGTERM when a console line starts with ``prefix``: (exit code, the rest)."""
     proc = subprocess.Popen(
         kubetune_cmd("run", str(job), "--store-dir", str(demo_store), "--workdir", str(tmp_path / "w")),
         env=trainer_env(),
@@ -359,17 +359,11 @@ def test_sigterm_after_training_ends_the_run_at_once_and_the_rerun_only_evaluate
     )
     assert proc.stderr is not None
     for line in proc.stderr:
-        if line.startswith("[kubetune] stage Evaluating"):
+        if line.startswith(prefix):
             proc.send_signal(signal.SIGTERM)
             break
     rest = proc.stderr.read()
-    assert proc.wait(timeout=60) == -signal.SIGTERM, rest[-3000:]
-    assert "stage Publishing" not in rest
-    assert not (demo_store / "kubetune-demo" / "models" / MODEL / "versions").exists()
-    resumed = run_kubetune("run", str(job), "--store-dir", str(demo_store), "--workdir", str(tmp_path / "w"))
-    assert_ok(resumed)
-    assert "resumed from checkpoint at step 16" in resumed.stderr  # the final step: nothing retrained
-    assert (demo_store / "kubetune-demo" / "models" / MODEL / "versions" / "v1" / "manifest.json").exists()
+    return proc.wait(timeout=120), rest
 
 
 def test_early_stopping_on_eval_loss(demo_store: Path, tmp_path: Path, run_kubetune: Runner) -> None:

@@ -79,6 +79,16 @@ def _run(
     }
 
 
+def _data(runs: list[dict[str, object]]) -> dict[str, object]:
+    """A bench run of the ``tiny`` size holding ``runs``, as summarise reads it."""
+    return {
+        "settings": {"sizes": ["tiny"]},
+        "models": {"tiny": {"params": 100, "non_embedding_params": 50}},
+        "peak_matmul_flops": 1e9,
+        "runs": runs,
+    }
+
+
 def test_summary_ratios_are_pair_by_pair_and_verdicts_follow_targets() -> None:
     runs = [
         _run(300.0, 100.0, "kubetune", 0),
@@ -88,12 +98,7 @@ def test_summary_ratios_are_pair_by_pair_and_verdicts_follow_targets() -> None:
         _run(200.0, 50.0, "hf-peft", 1),
         _run(200.0, 100.0, "trl", 1),
     ]
-    data = {
-        "settings": {"sizes": ["tiny"]},
-        "models": {"tiny": {"params": 100, "non_embedding_params": 50}},
-        "peak_matmul_flops": 1e9,
-        "runs": runs,
-    }
+    data = _data(runs)
     s = summarise(data)["sizes"]["tiny"]
     # Pairs: 300/100=3.0, 200/50=4.0 -> median 3.5 (not 250/75).
     assert s["ratios"]["hf-peft"]["ratio"] == pytest.approx(3.5)
@@ -104,12 +109,7 @@ def test_summary_ratios_are_pair_by_pair_and_verdicts_follow_targets() -> None:
 
 def test_summary_misses_when_eval_loss_is_worse() -> None:
     runs = [_run(300.0, 100.0, "kubetune", 0, eval_loss=9.5), _run(300.0, 100.0, "hf-peft", 0, eval_loss=9.0)]
-    data = {
-        "settings": {"sizes": ["tiny"]},
-        "models": {"tiny": {"params": 100, "non_embedding_params": 50}},
-        "peak_matmul_flops": 1e9,
-        "runs": runs,
-    }
+    data = _data(runs)
     r = summarise(data)["sizes"]["tiny"]["ratios"]["hf-peft"]
     assert r["speed"] == "PASS" and r["eval_loss_ok"] is False and r["verdict"] == "MISS"
 
@@ -120,12 +120,7 @@ def test_summary_trl_packed_pair_targets_2x_and_counts_memory() -> None:
         _run(300.0, 140.0, "trl-packed", 0, rss=2**30 + 2**20),  # kubetune 1 MiB less
         _run(300.0, 140.0, "trl", 0, rss=2**29),  # kubetune uses more: not part of this verdict
     ]
-    data = {
-        "settings": {"sizes": ["tiny"]},
-        "models": {"tiny": {"params": 100, "non_embedding_params": 50}},
-        "peak_matmul_flops": 1e9,
-        "runs": runs,
-    }
+    data = _data(runs)
     r = summarise(data)["sizes"]["tiny"]["ratios"]
     assert r["trl-packed"]["target"] == 2.0 and r["trl-packed"]["ratio"] == pytest.approx(300 / 140)
     assert r["trl-packed"]["rss_ok"] and r["trl-packed"]["verdict"] == "PASS"
@@ -139,12 +134,7 @@ def test_summary_on_a_gpu_compares_the_device_s_peak_not_the_host_s_rss() -> Non
         {**_run(300.0, 140.0, "kubetune", 0, rss=2**31), "peak_cuda_bytes": 2**30},
         {**_run(300.0, 140.0, "trl-packed", 0, rss=2**30), "peak_cuda_bytes": 2**31},
     ]
-    data = {
-        "settings": {"sizes": ["tiny"]},
-        "models": {"tiny": {"params": 100, "non_embedding_params": 50}},
-        "peak_matmul_flops": 1e9,
-        "runs": runs,
-    }
+    data = _data(runs)
     s = summarise(data)["sizes"]["tiny"]
     assert s["contenders"]["kubetune"]["peak_cuda_mib"] == 1024.0
     # Twice the host RSS of trl-packed, half its GPU peak: on a GPU the device's memory decides.

@@ -168,32 +168,20 @@ def test_trials_are_reproducible_by_seed_and_follow_the_records() -> None:
     assert [next_params(other, [], n) for n in range(3)] != first
 
 
+def _record(number: int, lr: float, state: Any, **fields: Any) -> TrialRecord:
+    return TrialRecord(number=number, params={"training.learningRate": lr}, state=state, **fields)
+
+
 def test_the_median_pruner_stops_a_trial_worse_than_the_finished_ones() -> None:
     from kubetune_trainer.sweep.search import best, should_prune
 
     spec = _spec(pruning={"type": "median", "startupTrials": 2})
     done = [
-        TrialRecord(
-            number=0,
-            params={"training.learningRate": 1e-3},
-            state="complete",
-            value=2.0,
-            intermediate={5: 3.0, 10: 2.0},
-        ),
-        TrialRecord(
-            number=1,
-            params={"training.learningRate": 2e-3},
-            state="complete",
-            value=2.2,
-            intermediate={5: 3.2, 10: 2.2},
-        ),
+        _record(0, 1e-3, "complete", value=2.0, intermediate={5: 3.0, 10: 2.0}),
+        _record(1, 2e-3, "complete", value=2.2, intermediate={5: 3.2, 10: 2.2}),
     ]
-    worse = TrialRecord(
-        number=2, params={"training.learningRate": 1e-5}, state="running", intermediate={5: 8.0}
-    )
-    better = TrialRecord(
-        number=3, params={"training.learningRate": 3e-3}, state="running", intermediate={5: 2.5}
-    )
+    worse = _record(2, 1e-5, "running", intermediate={5: 8.0})
+    better = _record(3, 3e-3, "running", intermediate={5: 2.5})
     assert should_prune(spec, [*done, worse], worse)
     assert not should_prune(spec, [*done, better], better)
     assert not should_prune(spec, [*done[:1], worse], worse)  # one finished trial: still starting up
@@ -210,26 +198,12 @@ def test_the_study_rebuilds_from_records_as_json_gives_them_back() -> None:
 
     spec = _spec(pruning={"type": "median", "startupTrials": 1})
     records = [
-        TrialRecord(
-            number=0,
-            params={"training.learningRate": 1e-3},
-            state="complete",
-            value=2.0,
-            intermediate={5: 3.0, 10: 2.0},
-        ),
-        TrialRecord(
-            number=1,
-            params={"training.learningRate": 1e-5},
-            state="pruned",
-            intermediate={5: 8.0},
-            message="pruned",
-        ),
-        TrialRecord(number=2, params={"training.learningRate": 5e-3}, state="failed", message="Diverged"),
+        _record(0, 1e-3, "complete", value=2.0, intermediate={5: 3.0, 10: 2.0}),
+        _record(1, 1e-5, "pruned", intermediate={5: 8.0}, message="pruned"),
+        _record(2, 5e-3, "failed", message="Diverged"),
     ]
     again = [TrialRecord.model_validate(json.loads(json.dumps(r.to_api()))) for r in records]
     assert again == records and all(isinstance(k, int) for r in again for k in r.intermediate)
     assert 1e-5 <= next_params(spec, again, 3)["training.learningRate"] <= 1e-2
-    worse = TrialRecord(
-        number=3, params={"training.learningRate": 2e-5}, state="running", intermediate={5: 7.5}
-    )
+    worse = _record(3, 2e-5, "running", intermediate={5: 7.5})
     assert should_prune(spec, [*again, worse], worse)

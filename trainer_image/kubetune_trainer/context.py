@@ -57,15 +57,14 @@ class Trial:
     """This run is trial ``number`` of a sweep (docs/adr/0001): trained and evaluated, never published.
 
     ``on_eval(step, eval_loss)`` is called at every intermediate evaluation and returns True when
-    the sweep's pruner stops the trial there; the run fills in ``inputs_digest`` and
-    ``checkpoint_prefix`` (the winner resumes from that trial's final checkpoint).
+    the sweep's pruner stops the trial there; the run fills in ``inputs_digest`` (the winner, of the
+    same digest, resumes from that trial's final checkpoint).
     """
 
     number: int
     objective: str
     on_eval: Callable[[int, float], bool]
     inputs_digest: str | None = None
-    checkpoint_prefix: str | None = None
 
 
 @dataclass(frozen=True)

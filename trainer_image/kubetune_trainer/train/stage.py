@@ -72,7 +72,7 @@ def train_stage(
     out_store, _ = open_uri(rc.output.uri, ctx.store)
     ckpt_prefix = checkpoint_prefix(rc, ctx.store, inputs_digest)
     if ctx.trial is not None:  # the sweep deletes a losing trial's checkpoints, keeps the winner's
-        ctx.trial.inputs_digest, ctx.trial.checkpoint_prefix = inputs_digest, ckpt_prefix
+        ctx.trial.inputs_digest = inputs_digest
     # Per-rank scratch: ranks on one machine share the workdir and must not upload each other's
     # half-written files (each rank uploads only what it wrote; the keys merge in the store).
     checkpoints = CheckpointManager(
