@@ -61,12 +61,12 @@ demo: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/kubetune run examples/quickstart/finetunejob.yaml --store-dir $(STORE)
 
 lint: setup
-	$(VENV)/bin/ruff check api registry cli operator trainer_image gateway tests bench docs
-	$(VENV)/bin/ruff format --check api registry cli operator trainer_image gateway tests bench docs
+	$(VENV)/bin/ruff check api registry cli operator trainer_image gateway search tests bench docs
+	$(VENV)/bin/ruff format --check api registry cli operator trainer_image gateway search tests bench docs
 	$(VENV)/bin/lint-imports
 
 typecheck: setup
-	$(VENV)/bin/mypy -p kubetune_api -p kubetune_registry -p kubetune_cli -p kubetune_operator -p kubetune_trainer -p kubetune_gateway
+	$(VENV)/bin/mypy -p kubetune_api -p kubetune_registry -p kubetune_cli -p kubetune_operator -p kubetune_trainer -p kubetune_gateway -p kubetune_search
 
 crds: setup
 	$(PY) -m kubetune_api.crdgen

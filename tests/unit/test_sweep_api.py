@@ -152,7 +152,7 @@ def _spec(**spec: Any) -> Any:
 
 
 def test_trials_are_reproducible_by_seed_and_follow_the_records() -> None:
-    from kubetune_trainer.sweep.search import next_params
+    from kubetune_search.study import next_params
 
     spec = _spec(
         parameters=[
@@ -173,7 +173,7 @@ def _record(number: int, lr: float, state: Any, **fields: Any) -> TrialRecord:
 
 
 def test_the_median_pruner_stops_a_trial_worse_than_the_finished_ones() -> None:
-    from kubetune_trainer.sweep.search import best, should_prune
+    from kubetune_search.study import best, should_prune
 
     spec = _spec(pruning={"type": "median", "startupTrials": 2})
     done = [
@@ -194,7 +194,7 @@ def test_the_study_rebuilds_from_records_as_json_gives_them_back() -> None:
     """Pruned and failed trials, step keys as strings (a JSON round trip)."""
     import json
 
-    from kubetune_trainer.sweep.search import next_params, should_prune
+    from kubetune_search.study import next_params, should_prune
 
     spec = _spec(pruning={"type": "median", "startupTrials": 1})
     records = [

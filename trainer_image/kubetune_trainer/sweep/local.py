@@ -1,6 +1,6 @@
 """``kubetune run sweep.yaml``: a FineTuneSweep on one machine (docs/adr/0001).
 
-The loop: draw trial n's values (:func:`~kubetune_trainer.sweep.search.next_params`), set them
+The loop: draw trial n's values (:func:`~kubetune_search.study.next_params`), set them
 in the template, run the job as a trial (trained, evaluated, its intermediate eval_loss reported
 to the pruner, nothing published), record the outcome; when the budget is spent, run the best
 trial's spec once more as an ordinary job. Its inputs digest is the winning trial's, so it resumes
@@ -31,9 +31,9 @@ from kubetune_api.reports import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_OK
 from kubetune_api.runconfig import RunConfig, resolve_run_config
 from kubetune_api.sweep import FineTuneSweep, TrialRecord, apply_parameters
 from kubetune_registry.storage import ObjectNotFound, ObjectStore, join_key, open_uri
+from kubetune_search.study import best, lineage, next_params, should_prune
 from kubetune_trainer import pipeline
 from kubetune_trainer.context import Trial, store_settings
-from kubetune_trainer.sweep.search import best, next_params, should_prune
 from kubetune_trainer.train.stage import checkpoint_prefix
 
 INPUT_FAILURES = ("FetchFailed", "InvalidData", "UnsafeModel")
@@ -63,22 +63,6 @@ def _job(sweep: FineTuneSweep, spec: FineTuneJobSpec) -> FineTuneJob:
     """A trial (or the winner) as the FineTuneJob it is: the sweep's name, the trial's spec."""
     meta = ObjectMeta(name=sweep.metadata.name or "sweep", namespace=sweep.metadata.namespace)
     return FineTuneJob(metadata=meta, spec=spec)
-
-
-def lineage(sweep: FineTuneSweep, records: list[TrialRecord], winner: int) -> dict[str, Any]:
-    """What the winner's manifest (``extra.sweep``) and model card record of the sweep."""
-    spec = sweep.spec
-    return {
-        "name": sweep.metadata.name or "sweep",
-        "digest": sweep.digest()[:16],
-        "objective": {"metric": spec.objective.metric, "direction": spec.objective.resolved_direction},
-        "parameters": [p.to_api() for p in spec.parameters],
-        "sampler": spec.sampler.to_api(),
-        "pruning": spec.pruning.to_api(),
-        "maxTrials": spec.max_trials,
-        "winner": winner,
-        "trials": [r.to_api() for r in sorted(records, key=lambda r: r.number)],
-    }
 
 
 def leaderboard(sweep: FineTuneSweep, records: list[TrialRecord], winner: int | None) -> str:

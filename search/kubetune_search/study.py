@@ -1,21 +1,23 @@
-"""The search: Optuna over a sweep's trial records.
+"""The search: Optuna over a sweep's trial records (both `kubetune run sweep.yaml` and the operator).
 
 The records are the study's only state. Every decision rebuilds an in-memory Optuna study from
-them, so whatever holds the records (a JSON file in the object store for ``kubetune run``)
-restarts without losing or repeating a trial:
+them, so whatever holds the records (a JSON file in the object store for ``kubetune run``, the
+FineTuneSweep's status on a cluster) restarts without losing or repeating a trial:
 
 * :func:`next_params`: trial ``n`` is drawn by the sampler seeded with ``seed + n`` over the
   finished trials before it, so the same sweep draws the same trials, run after run;
 * :func:`should_prune`: a running trial's intermediate eval_loss reports against the finished
   trials', by the sweep's pruner (Optuna's ``MedianPruner``);
-* :func:`best`: the winning complete trial.
+* :func:`best`: the winning complete trial;
+* :func:`lineage`: what the winner's version records of the sweep.
 
-Optuna is the search library (``optuna==5.1.0``, pinned in the trainer extra); only its in-memory
+Optuna is the search library (``optuna==5.1.0``, pinned in the trainer and operator extras); only its in-memory
 storage is used: the records, not an Optuna database, are what is kept.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import optuna
@@ -28,7 +30,7 @@ from optuna.distributions import (
 from optuna.trial import TrialState as OptunaState
 from optuna.trial import create_trial
 
-from kubetune_api.sweep import FineTuneSweepSpec, TrialRecord
+from kubetune_api.sweep import FineTuneSweep, FineTuneSweepSpec, TrialRecord
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -48,7 +50,7 @@ def distributions(spec: FineTuneSweepSpec) -> dict[str, BaseDistribution]:
     return out
 
 
-def _study(spec: FineTuneSweepSpec, records: list[TrialRecord], seed: int) -> optuna.Study:
+def _study(spec: FineTuneSweepSpec, records: Sequence[TrialRecord], seed: int) -> optuna.Study:
     sampler: optuna.samplers.BaseSampler
     if spec.sampler.type == "tpe":
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.sampler.startup_trials)
@@ -78,14 +80,14 @@ def _study(spec: FineTuneSweepSpec, records: list[TrialRecord], seed: int) -> op
     return study
 
 
-def next_params(spec: FineTuneSweepSpec, records: list[TrialRecord], number: int) -> dict[str, Any]:
+def next_params(spec: FineTuneSweepSpec, records: Sequence[TrialRecord], number: int) -> dict[str, Any]:
     """The values trial ``number`` runs with, from the trials finished before it."""
     before = [r for r in records if r.number < number]
     trial = _study(spec, before, spec.sampler.seed + number).ask(distributions(spec))
     return dict(trial.params)
 
 
-def should_prune(spec: FineTuneSweepSpec, records: list[TrialRecord], running: TrialRecord) -> bool:
+def should_prune(spec: FineTuneSweepSpec, records: Sequence[TrialRecord], running: TrialRecord) -> bool:
     """Whether the pruner stops ``running`` after its latest intermediate report."""
     if spec.pruning.type == "none" or not running.intermediate:
         return False
@@ -98,10 +100,26 @@ def should_prune(spec: FineTuneSweepSpec, records: list[TrialRecord], running: T
     return bool(trial.should_prune())
 
 
-def best(spec: FineTuneSweepSpec, records: list[TrialRecord]) -> TrialRecord | None:
+def best(spec: FineTuneSweepSpec, records: Sequence[TrialRecord]) -> TrialRecord | None:
     """The complete trial with the best objective (the earliest on a tie); None when none completed."""
     complete = [r for r in records if r.state == "complete" and r.value is not None]
     if not complete:
         return None
     sign = 1.0 if spec.objective.resolved_direction == "minimize" else -1.0
     return min(complete, key=lambda r: (sign * float(r.value or 0.0), r.number))
+
+
+def lineage(sweep: FineTuneSweep, records: Sequence[TrialRecord], winner: int) -> dict[str, Any]:
+    """What the winner's manifest (``extra.sweep``) and model card record of the sweep."""
+    spec = sweep.spec
+    return {
+        "name": sweep.metadata.name or "sweep",
+        "digest": sweep.digest()[:16],
+        "objective": {"metric": spec.objective.metric, "direction": spec.objective.resolved_direction},
+        "parameters": [p.to_api() for p in spec.parameters],
+        "sampler": spec.sampler.to_api(),
+        "pruning": spec.pruning.to_api(),
+        "maxTrials": spec.max_trials,
+        "winner": winner,
+        "trials": [r.to_api() for r in sorted(records, key=lambda r: r.number)],
+    }
