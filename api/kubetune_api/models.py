@@ -1107,6 +1107,18 @@ class PlanStatus(ApiModel):
     )
 
 
+class TrialReport(ApiModel):
+    """A sweep trial's reports (a child FineTuneJob of a FineTuneSweep): what the sweep's pruner reads."""
+
+    number: int = Field(ge=0, description="Trial number, from 0.")
+    inputs_digest: str | None = Field(default=None, description="The trial's inputs digest.")
+    intermediate: dict[str, float] = Field(
+        default_factory=dict,
+        max_length=1000,
+        description="eval_loss by optimizer step (the step as a string key), every evaluation so far.",
+    )
+
+
 class FineTuneJobStatus(ApiModel):
     """What the operator and the trainer observed."""
 
@@ -1119,6 +1131,9 @@ class FineTuneJobStatus(ApiModel):
     observed_generation: int | None = Field(default=None, description="Spec generation last reconciled.")
     conditions: list[Condition] = Field(default_factory=list, description="Kubernetes-style conditions.")
     progress: Progress | None = Field(default=None, description="Training progress.")
+    trial: TrialReport | None = Field(
+        default=None, description="A sweep trial's intermediate eval_loss reports (its trainer writes them)."
+    )
     plan: PlanStatus | None = Field(
         default=None, description="The pre-flight plan: estimated memory and time."
     )

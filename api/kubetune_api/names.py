@@ -16,6 +16,16 @@ API_GROUP = "kubetune.io"
 API_VERSION = "v1alpha1"
 GROUP_VERSION = f"{API_GROUP}/{API_VERSION}"
 
+#: A sweep's child FineTuneJobs (docs/sweeps.md): the label every trial and the winner carry (the
+#: sweep's name, shortened with a hash when longer than a label value), the exact sweep name, the
+#: trial a child runs (JSON: sweep, number, objective metric) and the winner's lineage (JSON: every
+#: trial with its values and objective). resolve_run_config turns the last two into RunConfig.trial
+#: and RunConfig.sweep.
+LABEL_SWEEP = f"{API_GROUP}/sweep"
+ANNOTATION_SWEEP = f"{API_GROUP}/sweep-name"
+ANNOTATION_SWEEP_TRIAL = f"{API_GROUP}/sweep-trial"
+ANNOTATION_SWEEP_LINEAGE = f"{API_GROUP}/sweep-lineage"
+
 #: Model and alias names: ``qwen2.5-7b-support``, ``production``.
 NAME_PATTERN = r"^[a-z0-9]+([._-][a-z0-9]+)*$"
 NAME_MAX_LENGTH = 63

@@ -50,6 +50,8 @@ Reason = Literal[
     "UnsupportedHardware",
     "WillNotFit",
     "Error",
+    # A sweep's trial (RunConfig.trial) trained and measured its objective; it publishes nothing.
+    "TrialComplete",
 ]
 
 

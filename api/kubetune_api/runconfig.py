@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from kubetune_api import names
 from kubetune_api.models import (
     ApiModel,
     DataSpec,
@@ -32,6 +33,7 @@ from kubetune_api.models import (
     FineTuneJobSpec,
     MethodSpec,
     ModelSpec,
+    ObjectMeta,
     OutputSpec,
     QuantizationSpec,
     StageSpec,
@@ -104,6 +106,16 @@ class PlanPolicy(ApiModel):
     )
 
 
+class TrialRun(ApiModel):
+    """This job is trial ``number`` of sweep ``sweep`` (a child FineTuneJob of a FineTuneSweep): it
+    trains and measures ``objective``, reports each intermediate eval_loss to its status, and
+    publishes nothing (docs/sweeps.md)."""
+
+    sweep: str = Field(description="The FineTuneSweep's name.")
+    number: int = Field(ge=0, description="Trial number, from 0.")
+    objective: str = Field(description="The metric the sweep optimises.")
+
+
 class ResolvedStage(ApiModel):
     """A stage with its data and full training settings resolved (overrides applied to spec.training)."""
 
@@ -136,6 +148,13 @@ class RunConfig(ApiModel):
     reporting: Reporting = Field(default_factory=Reporting, description="Progress and result reporting.")
     tracking: TrackingSpec | None = Field(default=None, description="Experiment tracking (MLflow).")
     plan: PlanPolicy = Field(default_factory=PlanPolicy, description="The pre-flight plan's memory bound.")
+    trial: TrialRun | None = Field(
+        default=None, description="Set on a sweep's trial: train and evaluate, publish nothing."
+    )
+    sweep: dict[str, Any] | None = Field(
+        default=None,
+        description="Set on a sweep's winner: the sweep's lineage, recorded in its manifest and model card.",
+    )
 
     @property
     def learning_rate(self) -> float:
@@ -165,7 +184,19 @@ class RunConfig(ApiModel):
         and source URIs (the content digests of base model and data stand for them).
         """
         d = self.to_api()
-        for key in ("job", "storage", "reporting", "output", "schemaVersion", "tracking", "plan"):
+        # A sweep's trial and its winner train the same thing: the winner resumes from the trial's
+        # checkpoint, found by this digest (docs/sweeps.md).
+        for key in (
+            "job",
+            "storage",
+            "reporting",
+            "output",
+            "schemaVersion",
+            "tracking",
+            "plan",
+            "trial",
+            "sweep",
+        ):
             d.pop(key, None)
         d["model"].pop("name", None)
         d["model"]["base"].pop("uri", None)
@@ -274,7 +305,26 @@ def resolve_run_config(
         reporting=reporting or Reporting(),
         tracking=spec.tracking,
         plan=_plan_policy(spec),
+        trial=_trial_run(meta),
+        sweep=_sweep_lineage(meta),
     )
+
+
+def _trial_run(meta: ObjectMeta) -> TrialRun | None:
+    """RunConfig.trial from the child's kubetune.io/sweep-trial annotation (set by the operator)."""
+    text = meta.annotations.get(names.ANNOTATION_SWEEP_TRIAL)
+    return TrialRun.model_validate_json(text) if text else None
+
+
+def _sweep_lineage(meta: ObjectMeta) -> dict[str, Any] | None:
+    """RunConfig.sweep from the winner's kubetune.io/sweep-lineage annotation (set by the operator)."""
+    text = meta.annotations.get(names.ANNOTATION_SWEEP_LINEAGE)
+    if not text:
+        return None
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"annotation {names.ANNOTATION_SWEEP_LINEAGE} is not a JSON object")
+    return value
 
 
 def _plan_policy(spec: FineTuneJobSpec) -> PlanPolicy:

@@ -24,7 +24,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from kubetune_api.metrics import LOWER_IS_BETTER, METRIC_NAMES
-from kubetune_api.models import ApiModel, FineTuneJobSpec, ObjectMeta
+from kubetune_api.models import ApiModel, Condition, FineTuneJobSpec, ObjectMeta, VersionRef
 
 ParameterType = Literal["uniform", "logUniform", "int", "choice"]
 Direction = Literal["minimize", "maximize"]
@@ -154,6 +154,47 @@ class TrialRecord(ApiModel):
     message: str | None = Field(default=None, description="Why it was pruned or failed.")
 
 
+class TrialStatus(TrialRecord):
+    """A trial as a cluster sweep records it: the record and the child FineTuneJob running it."""
+
+    job_name: str | None = Field(
+        default=None, description="The child FineTuneJob of this trial (none for a repeated draw)."
+    )
+
+
+SweepPhase = Literal["Running", "Succeeded", "Failed"]
+
+
+class FineTuneSweepStatus(ApiModel):
+    """What the operator records of a sweep: every trial, the best so far, the winner's version.
+
+    ``trials`` is the study's durable state on a cluster: an operator restart rebuilds the search
+    from it (kubetune_search), so no trial is lost or drawn twice."""
+
+    phase: SweepPhase | None = Field(default=None, description="Running, Succeeded or Failed.")
+    reason: str | None = Field(default=None, description="Why (CamelCase).")
+    message: str | None = Field(default=None, description="What happened and what to do.")
+    observed_generation: int | None = Field(default=None, description="Spec generation last reconciled.")
+    study_digest: str | None = Field(
+        default=None, description="The spec's digest (16 hex): a changed spec is a new study."
+    )
+    conditions: list[Condition] = Field(default_factory=list, description="Kubernetes-style conditions.")
+    trials: list[TrialStatus] = Field(
+        default_factory=list, max_length=1000, description="Every trial so far."
+    )
+    done: str | None = Field(default=None, description="Finished trials of the budget, e.g. '4/6'.")
+    running: int = Field(default=0, ge=0, description="Trials running now.")
+    pruned: int = Field(default=0, ge=0, description="Trials stopped early by the pruner.")
+    failed: int = Field(default=0, ge=0, description="Trials that failed.")
+    best_trial: int | None = Field(default=None, description="The best complete trial so far.")
+    best_value: float | None = Field(
+        default=None, description="Its objective value, to 5 significant digits (exact in its trial record)."
+    )
+    best_params: str | None = Field(default=None, description="Its values, as 'path=value, ...'.")
+    winner_job: str | None = Field(default=None, description="The child FineTuneJob publishing the winner.")
+    version: VersionRef | None = Field(default=None, description="The version the winner published.")
+
+
 class FineTuneSweep(ApiModel):
     """A hyperparameter sweep over a FineTuneJob template. Only the winning trial becomes a version."""
 
@@ -163,6 +204,7 @@ class FineTuneSweep(ApiModel):
     kind: Literal["FineTuneSweep"] = Field(default="FineTuneSweep", description="Kind.")
     metadata: ObjectMeta = Field(default_factory=ObjectMeta, description="Standard object metadata.")
     spec: FineTuneSweepSpec = Field(description="The template, search space, objective and budget.")
+    status: FineTuneSweepStatus | None = Field(default=None, description="Written by the operator.")
 
     def digest(self) -> str:
         """sha256 of the spec (canonical JSON): an unchanged sweep is the same study."""

@@ -11,6 +11,7 @@ kopf's backoff. Handlers never sleep, and run at least once, so every create is 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Mapping
@@ -19,12 +20,13 @@ from typing import Any, NoReturn
 import kopf
 
 from kubetune_api import names
-from kubetune_operator import builders, reconcile, status
+from kubetune_operator import builders, reconcile, status, sweeps
 from kubetune_operator.reconcile import Context
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.validation import SpecInvalid, validate_job
 
 FTJ = (names.API_GROUP, names.API_VERSION, reconcile.PLURAL)
+FTS = (names.API_GROUP, names.API_VERSION, reconcile.SWEEP_PLURAL)
 MANAGED = {"app.kubernetes.io/managed-by": "kubetune-operator"}
 #: The same, as the label selector sent with the children's list/watch requests.
 CHILD_SELECTOR = ",".join(f"{k}={v}" for k, v in MANAGED.items())
@@ -244,6 +246,66 @@ def finetunejob_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     ctx.metrics.observe_phase(meta["namespace"], meta["name"], None)
 
 
+# --- FineTuneSweep ----------------------------------------------------------------------------
+
+
+def reconcile_sweep(body: kopf.Body, memo: kopf.Memo, retry: int = 0, **_: Any) -> None:
+    """One step of the sweep: record finished and pruned trials, start new ones, then the winner."""
+    ctx = _ctx(memo)
+    with ctx.metrics.timed("sweep"):
+        _step_sweep(ctx, body, retry)
+
+
+def _step_sweep(ctx: Context, body: Mapping[str, Any], retry: int) -> None:
+    meta = body["metadata"]
+    current = dict(body.get("status") or {})
+    try:
+        plan = reconcile.reconcile_sweep(ctx, body)
+    except SpecInvalid as exc:
+        patch = sweeps.invalid_status(str(exc), meta.get("generation") or 1, current, reconcile.utc_now())
+        reconcile.patch_status(ctx.api, meta["namespace"], meta["name"], patch, plural=reconcile.SWEEP_PLURAL)
+        if (current.get("reason"), current.get("message")) != ("InvalidSpec", patch["message"]):
+            reconcile.post_event(body, "Warning", "InvalidSpec", patch["message"])
+        raise kopf.PermanentError(f"invalid sweep: {exc}") from None
+    except reconcile.ChildRejected as exc:
+        message = f"the API server refused to create {exc.kind} {exc.name} (HTTP {exc.status}): {exc.message}"
+        reconcile.post_event(body, "Warning", exc.reason, message)
+        raise kopf.TemporaryError(message, delay=rejected_retry_delay(retry)) from None
+    if plan.create or plan.delete:
+        logging.getLogger(__name__).info(
+            "sweep %s/%s: created %s; deleted %s",
+            meta["namespace"],
+            meta["name"],
+            ", ".join(c["metadata"]["name"] for c in plan.create) or "nothing",
+            ", ".join(plan.delete) or "nothing",
+        )
+
+
+def sweep_needs_resync(body: kopf.Body, **_: Any) -> bool:
+    """False for a sweep whose current generation has finished (published, or failed)."""
+    meta, st = body.get("metadata") or {}, body.get("status") or {}
+    return not (
+        st.get("phase") in ("Succeeded", "Failed") and st.get("observedGeneration") == meta.get("generation")
+    )
+
+
+def sweep_child_changed(body: kopf.Body, memo: kopf.Memo, type: str | None, **_: Any) -> None:
+    """A trial (or the winner) changed — a report, a phase: step its sweep now, not at the resync."""
+    if type == "DELETED":
+        return
+    meta = body.get("metadata") or {}
+    sweep = (meta.get("annotations") or {}).get(names.ANNOTATION_SWEEP)
+    if not sweep:
+        return
+    ctx = _ctx(memo)
+    fresh = reconcile.read_finetunejob(ctx.api, meta["namespace"], sweep, plural=reconcile.SWEEP_PLURAL)
+    if fresh is None or not sweep_needs_resync(fresh):  # type: ignore[arg-type]
+        return
+    # Refusals are reported on the sweep (status, Events); its own handlers retry them.
+    with ctx.metrics.timed("sweep"), contextlib.suppress(kopf.PermanentError, kopf.TemporaryError):
+        _step_sweep(ctx, fresh, 0)
+
+
 # --- start-up ---------------------------------------------------------------------------------
 
 
@@ -304,5 +366,18 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, ctx_fa
         when=needs_resync,
         id="resync",
     )(resync_finetunejob)
+    for decorator in (kopf.on.create, kopf.on.resume, kopf.on.update):
+        decorator(*FTS, registry=registry, id="sweep")(reconcile_sweep)
+    kopf.timer(
+        *FTS,
+        registry=registry,
+        interval=settings.resync_seconds,
+        initial_delay=settings.resync_seconds,
+        when=sweep_needs_resync,
+        id="sweep-resync",
+    )(reconcile_sweep)
+    kopf.on.event(
+        *FTJ, labels={names.LABEL_SWEEP: kopf.PRESENT}, registry=registry, id="sweep-child-changed"
+    )(sweep_child_changed)
     kopf.on.event("batch", "v1", "jobs", labels=MANAGED, registry=registry, id="job-changed")(child_changed)
     kopf.on.event("v1", "pods", labels=MANAGED, registry=registry, id="pod-changed")(child_changed)

@@ -19,10 +19,10 @@ import kopf
 
 from kubetune_api import names
 from kubetune_api.models import FineTuneJob
-from kubetune_operator import builders, naming, status
+from kubetune_operator import builders, naming, status, sweeps
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.settings import OperatorSettings
-from kubetune_operator.validation import SpecInvalid, validate_job
+from kubetune_operator.validation import SpecInvalid, parse_sweep, validate_job
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
@@ -265,13 +265,16 @@ def apply_suspend(api: ApiClient, job: FineTuneJob, attempt: str, settings: Oper
 # --- observing and writing status -------------------------------------------------------------
 
 
-def read_finetunejob(api: ApiClient, namespace: str, name: str) -> dict[str, Any] | None:
-    """The FineTuneJob as a plain dict, or None when it is gone."""
+def read_finetunejob(
+    api: ApiClient, namespace: str, name: str, plural: str = PLURAL
+) -> dict[str, Any] | None:
+    """The FineTuneJob (or, with ``plural``, another of our resources) as a plain dict, or None when
+    it is gone."""
     from kubernetes import client
 
     try:
         obj = client.CustomObjectsApi(api).get_namespaced_custom_object(
-            names.API_GROUP, names.API_VERSION, namespace, PLURAL, name
+            names.API_GROUP, names.API_VERSION, namespace, plural, name
         )
     except _api_exception() as exc:
         if _status_of(exc) == 404:
@@ -369,6 +372,7 @@ def patch_status(
     name: str,
     patch: Mapping[str, Any],
     resource_version: str | None = None,
+    plural: str = PLURAL,
 ) -> None:
     """JSON merge patch of ``status`` (only the keys in ``patch``) through the /status subresource.
 
@@ -382,11 +386,11 @@ def patch_status(
         body["metadata"] = {"resourceVersion": resource_version}
     try:
         client.CustomObjectsApi(api).patch_namespaced_custom_object_status(
-            names.API_GROUP, names.API_VERSION, namespace, PLURAL, name, body
+            names.API_GROUP, names.API_VERSION, namespace, plural, name, body
         )
     except _api_exception() as exc:
         if resource_version and _status_of(exc) == 409:
-            raise StatusConflict(f"FineTuneJob {namespace}/{name} changed since {resource_version}") from None
+            raise StatusConflict(f"{plural} {namespace}/{name} changed since {resource_version}") from None
         raise
 
 
@@ -571,3 +575,116 @@ def _record_model_version(
     except ModelVersionConflict as exc:
         post_event(body, "Warning", "ModelVersionConflict", str(exc))
     return result.version.uri
+
+
+# --- sweeps -----------------------------------------------------------------------------------
+
+SWEEP_PLURAL = "finetunesweeps"
+
+
+def sweep_children(api: ApiClient, namespace: str, sweep: str) -> dict[str, dict[str, Any]]:
+    """The sweep's child FineTuneJobs (trials and winner) by name: one list by label."""
+    from kubernetes import client
+
+    listed = client.CustomObjectsApi(api).list_namespaced_custom_object(
+        names.API_GROUP,
+        names.API_VERSION,
+        namespace,
+        PLURAL,
+        label_selector=f"{names.LABEL_SWEEP}={sweeps.sweep_label(sweep)}",
+    )
+    out = {}
+    for item in listed.get("items", []):
+        meta = item.get("metadata") or {}
+        if (meta.get("annotations") or {}).get(names.ANNOTATION_SWEEP) == sweep:  # labels may be shortened
+            out[str(meta["name"])] = dict(item)
+    return out
+
+
+def create_child_job(api: ApiClient, body: Mapping[str, Any]) -> bool:
+    """Create a sweep's child FineTuneJob; False when it exists already (owned by the same sweep).
+
+    Raises :class:`ChildRejected` when the API server refuses it (a quota, a webhook, the CRD's
+    own rules) and ``kopf.TemporaryError`` when the name is taken by another owner's object."""
+    from kubernetes import client
+
+    custom = client.CustomObjectsApi(api)
+    meta = body["metadata"]
+    try:
+        custom.create_namespaced_custom_object(
+            names.API_GROUP, names.API_VERSION, meta["namespace"], PLURAL, dict(body)
+        )
+        return True
+    except _api_exception() as exc:
+        code = _status_of(exc)
+        if code in _REJECTED:
+            raise ChildRejected("FineTuneJob", meta["name"], int(code or 0), _server_message(exc)) from None
+        if code != 409:
+            raise
+    existing = read_finetunejob(api, meta["namespace"], meta["name"]) or {}
+    owners = {ref.get("uid") for ref in (existing.get("metadata") or {}).get("ownerReferences") or []}
+    if meta["ownerReferences"][0]["uid"] not in owners:
+        raise kopf.TemporaryError(
+            f"FineTuneJob {meta['namespace']}/{meta['name']} exists and is not owned by this sweep; "
+            "waiting for it to go away",
+            delay=CONFLICT_RETRY_SECONDS,
+        )
+    return False
+
+
+def delete_child_job(api: ApiClient, namespace: str, name: str) -> None:
+    """Delete a child FineTuneJob (its Job and pods follow through ownerReferences)."""
+    from kubernetes import client
+
+    try:
+        client.CustomObjectsApi(api).delete_namespaced_custom_object(
+            names.API_GROUP,
+            names.API_VERSION,
+            namespace,
+            PLURAL,
+            name,
+            body={"propagationPolicy": "Background"},
+        )
+    except _api_exception() as exc:
+        if _status_of(exc) != 404:
+            raise
+
+
+def reconcile_sweep(ctx: Context, body: Mapping[str, Any]) -> sweeps.SweepPlan:
+    """One step of a sweep (:func:`sweeps.plan`): the status is written first (conditional on the
+    sweep's resourceVersion; refused, everything is worked out again from a fresh read), then the
+    trials it records are created and the pruned ones deleted. Raises :class:`SpecInvalid`."""
+    meta = body.get("metadata", {})
+    namespace, name = str(meta["namespace"]), str(meta["name"])
+    plan = sweeps.SweepPlan(status={})
+    for attempt_no in range(STATUS_WRITE_ATTEMPTS):
+        sweep = parse_sweep(body)
+        current = dict(body.get("status") or {})
+        plan = sweeps.plan(sweep, meta, current, sweep_children(ctx.api, namespace, name), utc_now())
+        if not _changed(current, plan.status):
+            break
+        try:
+            patch_status(
+                ctx.api,
+                namespace,
+                name,
+                plan.status,
+                resource_version=meta.get("resourceVersion"),
+                plural=SWEEP_PLURAL,
+            )
+            break
+        except StatusConflict:
+            ctx.metrics.status_conflicts.inc()
+            if attempt_no == STATUS_WRITE_ATTEMPTS - 1:
+                raise
+            fresh = read_finetunejob(ctx.api, namespace, name, plural=SWEEP_PLURAL)
+            if fresh is None:
+                return sweeps.SweepPlan(status={})
+            body, meta = fresh, fresh.get("metadata", {})
+    for child in plan.create:
+        create_child_job(ctx.api, child)
+    for child_name in plan.delete:
+        delete_child_job(ctx.api, namespace, child_name)
+    for type_, reason, message in plan.events:
+        post_event(body, type_, reason, message)
+    return plan

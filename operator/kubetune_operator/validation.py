@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 
 from kubetune_api.models import FineTuneJob
+from kubetune_api.sweep import FineTuneSweep
 from kubetune_operator.settings import OperatorSettings
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,26 @@ def parse_job(body: Mapping[str, Any]) -> FineTuneJob:
                 ", ".join(".".join(str(p) for p in loc) for loc in unknown),
             )
             return parse_job_data(data)
+        raise _invalid(exc) from None
+
+
+def parse_sweep(body: Mapping[str, Any]) -> FineTuneSweep:
+    """Validate a FineTuneSweep object (its template as any FineTuneJob spec, its search space by
+    kubetune_api.sweep). Raises :class:`SpecInvalid` naming each field (``spec.parameters[0].low``)."""
+    meta = body.get("metadata", {}) or {}
+    data = {
+        "apiVersion": body.get("apiVersion", "kubetune.io/v1alpha1"),
+        "kind": body.get("kind", "FineTuneSweep"),
+        "metadata": {
+            k: meta[k]
+            for k in ("name", "namespace", "uid", "generation", "labels", "annotations")
+            if meta.get(k) is not None
+        },
+        "spec": copy.deepcopy(body.get("spec", {})),
+    }
+    try:
+        return FineTuneSweep.model_validate(data)
+    except ValidationError as exc:
         raise _invalid(exc) from None
 
 

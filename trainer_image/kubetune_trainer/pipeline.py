@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,9 +139,18 @@ def run(
         rep = reporter or Reporter(termination_message_path=rc.reporting.termination_message_path)
         return _fail(rep, rc, EXIT_BAD_INPUT, "UnsupportedHardware", str(exc))
     reporter = reporter or make_reporter(rc, runtime)
+    in_pod_trial = trial is None and rc.trial is not None
+    if in_pod_trial:
+        trial = _pod_trial(rc, reporter, runtime.is_main)
+    sweep = sweep if sweep is not None else rc.sweep
     try:
         ctx = dataclasses.replace(RunContext.create(rc, runtime, workdir, reporter), trial=trial, sweep=sweep)
-        return _run_trial(ctx) if trial is not None else _run(ctx)
+        if trial is None:
+            return _run(ctx)
+        outcome = _run_trial(ctx)
+        if in_pod_trial and runtime.is_main:
+            _report_trial(ctx, outcome)
+        return outcome
     except TrialPrunedError as exc:
         print(f"[kubetune] trial {trial.number if trial else '?'} {exc}", file=sys.stderr, flush=True)
         return RunOutcome(exit_code=EXIT_OK, pruned=exc)
@@ -167,6 +177,64 @@ def run(
         return _fail(reporter, rc, EXIT_ERROR, "Error", f"{type(exc).__name__}: {exc}")
     finally:
         runtime.shutdown()
+
+
+def _pod_trial(rc: RunConfig, reporter: Reporter, is_main: bool) -> Trial:
+    """A sweep's trial run by its own FineTuneJob (RunConfig.trial, docs/sweeps.md): each
+    intermediate eval_loss goes to ``status.trial`` at once (not throttled), where the operator's
+    pruner reads it; a pruned trial is stopped by the operator deleting its FineTuneJob (SIGTERM)."""
+    assert rc.trial is not None
+    reports: dict[str, float] = {}
+
+    def on_eval(step: int, eval_loss: float) -> bool:
+        if is_main:
+            reports[str(step)] = eval_loss
+            reporter.trial(
+                {"number": trial.number, "inputsDigest": trial.inputs_digest, "intermediate": dict(reports)}
+            )
+        return False
+
+    trial = Trial(number=rc.trial.number, objective=rc.trial.objective, on_eval=on_eval)
+    return trial
+
+
+def _report_trial(ctx: RunContext, outcome: RunOutcome) -> None:
+    """A pod trial's result for the operator: its objective and inputs digest, nothing published."""
+    assert ctx.trial is not None
+    metric, value = ctx.trial.objective, outcome.objective
+    if outcome.exit_code != EXIT_OK or outcome.result is not None:
+        return  # a failure already reported its own result
+    # The final report carries the inputs digest even when no intermediate eval ran: the winner
+    # resumes from this trial's checkpoint and deletes every trial's checkpoints by it.
+    # (A merge patch: the intermediate reports already in status.trial stay.)
+    ctx.reporter.trial({"number": ctx.trial.number, "inputsDigest": ctx.trial.inputs_digest})
+    if value is None:
+        outcome.result = _fail(
+            ctx.reporter, ctx.rc, EXIT_ERROR, "Error", f"trial {ctx.trial.number}: no {metric} was measured"
+        ).result
+        outcome.exit_code = EXIT_ERROR
+        return
+    result = TrainerResult(
+        outcome="Succeeded",
+        reason="TrialComplete",
+        message=f"trial {ctx.trial.number} of sweep {ctx.rc.trial.sweep if ctx.rc.trial else '?'}: "
+        f"{metric} {value:.6g}; nothing published (only the sweep's winner is)",
+        model=ctx.rc.model.name,
+        base=ctx.rc.model.base.uri,
+        method=ctx.rc.method.type,
+        inputs_digest=ctx.trial.inputs_digest,
+        metrics={metric: value} if math.isfinite(value) else {},
+    )
+    outcome.result = result
+    ctx.reporter.result(result)
+
+
+def _sweep_checkpoints(ctx: RunContext) -> list[str]:
+    """A cluster sweep's winner (RunConfig.sweep): every trial's checkpoint prefix, spent once the
+    winner is published or reused. Found from each trial's inputs digest under this job's output."""
+    lineage = ctx.rc.sweep or {}
+    digests = {t.get("inputsDigest") for t in lineage.get("trials", []) if isinstance(t, dict)}
+    return [checkpoint_prefix(ctx.rc, ctx.store, d) for d in sorted(d for d in digests if isinstance(d, str))]
 
 
 def _fail(reporter: Reporter, rc: RunConfig, code: int, reason: Any, message: str) -> RunOutcome:
@@ -209,6 +277,8 @@ def _run(ctx: RunContext) -> RunOutcome:
         existing, digest = find_published(ctx, identity.digest), identity.digest
     if existing is not None and digest is not None:  # this exact run was published before: nothing trains
         result = reuse_version(ctx, existing, digest, data.parent)
+        if runtime.is_main and ctx.rc.sweep:
+            delete_checkpoints(ctx, _sweep_checkpoints(ctx))
         ctx.reporter.result(result)
         # The outcome is remembered: a digest whose version failed its gates fails again (exit 4).
         code = EXIT_GATES_FAILED if result.reason == "GateFailed" else EXIT_OK
@@ -229,7 +299,8 @@ def _run(ctx: RunContext) -> RunOutcome:
     _report_plan_accuracy(ctx, plan, trained.peak_memory if trained_here else None)
 
     published = _evaluate_and_publish(ctx, inputs, identity, trained, tokenizer, lineage)
-    delete_checkpoints(ctx, spent_checkpoints)  # the version is published: its checkpoints are spent
+    # The version is published: its checkpoints are spent (a cluster sweep's winner: every trial's).
+    delete_checkpoints(ctx, spent_checkpoints + (_sweep_checkpoints(ctx) if rc.sweep else []))
     ctx.reporter.result(published.result)
     code = EXIT_GATES_FAILED if published.result.reason == "GateFailed" else EXIT_OK
     return RunOutcome(exit_code=code, result=published.result, version_uri=published.version_uri)

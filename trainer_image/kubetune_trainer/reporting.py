@@ -168,6 +168,15 @@ class Reporter:
             self._last_patch = now
             self.kube.patch_status({"stage": p.stage, "progress": p.to_api()})
 
+    def trial(self, report: dict[str, Any]) -> None:
+        """A sweep trial's intermediate eval_loss reports into ``status.trial`` (a
+        :class:`~kubetune_api.models.TrialReport`), at once: the operator's pruner reads them."""
+        if not self.enabled:
+            return
+        print(f"[kubetune] trial report: {json.dumps(report, sort_keys=True)}", file=self.stream, flush=True)
+        if self.kube:
+            self.kube.patch_status({"trial": report})
+
     def open_bar(self, total: int, initial: int) -> None:
         """A tqdm bar for interactive runs (not in pods: their logs get the log lines)."""
         if not self.enabled or not self.stream.isatty():
