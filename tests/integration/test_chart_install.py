@@ -36,6 +36,10 @@ ALLOWED = [
     ("watch", "kubetune.io", "finetunejobs", "", True),
     ("patch", "kubetune.io", "finetunejobs", "status", True),
     ("create", "kubetune.io", "modelversions", "", True),
+    ("create", "kubetune.io", "finetunejobs", "", True),
+    ("delete", "kubetune.io", "finetunejobs", "", True),
+    ("watch", "kubetune.io", "finetunesweeps", "", True),
+    ("patch", "kubetune.io", "finetunesweeps", "status", True),
     ("create", "batch", "jobs", "", True),
     ("delete", "batch", "jobs", "", True),
     ("list", "", "pods", "", True),
@@ -55,8 +59,9 @@ DENIED = [
     ("create", "", "pods", "attach", True),
     ("get", "", "pods", "log", True),
     ("create", "", "pods", "", True),
-    ("delete", "kubetune.io", "finetunejobs", "", True),
     ("update", "kubetune.io", "finetunejobs", "", True),
+    ("delete", "kubetune.io", "finetunesweeps", "", True),
+    ("create", "kubetune.io", "finetunesweeps", "", True),
     ("delete", "kubetune.io", "modelversions", "", True),
     ("update", "kubetune.io", "modelversions", "", True),
     ("create", "rbac.authorization.k8s.io", "clusterroles", "", False),
@@ -185,7 +190,12 @@ def test_chart_installs_and_the_operator_account_can_do_exactly_what_it_needs(
     from kubernetes import client
 
     name, system, teams = release
-    for crd in ("finetunejobs.kubetune.io", "modelversions.kubetune.io", "kopfpeerings.kopf.dev"):
+    for crd in (
+        "finetunejobs.kubetune.io",
+        "modelversions.kubetune.io",
+        "finetunesweeps.kubetune.io",
+        "kopfpeerings.kopf.dev",
+    ):
         _wait_established(kube_api, crd)
     apps = client.AppsV1Api(kube_api)
     deploy = apps.read_namespaced_deployment(f"{name}-kubetune-operator", system)

@@ -26,6 +26,7 @@ import yaml
 
 from kubetune_api import crdgen
 from kubetune_api.models import FineTuneJob, ModelVersion
+from kubetune_api.sweep import FineTuneSweep
 from tests.reliability.corpus import load_corpus, names_field
 
 if TYPE_CHECKING:
@@ -37,12 +38,16 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 GROUP, VERSION = "kubetune.io", "v1alpha1"
-CRD_FILES = ("finetunejobs.kubetune.io.yaml", "modelversions.kubetune.io.yaml")
+CRD_FILES = (
+    "finetunejobs.kubetune.io.yaml",
+    "modelversions.kubetune.io.yaml",
+    "finetunesweeps.kubetune.io.yaml",
+)
 #: Both copies a user can install: `kubectl apply -f crds/` and the Helm chart's crds/ (installed last,
 #: it stays installed for the rest of the module).
 CRD_SOURCES = {"crds/": REPO / "crds", "charts/kubetune/crds/": REPO / "charts" / "kubetune" / "crds"}
 CRD_API = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
-PLURAL = {"FineTuneJob": "finetunejobs", "ModelVersion": "modelversions"}
+PLURAL = {"FineTuneJob": "finetunejobs", "ModelVersion": "modelversions", "FineTuneSweep": "finetunesweeps"}
 #: apiextensions validation.go: StaticEstimatedCostLimit (per expression, cardinality included) and
 #: StaticEstimatedCRDCostLimit (all expressions of one CRD together).
 RULE_COST_LIMIT = 10_000_000
@@ -87,14 +92,15 @@ def fresh_namespace() -> str:
     return f"t-{uuid.uuid4().hex[:10]}"
 
 
-def wait_until(what: str, probe: Any, timeout: float = 30.0) -> Any:
+def wait_until(what: str, probe: Any, timeout: float = 30.0, detail: Any = None) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = probe()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+            seen = f"; last seen: {detail()}" if detail else ""
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{seen}")
         time.sleep(0.1)
 
 
@@ -103,9 +109,8 @@ def example_documents() -> list[tuple[Path, int, dict[str, Any]]]:
     out = []
     for path in sorted((REPO / "examples").rglob("*.yaml")):
         for i, doc in enumerate(yaml.safe_load_all(path.read_text())):
-            # FineTuneSweep has no CRD yet: sweeps run with `kubetune run` only (docs/adr/0001).
             ours = isinstance(doc, dict) and str(doc.get("apiVersion", "")).startswith("kubetune.io/")
-            if ours and doc.get("kind") != "FineTuneSweep":
+            if ours:
                 out.append((path, i, doc))
     return out
 
@@ -167,16 +172,33 @@ def crd_installs(k8s136: CRDServer, k8s136_http: requests.Session) -> dict[str, 
                 k8s136_http.delete(k8s136.url(f"{CRD_API}/{name}"), timeout=30)
             for file in CRD_FILES:
                 name = load_crd(folder / file)["metadata"]["name"]
+                # The server's finalizer (customresourcecleanup) lists and deletes the CRD's objects
+                # and then tears its storage down; beside a busy test worker on 2 cores that took
+                # over 30 s once (CI of 7052e93), so the wait allows the server's own 1-minute
+                # clean-up poll twice over and the failure says what the CRD looked like.
                 wait_until(
                     f"{name} deleted",
-                    lambda name=name: k8s136_http.get(k8s136.url(f"{CRD_API}/{name}"), timeout=30).status_code
-                    == 404,
+                    lambda name=name: _deleted(k8s136, k8s136_http, name),
+                    timeout=120,
+                    detail=lambda name=name: _last_seen.get(name),
                 )
     last_label = sources[-1][0]
     broken = {k: v for k, v in results.items() if k.startswith(last_label) and v["status"] != 201}
     if broken:
         pytest.fail(f"the chart's CRDs were not installed: {broken}")
     return results
+
+
+def _deleted(k8s136: CRDServer, http: requests.Session, name: str) -> bool:
+    got = http.get(k8s136.url(f"{CRD_API}/{name}"), timeout=30)
+    if got.status_code == 404:
+        return True
+    _last_seen[name] = (got.json().get("status") or {}).get("conditions")
+    return False
+
+
+#: The last conditions seen of a CRD being deleted (printed when the wait times out).
+_last_seen: dict[str, Any] = {}
 
 
 @pytest.fixture(scope="module")
@@ -463,9 +485,12 @@ def test_example_is_accepted_strictly_and_defaulted_like_pydantic(
     )
     assert warnings_of(response) == [], warnings_of(response)
     stored = k8s136_http.get(k8s136.url(resource_path(kind, ns, doc["metadata"]["name"])), timeout=30).json()
-    model: FineTuneJob | ModelVersion = (
-        FineTuneJob.model_validate(doc) if kind == "FineTuneJob" else ModelVersion.model_validate(doc)
-    )
+    models: dict[str, type[FineTuneJob | ModelVersion | FineTuneSweep]] = {
+        "FineTuneJob": FineTuneJob,
+        "ModelVersion": ModelVersion,
+        "FineTuneSweep": FineTuneSweep,
+    }
+    model = models[kind].model_validate(doc)
     # One source of truth: the spec the server stores (its structural defaults applied) is exactly the
     # spec pydantic resolves from the same document.
     expected = model.spec.model_dump(by_alias=True, mode="json", exclude_none=True)

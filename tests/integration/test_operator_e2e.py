@@ -14,65 +14,15 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
-from tests.fixtures.operator import GROUP, VERSION, Api, OperatorProcess, wait_for
+from tests.fixtures.operator import GROUP, VERSION, Api, OperatorProcess, s3_job, wait_for
 from tests.fixtures.s3 import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY
-from tests.fixtures.trainer import small_job, upload_demo
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MODEL = "tiny-demo-translator"
-
-
-def _job(name: str, endpoint: str, bucket: str, **changes: Any) -> dict[str, Any]:
-    job = small_job(
-        **{
-            "model.base.uri": f"s3://{bucket}/demo/base-models/tiny-llama-demo",
-            "data.train": {"uri": f"s3://{bucket}/demo/datasets/quickstart/train.jsonl"},
-            "data.eval": {"uri": f"s3://{bucket}/demo/datasets/quickstart/eval.jsonl"},
-            "output.uri": f"s3://{bucket}/registry",
-            "storage": {
-                "endpoint": endpoint,
-                "region": "us-east-1",
-                "addressingStyle": "path",
-                "credentialsSecret": "s3-credentials",
-            },
-            "distributed": {"gpusPerNode": 0},
-            "evaluation.metrics": ["eval_loss", "exact_match"],
-            **changes,
-        }
-    )
-    job["metadata"] = {"name": name}
-    return job
-
-
-@pytest.fixture
-def e2e(
-    api: Api,
-    s3_bucket: tuple[str, str],
-    demo_store_cache: Path,
-    operator_factory: Callable[..., OperatorProcess],
-) -> tuple[Api, Any, str, str, OperatorProcess]:
-    endpoint, bucket = s3_bucket
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    upload_demo(s3, bucket, demo_store_cache)
-    api.core.create_namespaced_secret(
-        api.ns,
-        {
-            "metadata": {"name": "s3-credentials"},
-            "stringData": {
-                "AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY_ID,
-                "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_ACCESS_KEY,
-            },
-        },
-    )
-    op = operator_factory()
-    return api, s3, endpoint, bucket, op
 
 
 def _watch_until_done(
@@ -99,7 +49,7 @@ def test_applied_finetunejob_trains_for_real_and_publishes_a_version(
 ) -> None:
     api, s3, endpoint, bucket, op = e2e
     api.create_ftj(
-        _job("quickstart", endpoint, bucket, **{"training.maxSteps": 24, "training.logEverySteps": 4})
+        s3_job("quickstart", endpoint, bucket, **{"training.maxSteps": 24, "training.logEverySteps": 4})
     )
     status, seen = _watch_until_done(api, "quickstart", op, timeout=600)
     assert status["phase"] == "Succeeded", status
@@ -135,7 +85,7 @@ def test_a_training_pod_killed_mid_run_resumes_from_its_checkpoint(
 ) -> None:
     api, s3, endpoint, bucket, op = e2e
     api.create_ftj(
-        _job(
+        s3_job(
             "resume",
             endpoint,
             bucket,
@@ -185,7 +135,7 @@ def test_a_job_that_will_not_fit_fails_with_fits_false_and_runs_once_fixed(
         "training.maxSeqLength": 256,
         "resources": {"memory": "64Mi"},  # a CPU job's bound: its pod memory
     }
-    api.create_ftj(_job("tight", endpoint, bucket, **tight))
+    api.create_ftj(s3_job("tight", endpoint, bucket, **tight))
     status, _ = _watch_until_done(api, "tight", op, timeout=300)
     assert (status["phase"], status["reason"]) == ("Failed", "WillNotFit"), status
     assert "spec.resources.memory" in status["message"] and "Nothing was downloaded" in status["message"]

@@ -22,8 +22,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 @cache
 def crd_schema(kind: str) -> dict[str, Any]:
-    """The openAPIV3Schema of the committed CRD for ``kind`` (FineTuneJob or ModelVersion)."""
-    plural = {"FineTuneJob": "finetunejobs", "ModelVersion": "modelversions"}[kind]
+    """The openAPIV3Schema of the committed CRD for ``kind`` (FineTuneJob, ModelVersion, FineTuneSweep)."""
+    plural = {
+        "FineTuneJob": "finetunejobs",
+        "ModelVersion": "modelversions",
+        "FineTuneSweep": "finetunesweeps",
+    }[kind]
     crd = yaml.safe_load((REPO / "crds" / f"{plural}.kubetune.io.yaml").read_text())
     return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 

@@ -19,6 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from kubetune_api import crdgen
 from kubetune_operator.rbac import operator_cluster_roles
 from kubetune_operator.settings import OperatorSettings
 
@@ -180,7 +181,7 @@ def test_values_schema_rejects_bad_values_naming_the_key(values: dict[str, Any],
 
 
 def test_chart_crds_are_the_generated_ones_plus_kopf_peerings() -> None:
-    for name in ("finetunejobs.kubetune.io.yaml", "modelversions.kubetune.io.yaml"):
+    for name in crdgen.build_crds():
         assert (CHART / "crds" / name).read_text() == (REPO / "crds" / name).read_text(), (
             f"charts/kubetune/crds/{name} differs: run `python -m kubetune_api.crdgen`"
         )
@@ -192,6 +193,7 @@ def test_chart_crds_are_the_generated_ones_plus_kopf_peerings() -> None:
     assert names == [
         "clusterkopfpeerings.kopf.dev",
         "finetunejobs.kubetune.io",
+        "finetunesweeps.kubetune.io",
         "kopfpeerings.kopf.dev",
         "modelversions.kubetune.io",
     ]

@@ -34,13 +34,10 @@ def test_there_are_examples_for_each_documented_scenario() -> None:
     ("path", "index", "doc"), documents(), ids=lambda v: str(v)[-60:] if isinstance(v, Path) else None
 )
 def test_example_is_valid(path: Path, index: int, doc: dict) -> None:  # type: ignore[type-arg]
-    if doc["kind"] == "FineTuneSweep":
-        # No CRD yet (sweeps run with `kubetune run` only, docs/adr/0001): the models check it, and
-        # its template resolves as the FineTuneJob every trial is.
+    assert validate(doc, doc["kind"]) == [], path
+    if doc["kind"] == "FineTuneSweep":  # the models check it too, and its template resolves as a trial's
         sweep = load_sweep(path)
         resolve_run_config(FineTuneJob(metadata=sweep.metadata, spec=sweep.spec.template))
-        return
-    assert validate(doc, doc["kind"]) == [], path
     if doc["kind"] == "FineTuneJob" and len(list(yaml.safe_load_all(path.read_text()))) == 1:
         job = load_finetunejob(path)
         resolve_run_config(job)

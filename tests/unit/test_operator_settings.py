@@ -235,9 +235,9 @@ def test_register_attaches_handlers_without_import_time_side_effects() -> None:
     register(registry, OperatorSettings(resync_seconds=7), lambda: built.append(1))
     assert built == []  # the context is built at operator start-up, not at registration
     ids = {h.id for h in registry._changing.get_all_handlers()}  # kopf has no public listing
-    assert {"reconcile", "forget"} <= ids
-    timers = list(registry._spawning.get_all_handlers())
-    assert [getattr(t, "interval", None) for t in timers] == [7]
+    assert {"reconcile", "forget", "sweep"} <= ids
+    timers = {t.id: getattr(t, "interval", None) for t in registry._spawning.get_all_handlers()}
+    assert timers == {"resync": 7, "sweep-resync": 7}  # a FineTuneJob's and a FineTuneSweep's
 
 
 def test_main_refuses_bad_settings(
