@@ -264,8 +264,11 @@ def _step_sweep(ctx: Context, body: Mapping[str, Any], retry: int) -> None:
     except SpecInvalid as exc:
         patch = sweeps.invalid_status(str(exc), meta.get("generation") or 1, current, reconcile.utc_now())
         reconcile.patch_status(ctx.api, meta["namespace"], meta["name"], patch, plural=reconcile.SWEEP_PLURAL)
+        # Nothing runs for an invalid spec: trials still running from before the edit are stopped.
+        stopped = reconcile.stop_sweep_children(ctx, meta["namespace"], meta["name"])
         if (current.get("reason"), current.get("message")) != ("InvalidSpec", patch["message"]):
-            reconcile.post_event(body, "Warning", "InvalidSpec", patch["message"])
+            note = f" (stopped {', '.join(stopped)})" if stopped else ""
+            reconcile.post_event(body, "Warning", "InvalidSpec", patch["message"] + note)
         raise kopf.PermanentError(f"invalid sweep: {exc}") from None
     except reconcile.ChildRejected as exc:
         message = f"the API server refused to create {exc.kind} {exc.name} (HTTP {exc.status}): {exc.message}"

@@ -22,7 +22,7 @@ from kubetune_api.models import FineTuneJob
 from kubetune_operator import builders, naming, status, sweeps
 from kubetune_operator.metrics import OperatorMetrics
 from kubetune_operator.settings import OperatorSettings
-from kubetune_operator.validation import SpecInvalid, parse_sweep, validate_job
+from kubetune_operator.validation import SpecInvalid, validate_job, validate_sweep
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
@@ -658,10 +658,13 @@ def reconcile_sweep(ctx: Context, body: Mapping[str, Any]) -> sweeps.SweepPlan:
     namespace, name = str(meta["namespace"]), str(meta["name"])
     plan = sweeps.SweepPlan(status={})
     for attempt_no in range(STATUS_WRITE_ATTEMPTS):
-        sweep = parse_sweep(body)
+        sweep = validate_sweep(body, ctx.settings)
         current = dict(body.get("status") or {})
         plan = sweeps.plan(sweep, meta, current, sweep_children(ctx.api, namespace, name), utc_now())
-        if not _changed(current, plan.status):
+        # A plan that creates or deletes writes the status even when it is unchanged: conditional on
+        # the resourceVersion it was worked out from, so a step from an older read (another handler
+        # pruned a trial meanwhile) is refused and worked out again instead of re-creating that trial.
+        if not _changed(current, plan.status) and not (plan.create or plan.delete):
             break
         try:
             patch_status(
@@ -681,10 +684,30 @@ def reconcile_sweep(ctx: Context, body: Mapping[str, Any]) -> sweeps.SweepPlan:
             if fresh is None:
                 return sweeps.SweepPlan(status={})
             body, meta = fresh, fresh.get("metadata", {})
-    for child in plan.create:
-        create_child_job(ctx.api, child)
+    # Deletes and Events first, then every create: one refused create (a quota) must not drop the
+    # rest of a step whose status is already written; the first refusal is raised after them all.
     for child_name in plan.delete:
         delete_child_job(ctx.api, namespace, child_name)
     for type_, reason, message in plan.events:
         post_event(body, type_, reason, message)
+    refused: ChildRejected | None = None
+    for child in plan.create:
+        try:
+            create_child_job(ctx.api, child)
+        except ChildRejected as exc:
+            refused = refused or exc
+    if refused is not None:
+        raise refused
     return plan
+
+
+def stop_sweep_children(ctx: Context, namespace: str, name: str) -> list[str]:
+    """Delete the sweep's unfinished children (an invalid spec runs nothing); their names."""
+    stopped = [
+        child_name
+        for child_name, child in sweep_children(ctx.api, namespace, name).items()
+        if sweeps.unfinished(child)
+    ]
+    for child_name in stopped:
+        delete_child_job(ctx.api, namespace, child_name)
+    return stopped

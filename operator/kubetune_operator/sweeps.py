@@ -109,7 +109,13 @@ def child_job(
             "name": name,
             "namespace": meta["namespace"],
             "labels": child_labels,
-            "annotations": {names.ANNOTATION_SWEEP: sweep_name, **annotations},
+            # kopf's own marker, set from the start: kopf's diff base then leaves every kubetune.io
+            # annotation out, so the lineage is not stored a second time in last-handled-configuration.
+            "annotations": {
+                f"{names.API_GROUP}/kopf-managed": "yes",
+                names.ANNOTATION_SWEEP: sweep_name,
+                **annotations,
+            },
             "ownerReferences": [
                 {
                     "apiVersion": names.GROUP_VERSION,
@@ -137,15 +143,44 @@ def trial_job(sweep: FineTuneSweep, meta: Mapping[str, Any], record: TrialStatus
     )
 
 
+def lineage_text(sweep: FineTuneSweep, records: list[TrialStatus], winner: TrialStatus) -> str:
+    """The sweep's lineage as the winner's annotation, under :data:`LINEAGE_MAX_BYTES`. Hundreds of
+    trials: first the eval_loss curves go, then the messages and child names, then every trial but
+    the 100 best and the winner keeps only its number, state and inputs digest (the winner deletes
+    each trial's checkpoints by it); ``omitted`` says so."""
+    story = lineage(sweep, list(records), winner.number)
+
+    def encoded() -> str:
+        return json.dumps(story, sort_keys=True, separators=(",", ":"))
+
+    text = encoded()
+    for drop in (("intermediate",), ("message", "jobName")):
+        if len(text.encode()) <= LINEAGE_MAX_BYTES:
+            return text
+        for t in story["trials"]:
+            for key in drop:
+                t.pop(key, None)
+        story["omitted"] = sorted({*story.get("omitted", []), *drop})
+        text = encoded()
+    if len(text.encode()) > LINEAGE_MAX_BYTES:
+        sign = 1.0 if sweep.spec.objective.resolved_direction == "minimize" else -1.0
+        ranked = sorted(
+            (t for t in story["trials"] if t.get("value") is not None), key=lambda t: sign * t["value"]
+        )
+        keep = {t["number"] for t in ranked[:100]} | {winner.number}
+        story["trials"] = [
+            t if t["number"] in keep else {k: t[k] for k in ("number", "state", "inputsDigest") if k in t}
+            for t in story["trials"]
+        ]
+        story["omitted"] = [*story["omitted"], "the values of all but the 100 best trials"]
+        text = encoded()
+    return text
+
+
 def winner_job(
     sweep: FineTuneSweep, meta: Mapping[str, Any], records: list[TrialStatus], winner: TrialStatus
 ) -> dict[str, Any]:
-    story = lineage(sweep, list(records), winner.number)
-    text = json.dumps(story, sort_keys=True, separators=(",", ":"))
-    if len(text.encode()) > LINEAGE_MAX_BYTES:  # hundreds of trials: keep values, drop the curves
-        for t in story["trials"]:
-            t.pop("intermediate", None)
-        text = json.dumps(story, sort_keys=True, separators=(",", ":"))
+    text = lineage_text(sweep, records, winner)
     return child_job(
         sweep,
         meta,
@@ -163,6 +198,11 @@ def _finished(child: Mapping[str, Any]) -> tuple[str, str, str] | None:
     if st.get("phase") in _FINAL and st.get("observedGeneration") == gen:
         return str(st["phase"]), str(st.get("reason") or ""), str(st.get("message") or "")
     return None
+
+
+def unfinished(child: Mapping[str, Any]) -> bool:
+    """A child FineTuneJob that is still working (not being deleted, its generation not finished)."""
+    return not (child.get("metadata") or {}).get("deletionTimestamp") and _finished(child) is None
 
 
 def _observe_trial(
@@ -234,6 +274,8 @@ def plan(
     # 1. The running trials, from their FineTuneJobs.
     for record in records:
         if record.state != "running":
+            if record.state == "pruned" and record.job_name in ours:  # its delete was lost: again
+                out.delete.append(str(record.job_name))
             continue
         trial_child = ours.get(record.job_name or "")
         if trial_child is None:  # recorded, not created yet (a restart between the two): create it now
@@ -265,6 +307,15 @@ def plan(
             )
             out.delete.append(str(record.job_name))
             out.events.append(("Normal", "TrialPruned", f"trial {record.number}: {record.message}"))
+
+    # A stopped sweep stops its running trials too (parallelism > 1: they would fail the same way).
+    if stopped is not None:
+        for record in records:
+            if record.state == "running":
+                record.state, record.message = "failed", "stopped: the sweep failed on its inputs"
+                if record.job_name in ours:
+                    out.delete.append(str(record.job_name))
+                out.create = [c for c in out.create if c["metadata"]["name"] != record.job_name]
 
     # 2. New trials, up to the budget and the parallelism.
     while stopped is None and len(records) < spec.max_trials:

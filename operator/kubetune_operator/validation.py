@@ -86,6 +86,22 @@ def parse_sweep(body: Mapping[str, Any]) -> FineTuneSweep:
         raise _invalid(exc) from None
 
 
+def validate_sweep(body: Mapping[str, Any], settings: OperatorSettings) -> FineTuneSweep:
+    """Parse a FineTuneSweep and check its template against the guard rails, as every trial's
+    FineTuneJob will be (fields named ``spec.template.<path>``). Raises :class:`SpecInvalid`."""
+    sweep = parse_sweep(body)
+    template = FineTuneJob.model_validate(
+        {
+            "metadata": sweep.metadata.model_dump(mode="json", exclude_none=True),
+            "spec": sweep.spec.template.to_api(),
+        }
+    )
+    problems = guard_rail_problems(template, settings)
+    if problems:
+        raise SpecInvalid([(f"spec.template.{f.removeprefix('spec.')}", m) for f, m in problems])
+    return sweep
+
+
 def _drop_fields(data: dict[str, Any], locations: list[tuple[Any, ...]]) -> bool:
     """Remove each location from ``data``; False when one is not a plain key path under spec."""
     for loc in locations:

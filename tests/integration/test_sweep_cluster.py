@@ -233,3 +233,13 @@ def test_an_invalid_sweep_is_refused_with_the_field_named_and_runs_once_fixed(
         "False",
         2,
     )
+
+    # Made invalid again while trial 0 runs: nothing runs for an invalid spec, so it is stopped.
+    doc["spec"]["parameters"][1]["low"] = 0.5
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    assert _kubectl(kube_cluster, "-n", api.ns, "apply", "-f", str(path)).returncode == 0
+    wait_for("trial 0 stopped", lambda: _children(api) == {}, timeout=60, log=op.log)
+    st = _sweep(api)["status"]
+    assert (st["reason"], st["observedGeneration"]) == ("InvalidSpec", 3)
+    stopped = [e for e in api.events("lr-sweep") if e.reason == "InvalidSpec" and "stopped" in e.message]
+    assert stopped and "-t0" in stopped[0].message

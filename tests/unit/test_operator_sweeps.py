@@ -270,3 +270,74 @@ def test_an_invalid_sweep_is_refused_with_its_field_named(change: dict[str, Any]
     status = sweeps.invalid_status(str(err.value), 1, {}, NOW)
     assert (status["phase"], status["reason"]) == ("Failed", "InvalidSpec")
     assert field in status["message"]
+
+
+def test_a_lost_delete_of_a_pruned_trial_is_sent_again() -> None:
+    c = Cluster(_body())
+    c.step()
+    c.finish(c.name("t0"), 1.0)
+    c.report(c.name("t0"), 5, 1.0)
+    c.step()
+    c.report(c.name("t1"), 5, 50.0)
+    out = c.step(write_children=False)  # recorded pruned; the operator died before the delete
+    assert c.name("t1") in out.delete and c.status["trials"][1]["state"] == "pruned"
+    again = c.step()
+    assert c.name("t1") in again.delete and c.name("t1") not in c.children
+
+
+def test_an_input_failure_stops_the_trials_still_running() -> None:
+    c = Cluster(_body())
+    c.step()  # t0 and t1 run at once
+    c.finish(c.name("t0"), None, phase="Failed", reason="InvalidData")
+    out = c.step()
+    assert c.name("t1") in out.delete and c.name("t1") not in c.children
+    assert c.status["trials"][1]["state"] == "failed" and "stopped" in c.status["trials"][1]["message"]
+    assert c.status["running"] == 0 and c.status["reason"] == "InputsFailed"
+
+
+def test_children_carry_kopfs_marker_so_the_lineage_is_not_stored_twice() -> None:
+    c = Cluster(_body())
+    c.step()
+    assert c.children[c.name("t0")]["metadata"]["annotations"]["kubetune.io/kopf-managed"] == "yes"
+
+
+def test_the_lineage_of_a_huge_sweep_fits_an_annotation_and_keeps_every_digest() -> None:
+    from kubetune_api.sweep import TrialStatus
+
+    sweep = parse_sweep(_body(maxTrials=1000))
+    records = [
+        TrialStatus(
+            number=n,
+            params={"training.learningRate": 1e-4 + n * 1e-7},
+            state="complete",
+            value=2.0 + (n % 97) / 100,
+            intermediate={s: 3.0 for s in range(0, 2000, 5)},
+            inputs_digest=f"{n:064x}",
+            message="x" * 200,
+            job_name=f"s-abcdef-t{n}",
+        )
+        for n in range(1000)
+    ]
+    winner = records[97]
+    text = sweeps.lineage_text(sweep, records, winner)
+    assert len(text.encode()) <= sweeps.LINEAGE_MAX_BYTES
+    story = json.loads(text)
+    assert story["winner"] == 97 and story["omitted"]
+    assert [t["number"] for t in story["trials"]] == list(range(1000))
+    assert all(t["inputsDigest"] == f"{t['number']:064x}" for t in story["trials"])  # checkpoints found
+    assert story["trials"][97]["params"] == winner.params and story["trials"][97]["value"] == winner.value
+    small = json.loads(sweeps.lineage_text(sweep, records[:3], records[0]))
+    assert "omitted" not in small and small["trials"][0]["intermediate"]  # a small sweep keeps all
+
+
+def test_the_template_is_held_to_the_guard_rails_as_each_trial_would_be() -> None:
+    from kubetune_operator.settings import OperatorSettings
+    from kubetune_operator.validation import validate_sweep
+
+    locked = OperatorSettings(allowed_output_prefixes=("s3://bucket/models",))
+    body = _body()
+    body["spec"]["template"]["output"] = {"uri": "s3://elsewhere/models"}
+    with pytest.raises(SpecInvalid) as err:
+        validate_sweep(body, locked)
+    assert err.value.field == "spec.template.output.uri", err.value
+    assert validate_sweep(_body(), locked).spec.max_trials == 4

@@ -28,7 +28,7 @@ def sweep_section(lineage: Mapping[str, Any]) -> str:
                 t["state"],
                 t.get("value"),
                 None if last is None else f"{t['intermediate'][last]:.4g} @ step {last}",
-                *[t["params"].get(p) for p in paths],
+                *[(t.get("params") or {}).get(p) for p in paths],
             ]
         )
     sampler, pruning = lineage["sampler"], lineage["pruning"]
