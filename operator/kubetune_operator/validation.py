@@ -38,16 +38,7 @@ def parse_job(body: Mapping[str, Any]) -> FineTuneJob:
     naming each field (``spec.training.batchSize``) for schema and cross-field violations.
     """
     meta = body.get("metadata", {}) or {}
-    data = {
-        "apiVersion": body.get("apiVersion", "kubetune.io/v1alpha1"),
-        "kind": body.get("kind", "FineTuneJob"),
-        "metadata": {
-            k: meta[k]
-            for k in ("name", "namespace", "uid", "generation", "labels", "annotations")
-            if meta.get(k) is not None
-        },
-        "spec": copy.deepcopy(body.get("spec", {})),
-    }
+    data = _object_data(body, "FineTuneJob")
     try:
         return FineTuneJob.model_validate(data)
     except ValidationError as exc:
@@ -66,13 +57,13 @@ def parse_job(body: Mapping[str, Any]) -> FineTuneJob:
         raise _invalid(exc) from None
 
 
-def parse_sweep(body: Mapping[str, Any]) -> FineTuneSweep:
-    """Validate a FineTuneSweep object (its template as any FineTuneJob spec, its search space by
-    kubetune_api.sweep). Raises :class:`SpecInvalid` naming each field (``spec.parameters[0].low``)."""
+def _object_data(body: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """The parts of an API object the models read: identity, labels, annotations and a copy of the
+    spec (``status`` is ours and the trainer's to write)."""
     meta = body.get("metadata", {}) or {}
-    data = {
+    return {
         "apiVersion": body.get("apiVersion", "kubetune.io/v1alpha1"),
-        "kind": body.get("kind", "FineTuneSweep"),
+        "kind": body.get("kind", kind),
         "metadata": {
             k: meta[k]
             for k in ("name", "namespace", "uid", "generation", "labels", "annotations")
@@ -80,6 +71,12 @@ def parse_sweep(body: Mapping[str, Any]) -> FineTuneSweep:
         },
         "spec": copy.deepcopy(body.get("spec", {})),
     }
+
+
+def parse_sweep(body: Mapping[str, Any]) -> FineTuneSweep:
+    """Validate a FineTuneSweep object (its template as any FineTuneJob spec, its search space by
+    kubetune_api.sweep). Raises :class:`SpecInvalid` naming each field (``spec.parameters[0].low``)."""
+    data = _object_data(body, "FineTuneSweep")
     try:
         return FineTuneSweep.model_validate(data)
     except ValidationError as exc:
